@@ -1,0 +1,271 @@
+"""The people side of the loop: projects, members, slides, patches, the queue, votes, consensus."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+
+
+class Role(models.TextChoices):
+    ADMIN = "admin", "Admin"
+    EXPERT = "expert", "Expert (pathologist)"
+    CROWD = "crowd", "Crowd (student)"
+
+
+class ConsensusMethod(models.TextChoices):
+    MAJORITY = "majority", "Majority vote"
+    WEIGHTED = "weighted", "Role-weighted vote"
+    EXPERT_OVERRIDE = "expert_override", "Expert override"
+    DAWID_SKENE = "dawid_skene", "Dawid-Skene"
+    GLAD = "glad", "GLAD"
+
+
+class QueryStrategy(models.TextChoices):
+    LEAST_CONFIDENCE = "least_confidence", "Least confidence"
+    MARGIN = "margin", "Margin"
+    ENTROPY = "entropy", "Entropy"
+    DIVERSE = "diverse", "Cluster-then-uncertainty (diversity-aware batch)"
+    RANDOM = "random", "Random"
+
+
+class TrainMode(models.TextChoices):
+    HEAD = "head", "Head only on cached embeddings (CPU, seconds)"
+    FINETUNE = "finetune", "Fine-tune backbone (GPU)"
+
+
+class Project(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    description = models.TextField(blank=True)
+    patch_size = models.PositiveIntegerField(
+        default=224, validators=[MinValueValidator(32), MaxValueValidator(2048)], help_text="Patch edge in pixels."
+    )
+    magnification = models.FloatField(
+        default=20.0, validators=[MinValueValidator(0.5), MaxValueValidator(80)], help_text="Objective power."
+    )
+    votes_required = models.PositiveSmallIntegerField(default=3, validators=[MinValueValidator(1)])
+    consensus_method = models.CharField(
+        max_length=32, choices=ConsensusMethod.choices, default=ConsensusMethod.DAWID_SKENE
+    )
+    expert_weight = models.FloatField(default=3.0, validators=[MinValueValidator(1.0)])
+    contested_threshold = models.FloatField(
+        default=0.34,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Share of crowd votes disagreeing with the majority above which a patch goes to experts.",
+    )
+    gold_rate = models.FloatField(default=0.1, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)])
+    training_mode = models.BooleanField(default=False, help_text="Show the expert answer after a gold vote.")
+    lease_minutes = models.PositiveIntegerField(default=10, validators=[MinValueValidator(1)])
+    query_strategy = models.CharField(max_length=32, choices=QueryStrategy.choices, default=QueryStrategy.MARGIN)
+    batch_size = models.PositiveIntegerField(default=100, validators=[MinValueValidator(1)])
+    random_fraction = models.FloatField(default=0.1, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)])
+    backbone = models.CharField(max_length=100, default="tf_efficientnet_lite0")
+    train_mode = models.CharField(max_length=16, choices=TrainMode.choices, default=TrainMode.HEAD)
+    seed = models.IntegerField(default=0)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class LabelClass(models.Model):
+    project = models.ForeignKey(Project, related_name="label_classes", on_delete=models.CASCADE)
+    name = models.CharField(max_length=100)
+    colour = models.CharField(
+        max_length=7, default="#1f77b4", validators=[RegexValidator(r"^#[0-9a-fA-F]{6}$", "Use #rrggbb.")]
+    )
+    hotkey = models.CharField(max_length=1, validators=[RegexValidator(r"^[1-9]$", "Use a digit 1-9.")])
+    order = models.PositiveSmallIntegerField()
+
+    class Meta:
+        ordering = ["project", "order"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "name"], name="label_unique_name"),
+            models.UniqueConstraint(fields=["project", "order"], name="label_unique_order"),
+            models.UniqueConstraint(fields=["project", "hotkey"], name="label_unique_hotkey"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Membership(models.Model):
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, related_name="memberships", on_delete=models.CASCADE)
+    project = models.ForeignKey(Project, related_name="memberships", on_delete=models.CASCADE)
+    role = models.CharField(max_length=16, choices=Role.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "project"], name="membership_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.project} as {self.role}"
+
+
+def slide_upload_to(instance: Slide, filename: str) -> str:
+    return f"slides/{instance.project_id}/{filename}"
+
+
+class Slide(models.Model):
+    class Status(models.TextChoices):
+        PROCESSING = "processing", "Processing"
+        READY = "ready", "Ready"
+        FAILED = "failed", "Failed"
+
+    project = models.ForeignKey(Project, related_name="slides", on_delete=models.CASCADE)
+    name = models.CharField(max_length=255)
+    file = models.FileField(upload_to=slide_upload_to, max_length=500, blank=True)
+    format = models.CharField(max_length=32, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PROCESSING)
+    error = models.TextField(blank=True)
+    message = models.TextField(blank=True, help_text="Non-error notes, e.g. 'no tissue found'.")
+    width = models.PositiveIntegerField(null=True, blank=True)
+    height = models.PositiveIntegerField(null=True, blank=True)
+    levels = models.PositiveSmallIntegerField(null=True, blank=True)
+    mpp = models.FloatField(null=True, blank=True, help_text="Microns per pixel at level 0.")
+    magnification = models.FloatField(null=True, blank=True)
+    checksum = models.CharField(max_length=64, blank=True, db_index=True)
+    size_bytes = models.BigIntegerField(default=0)
+    thumbnail = models.FileField(upload_to="thumbnails/", max_length=500, blank=True)
+    group = models.CharField(max_length=200, blank=True, help_text="Patient/case/group for held-out splits.")
+    metadata = models.JSONField(default=dict, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["project", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "checksum"],
+                condition=~Q(checksum="") & ~Q(status="failed"),
+                name="slide_unique_checksum_per_project",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Patch(models.Model):
+    project = models.ForeignKey(Project, related_name="patches", on_delete=models.CASCADE)
+    slide = models.ForeignKey(Slide, related_name="patches", on_delete=models.CASCADE)
+    x = models.PositiveIntegerField(help_text="Left edge in level-0 pixels.")
+    y = models.PositiveIntegerField(help_text="Top edge in level-0 pixels.")
+    size = models.PositiveIntegerField(help_text="Edge in level-0 pixels.")
+    magnification = models.FloatField()
+    tissue_fraction = models.FloatField(default=1.0)
+    is_gold = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slide", "y", "x"]
+        constraints = [
+            models.UniqueConstraint(fields=["slide", "x", "y", "size", "magnification"], name="patch_unique_geometry")
+        ]
+        indexes = [models.Index(fields=["project", "is_gold"])]
+
+    def __str__(self) -> str:
+        return f"patch {self.pk} of slide {self.slide_id} at ({self.x}, {self.y})"
+
+
+class AnnotationTask(models.Model):
+    """One queue entry. A crowd task collects ``votes_needed`` votes, one person at a time."""
+
+    class Kind(models.TextChoices):
+        CROWD = "crowd", "Crowd"
+        EXPERT = "expert", "Expert review"
+        GOLD = "gold", "Gold check"
+
+    class State(models.TextChoices):
+        OPEN = "open", "Open"
+        LEASED = "leased", "Leased"
+        DONE = "done", "Done"
+        CANCELLED = "cancelled", "Cancelled"
+
+    project = models.ForeignKey(Project, related_name="tasks", on_delete=models.CASCADE)
+    patch = models.ForeignKey(Patch, related_name="tasks", on_delete=models.CASCADE)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.CROWD)
+    priority = models.FloatField(default=0.0)
+    round = models.ForeignKey(
+        "learner.TrainingRound", null=True, blank=True, related_name="tasks", on_delete=models.SET_NULL
+    )
+    arm = models.CharField(max_length=32, blank=True, help_text="Strategy that chose the patch, or 'random'.")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.OPEN)
+    votes_needed = models.PositiveSmallIntegerField(default=1)
+    votes_received = models.PositiveSmallIntegerField(default=0)
+    lease_owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, related_name="leases", on_delete=models.SET_NULL
+    )
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["project", "kind", "state", "-priority"]),
+            models.Index(fields=["lease_owner", "state"]),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["patch", "kind"],
+                condition=Q(state__in=["open", "leased"]) & ~Q(kind="gold"),
+                name="task_one_live_per_patch_and_kind",
+            )
+        ]
+
+
+class Vote(models.Model):
+    """Append-only. A correction adds a vote that supersedes the previous one (kept, inactive)."""
+
+    project = models.ForeignKey(Project, related_name="votes", on_delete=models.CASCADE)
+    patch = models.ForeignKey(Patch, related_name="votes", on_delete=models.CASCADE)
+    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, related_name="votes", on_delete=models.PROTECT)
+    label = models.ForeignKey(LabelClass, related_name="votes", on_delete=models.PROTECT)
+    role = models.CharField(max_length=16, choices=Role.choices)
+    task = models.ForeignKey(AnnotationTask, null=True, blank=True, related_name="votes", on_delete=models.SET_NULL)
+    time_spent_ms = models.PositiveIntegerField(default=0)
+    is_active = models.BooleanField(default=True)
+    supersedes = models.OneToOneField(
+        "self", null=True, blank=True, related_name="superseded_by", on_delete=models.PROTECT
+    )
+    retracted_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["patch", "annotator"], condition=Q(is_active=True), name="vote_one_active_per_annotator"
+            )
+        ]
+        indexes = [models.Index(fields=["project", "annotator", "created_at"])]
+
+
+class Consensus(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        AGREED = "agreed", "Agreed"
+        CONTESTED = "contested", "Contested"
+        EXPERT = "expert", "Expert"
+
+    patch = models.OneToOneField(Patch, related_name="consensus", on_delete=models.CASCADE)
+    project = models.ForeignKey(Project, related_name="consensus", on_delete=models.CASCADE)
+    label = models.ForeignKey(LabelClass, null=True, blank=True, on_delete=models.PROTECT)
+    confidence = models.FloatField(default=0.0)
+    posterior = models.JSONField(default=dict, blank=True, help_text="Label name -> probability.")
+    method = models.CharField(max_length=32, choices=ConsensusMethod.choices)
+    vote_count = models.PositiveIntegerField(default=0)
+    agreement = models.FloatField(default=0.0, help_text="Share of votes agreeing with the label.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    model_version = models.ForeignKey(
+        "learner.ModelVersion", null=True, blank=True, related_name="+", on_delete=models.SET_NULL
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["project", "status"])]

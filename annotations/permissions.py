@@ -1,0 +1,43 @@
+"""Who may do what in a project. Every view, consumer and file endpoint asks here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import Http404
+from rest_framework.permissions import BasePermission
+
+from .models import Membership, Project, Role
+
+
+def membership_role(user: Any, project_id: int) -> str | None:
+    """The user's role in the project, or None. Staff superusers act as admins everywhere."""
+    if not getattr(user, "is_authenticated", False):
+        return None
+    role = Membership.objects.filter(user=user, project_id=project_id).values_list("role", flat=True).first()
+    if role is None and getattr(user, "is_superuser", False):
+        return Role.ADMIN
+    return role
+
+
+def project_for(user: Any, project_id: int, *, roles: tuple[str, ...] | None = None) -> tuple[Project, str]:
+    """Load a project the user belongs to, or raise 404 (never reveal other projects exist).
+
+    With ``roles``, a member whose role is not listed gets PermissionDenied (403).
+    """
+    from rest_framework.exceptions import PermissionDenied
+
+    role = membership_role(user, project_id)
+    if role is None:
+        raise Http404("No such project.")
+    try:
+        project = Project.objects.get(pk=project_id)
+    except Project.DoesNotExist as exc:
+        raise Http404("No such project.") from exc
+    if roles is not None and role not in roles:
+        raise PermissionDenied(f"Your role in this project ({role}) may not do this.")
+    return project, role
+
+
+class IsProjectMember(BasePermission):
+    message = "You are not a member of this project."

@@ -1,0 +1,11 @@
+"""The Celery application. Two queues: ``gpu`` (training rounds) and ``cpu`` (slide ingest)."""
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
+
+app = Celery("histoloop")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()

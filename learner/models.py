@@ -1,0 +1,75 @@
+"""The machine side of the loop: training rounds, model versions and pool scores."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class TrainingRound(models.Model):
+    class State(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    ACTIVE_STATES = (State.QUEUED, State.RUNNING)
+
+    project = models.ForeignKey("annotations.Project", related_name="rounds", on_delete=models.CASCADE)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    number = models.PositiveIntegerField(default=1)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED)
+    stage = models.CharField(max_length=64, blank=True)
+    progress = models.FloatField(default=0.0)
+    error = models.TextField(blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    strategy = models.CharField(max_length=32, blank=True)
+    train_mode = models.CharField(max_length=16, blank=True)
+    n_labels = models.PositiveIntegerField(default=0)
+    metrics = models.JSONField(default=dict, blank=True)
+    timings = models.JSONField(default=dict, blank=True)
+    celery_task_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["project", "-number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project"], condition=Q(state__in=["queued", "running"]), name="round_one_active_per_project"
+            ),
+            models.UniqueConstraint(fields=["project", "number"], name="round_unique_number"),
+        ]
+
+    def __str__(self) -> str:
+        return f"round {self.number} of {self.project}"
+
+
+class ModelVersion(models.Model):
+    project = models.ForeignKey("annotations.Project", related_name="model_versions", on_delete=models.CASCADE)
+    round = models.OneToOneField(TrainingRound, related_name="model_version", on_delete=models.CASCADE)
+    backbone = models.CharField(max_length=100)
+    train_mode = models.CharField(max_length=16)
+    weights_path = models.CharField(max_length=500)
+    class_names = models.JSONField(default=list)
+    label_snapshot = models.JSONField(default=dict, help_text="patch id -> label name used for training.")
+    metrics = models.JSONField(default=dict)
+    n_labels = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["project", "-created_at"]
+
+
+class PatchScore(models.Model):
+    model_version = models.ForeignKey(ModelVersion, related_name="scores", on_delete=models.CASCADE)
+    patch = models.ForeignKey("annotations.Patch", related_name="scores", on_delete=models.CASCADE)
+    probs = models.JSONField(help_text="Class probabilities in the model version's class order.")
+    uncertainty = models.FloatField()
+    predicted = models.PositiveSmallIntegerField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["model_version", "patch"], name="score_unique")]
