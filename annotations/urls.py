@@ -1,3 +1,20 @@
 from django.urls import path
 
-urlpatterns: list = []
+from . import api
+
+urlpatterns = [
+    path("projects/", api.ProjectListView.as_view(), name="project-list"),
+    path("projects/<int:project_id>/", api.ProjectDetailView.as_view(), name="project-detail"),
+    path("projects/<int:project_id>/labels/", api.LabelListView.as_view(), name="label-list"),
+    path("projects/<int:project_id>/labels/<int:label_id>/", api.LabelDetailView.as_view(), name="label-detail"),
+    path("projects/<int:project_id>/members/", api.MemberListView.as_view(), name="member-list"),
+    path("projects/<int:project_id>/members/<int:member_id>/", api.MemberDetailView.as_view(), name="member-detail"),
+    path("projects/<int:project_id>/next-task/", api.NextTaskView.as_view(), name="next-task"),
+    path("projects/<int:project_id>/tasks/<int:task_id>/skip/", api.SkipTaskView.as_view(), name="task-skip"),
+    path("projects/<int:project_id>/votes/", api.VoteListView.as_view(), name="vote-list"),
+    path("projects/<int:project_id>/votes/undo/", api.UndoVoteView.as_view(), name="vote-undo"),
+    path("projects/<int:project_id>/votes/<int:vote_id>/correct/", api.VoteCorrectView.as_view(), name="vote-correct"),
+    path("projects/<int:project_id>/patches/<int:patch_id>/", api.PatchDetailView.as_view(), name="patch-detail"),
+    path("projects/<int:project_id>/patches/<int:patch_id>/gold/", api.PatchGoldView.as_view(), name="patch-gold"),
+    path("projects/<int:project_id>/stats/", api.ProjectStatsView.as_view(), name="project-stats"),
+]

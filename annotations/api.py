@@ -1,0 +1,336 @@
+"""REST API for projects, members, labels, the queue and votes. Views validate and call services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Count, Q
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema
+from rest_framework import status
+from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from . import queue, voting
+from .models import Consensus, LabelClass, Membership, Patch, Project, Role, Vote
+from .permissions import project_for
+from .serializers import (
+    ConsensusSerializer,
+    CorrectionInputSerializer,
+    LabelClassSerializer,
+    MembershipSerializer,
+    PatchSerializer,
+    ProjectSerializer,
+    TaskSerializer,
+    VoteInputSerializer,
+    VoteSerializer,
+)
+
+ADMIN_ONLY = (Role.ADMIN,)
+EXPERTS = (Role.ADMIN, Role.EXPERT)
+
+
+def _error(exc: queue.QueueError) -> Response:
+    return Response({"detail": str(exc)}, status=exc.status_code)
+
+
+class ProjectScoped(APIView):
+    """Resolves ``project_id`` for the caller; non-members get 404, wrong roles 403."""
+
+    roles: tuple[str, ...] | None = None
+    write_roles: tuple[str, ...] | None = ADMIN_ONLY
+
+    def load(self, request: Request, project_id: int) -> tuple[Project, str]:
+        roles = self.roles
+        if request.method not in ("GET", "HEAD", "OPTIONS") and self.write_roles is not None:
+            roles = self.write_roles
+        return project_for(request.user, project_id, roles=roles)
+
+
+class ProjectListView(APIView):
+    @extend_schema(responses=ProjectSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        roles = dict(Membership.objects.filter(user=request.user).values_list("project_id", "role"))
+        projects = Project.objects.filter(pk__in=roles).prefetch_related("label_classes")
+        if request.user.is_superuser:
+            projects = Project.objects.all().prefetch_related("label_classes")
+            roles = {p.pk: roles.get(p.pk, Role.ADMIN) for p in projects}
+        return Response(ProjectSerializer(projects, many=True, context={"roles": roles}).data)
+
+    @extend_schema(request=ProjectSerializer, responses=ProjectSerializer)
+    def post(self, request: Request) -> Response:
+        if not request.user.is_staff:
+            raise PermissionDenied("Only staff can create projects; ask an administrator.")
+        serializer = ProjectSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        with transaction.atomic():
+            project = serializer.save(created_by=request.user)
+            Membership.objects.create(user=request.user, project=project, role=Role.ADMIN)
+        return Response(
+            ProjectSerializer(project, context={"roles": {project.pk: Role.ADMIN}}).data, status=status.HTTP_201_CREATED
+        )
+
+
+class ProjectDetailView(ProjectScoped):
+    @extend_schema(responses=ProjectSerializer)
+    def get(self, request: Request, project_id: int) -> Response:
+        project, role = self.load(request, project_id)
+        return Response(ProjectSerializer(project, context={"roles": {project.pk: role}}).data)
+
+    @extend_schema(request=ProjectSerializer, responses=ProjectSerializer)
+    def patch(self, request: Request, project_id: int) -> Response:
+        project, role = self.load(request, project_id)
+        serializer = ProjectSerializer(project, data=request.data, partial=True, context={"roles": {project.pk: role}})
+        serializer.is_valid(raise_exception=True)
+        serializer.save()
+        return Response(serializer.data)
+
+
+class LabelListView(ProjectScoped):
+    @extend_schema(responses=LabelClassSerializer(many=True))
+    def get(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        return Response(LabelClassSerializer(project.label_classes.all(), many=True).data)
+
+    @extend_schema(request=LabelClassSerializer, responses=LabelClassSerializer)
+    def post(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        serializer = LabelClassSerializer(data=request.data, context={"project": project})
+        serializer.is_valid(raise_exception=True)
+        serializer.save(project=project)
+        return Response(serializer.data, status=status.HTTP_201_CREATED)
+
+
+class LabelDetailView(ProjectScoped):
+    @extend_schema(request=LabelClassSerializer, responses=LabelClassSerializer)
+    def patch(self, request: Request, project_id: int, label_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        label = LabelClass.objects.filter(project=project, pk=label_id).first()
+        if label is None:
+            return Response({"detail": "No such label in this project."}, status=404)
+        serializer = LabelClassSerializer(label, data=request.data, partial=True, context={"project": project})
+        serializer.is_valid(raise_exception=True)
+        serializer.save()
+        return Response(serializer.data)
+
+    def delete(self, request: Request, project_id: int, label_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        label = LabelClass.objects.filter(project=project, pk=label_id).first()
+        if label is None:
+            return Response({"detail": "No such label in this project."}, status=404)
+        if Vote.objects.filter(label=label).exists():
+            return Response({"detail": "This label has votes; rename it instead of deleting it."}, status=409)
+        label.delete()
+        return Response(status=204)
+
+
+class MemberListView(ProjectScoped):
+    roles = ADMIN_ONLY
+
+    @extend_schema(responses=MembershipSerializer(many=True))
+    def get(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        members = Membership.objects.filter(project=project).select_related("user").order_by("user__username")
+        return Response(MembershipSerializer(members, many=True).data)
+
+    @extend_schema(request=MembershipSerializer, responses=MembershipSerializer)
+    def post(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        serializer = MembershipSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        if Membership.objects.filter(project=project, user=serializer.validated_data["user"]).exists():
+            return Response({"detail": "This user is already a member; change their role instead."}, status=409)
+        serializer.save(project=project)
+        return Response(serializer.data, status=status.HTTP_201_CREATED)
+
+
+class MemberDetailView(ProjectScoped):
+    roles = ADMIN_ONLY
+
+    @extend_schema(request=MembershipSerializer, responses=MembershipSerializer)
+    def patch(self, request: Request, project_id: int, member_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        membership = Membership.objects.filter(project=project, pk=member_id).first()
+        if membership is None:
+            return Response({"detail": "No such member in this project."}, status=404)
+        role = request.data.get("role")
+        if role not in Role.values:
+            raise ValidationError({"role": f"Use one of: {', '.join(Role.values)}."})
+        membership.role = role
+        membership.save(update_fields=["role"])
+        return Response(MembershipSerializer(membership).data)
+
+    def delete(self, request: Request, project_id: int, member_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        deleted, _ = Membership.objects.filter(project=project, pk=member_id).delete()
+        return Response(status=204 if deleted else 404)
+
+
+class NextTaskView(ProjectScoped):
+    """Lease the next task (GET and POST both lease; a held lease is returned again)."""
+
+    write_roles = None
+
+    @extend_schema(request=None, responses={200: TaskSerializer, 204: None})
+    def post(self, request: Request, project_id: int) -> Response:
+        project, role = self.load(request, project_id)
+        task = queue.lease_next_task(project, request.user, role)
+        if task is None:
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        return Response(TaskSerializer(task).data)
+
+    get = post
+
+
+class SkipTaskView(ProjectScoped):
+    write_roles = None
+
+    @extend_schema(request=None, responses=TaskSerializer)
+    def post(self, request: Request, project_id: int, task_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        try:
+            task = queue.release_task(project, request.user, task_id)
+        except queue.QueueError as exc:
+            return _error(exc)
+        return Response({"id": task.pk, "state": task.state})
+
+
+class VoteListView(ProjectScoped):
+    write_roles = None
+
+    @extend_schema(responses=VoteSerializer(many=True))
+    def get(self, request: Request, project_id: int) -> Response:
+        """Experts and admins see every vote; crowd members see only their own."""
+        project, role = self.load(request, project_id)
+        votes = Vote.objects.filter(project=project).select_related("annotator", "label").order_by("-created_at")
+        if role == Role.CROWD:
+            votes = votes.filter(annotator=request.user)
+        if "patch" in request.query_params:
+            votes = votes.filter(patch_id=request.query_params["patch"])
+        return Response(VoteSerializer(votes[:500], many=True).data)
+
+    @extend_schema(request=VoteInputSerializer, responses=VoteSerializer)
+    def post(self, request: Request, project_id: int) -> Response:
+        project, role = self.load(request, project_id)
+        data = VoteInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            outcome = voting.cast_vote(
+                project, request.user, role,
+                patch_id=data.validated_data["patch"], label=data.validated_data["label"],
+                task_id=data.validated_data.get("task"), time_spent_ms=data.validated_data["time_spent_ms"],
+            )  # fmt: skip
+        except queue.QueueError as exc:
+            return _error(exc)
+        body: dict[str, Any] = {"vote": VoteSerializer(outcome.vote).data}
+        if role != Role.CROWD:
+            body["consensus"] = ConsensusSerializer(outcome.consensus).data
+        if outcome.gold_answer is not None:
+            body["gold"] = {
+                "correct": outcome.gold_answer.pk == outcome.vote.label_id,
+                "expert_label": outcome.gold_answer.name,
+            }
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class VoteCorrectView(ProjectScoped):
+    write_roles = None
+
+    @extend_schema(request=CorrectionInputSerializer, responses=VoteSerializer)
+    def post(self, request: Request, project_id: int, vote_id: int) -> Response:
+        project, role = self.load(request, project_id)
+        data = CorrectionInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            outcome = voting.correct_vote(project, request.user, role, vote_id=vote_id, label=data.validated_data["label"])
+        except queue.QueueError as exc:
+            return _error(exc)
+        return Response({"vote": VoteSerializer(outcome.vote).data}, status=status.HTTP_201_CREATED)
+
+
+class UndoVoteView(ProjectScoped):
+    write_roles = None
+
+    @extend_schema(request=None, responses=TaskSerializer)
+    def post(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        try:
+            task = voting.undo_last_vote(project, request.user)
+        except queue.QueueError as exc:
+            return _error(exc)
+        return Response({"task": TaskSerializer(task).data if task else None})
+
+
+class PatchDetailView(ProjectScoped):
+    write_roles = None
+
+    @extend_schema(responses=PatchSerializer)
+    def get(self, request: Request, project_id: int, patch_id: int) -> Response:
+        """Blind labelling: crowd members see votes/consensus only for patches they voted on, and only
+        their own votes."""
+        project, role = self.load(request, project_id)
+        patch = Patch.objects.filter(project=project, pk=patch_id).select_related("slide").first()
+        if patch is None:
+            return Response({"detail": "No such patch in this project."}, status=404)
+        body: dict[str, Any] = {"patch": PatchSerializer(patch).data}
+        votes = Vote.objects.filter(patch=patch).select_related("annotator", "label")
+        consensus = Consensus.objects.filter(patch=patch).select_related("label").first()
+        if role == Role.CROWD:
+            own = votes.filter(annotator=request.user)
+            body["votes"] = VoteSerializer(own, many=True).data
+            voted = own.filter(is_active=True).exists()
+            body["consensus"] = ConsensusSerializer(consensus).data if (voted and consensus) else None
+        else:
+            body["votes"] = VoteSerializer(votes, many=True).data
+            body["consensus"] = ConsensusSerializer(consensus).data if consensus else None
+        return Response(body)
+
+
+class PatchGoldView(ProjectScoped):
+    roles = ADMIN_ONLY
+
+    @extend_schema(request=None, responses=PatchSerializer)
+    def post(self, request: Request, project_id: int, patch_id: int) -> Response:
+        """Mark an expert-labelled patch as gold (``{"gold": false}`` unmarks it)."""
+        project, _ = self.load(request, project_id)
+        patch = Patch.objects.filter(project=project, pk=patch_id).first()
+        if patch is None:
+            return Response({"detail": "No such patch in this project."}, status=404)
+        gold = bool(request.data.get("gold", True))
+        if gold and not Vote.objects.filter(patch=patch, is_active=True, role__in=EXPERTS).exists():
+            return Response({"detail": "Only a patch with an expert label can be gold; label it first."}, status=409)
+        patch.is_gold = gold
+        patch.save(update_fields=["is_gold"])
+        return Response(PatchSerializer(patch).data)
+
+
+class ProjectStatsView(ProjectScoped):
+    write_roles = None
+
+    def get(self, request: Request, project_id: int) -> Response:
+        project, role = self.load(request, project_id)
+        stats = queue.queue_stats(project)
+        today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+        mine = Vote.objects.filter(project=project, annotator=request.user, is_active=True)
+        body: dict[str, Any] = {
+            "role": role,
+            "queue": stats.__dict__,
+            "my_votes_today": mine.filter(created_at__gte=today).count(),
+            "my_votes_total": mine.count(),
+        }
+        if role != Role.CROWD:
+            body["consensus"] = dict(
+                Consensus.objects.filter(project=project).values_list("status").annotate(n=Count("id"))
+            )
+            body["patches"] = Patch.objects.filter(project=project).count()
+            body["votes"] = Vote.objects.filter(project=project, is_active=True).count()
+            body["annotators"] = (
+                Vote.objects.filter(project=project, is_active=True).values("annotator").distinct().count()
+            )
+            body["labelled"] = Consensus.objects.filter(project=project, label__isnull=False).filter(
+                ~Q(status=Consensus.Status.PENDING)
+            ).count()
+        return Response(body)

@@ -1,0 +1,251 @@
+"""The annotation queue: building it, leasing one task at a time, skipping, expiring.
+
+Leasing is ``SELECT ... FOR UPDATE SKIP LOCKED`` on the candidate rows followed by an update in
+the same transaction, so two annotators asking at once never get the same task, and neither
+waits on the other's row lock. Expired leases are taken back lazily by the same query.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import Exists, OuterRef, Q
+from django.utils import timezone
+
+from .models import AnnotationTask, Consensus, Patch, Project, Role, Vote
+
+Kind = AnnotationTask.Kind
+State = AnnotationTask.State
+
+
+class QueueError(Exception):
+    """A queue operation that cannot be done; the message is shown to the user."""
+
+    status_code = 400
+
+
+class LeaseError(QueueError):
+    status_code = 409
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    open: int
+    leased: int
+    done: int
+    expert_open: int
+    gold_patches: int
+
+
+def kinds_for_role(role: str) -> tuple[str, ...]:
+    if role == Role.CROWD:
+        return (Kind.CROWD,)
+    return (Kind.EXPERT, Kind.CROWD)
+
+
+def _available(project: Project, now: Any) -> Q:
+    return Q(project=project) & (Q(state=State.OPEN) | Q(state=State.LEASED, lease_expires_at__lt=now))
+
+
+def _not_voted_by(user: Any) -> Exists:
+    return Exists(Vote.objects.filter(patch=OuterRef("patch"), annotator=user))
+
+
+def current_lease(project: Project, user: Any, now: Any = None) -> AnnotationTask | None:
+    now = now or timezone.now()
+    return (
+        AnnotationTask.objects.filter(project=project, lease_owner=user, state=State.LEASED, lease_expires_at__gte=now)
+        .select_related("patch", "patch__slide")
+        .order_by("lease_expires_at")
+        .first()
+    )
+
+
+def _wants_gold(project: Project, user: Any) -> bool:
+    """A reproducible coin flip per (project, user, vote count) at the project's gold rate."""
+    if project.gold_rate <= 0:
+        return False
+    n_votes = Vote.objects.filter(project=project, annotator=user).count()
+    rng = random.Random(f"{project.seed}:{user.pk}:{n_votes}")
+    return rng.random() < project.gold_rate
+
+
+def _lease_gold(project: Project, user: Any, now: Any) -> AnnotationTask | None:
+    """A gold patch this crowd member has not seen, as a private one-vote task."""
+    candidates = (
+        Patch.objects.filter(project=project, is_gold=True, consensus__label__isnull=False)
+        .exclude(Exists(Vote.objects.filter(patch=OuterRef("pk"), annotator=user)))
+        .exclude(Exists(AnnotationTask.objects.filter(patch=OuterRef("pk"), lease_owner=user, state=State.LEASED)))
+        .values_list("pk", flat=True)[:200]
+    )
+    ids = list(candidates)
+    if not ids:
+        return None
+    patch_id = random.Random(f"{project.seed}:{user.pk}:{len(ids)}").choice(ids)
+    return AnnotationTask.objects.create(
+        project=project,
+        patch_id=patch_id,
+        kind=Kind.GOLD,
+        state=State.LEASED,
+        votes_needed=1,
+        lease_owner=user,
+        lease_expires_at=now + timedelta(minutes=project.lease_minutes),
+        priority=0,
+    )
+
+
+def lease_next_task(project: Project, user: Any, role: str) -> AnnotationTask | None:
+    """Lease the highest-priority task this user may do, or return the lease they already hold.
+
+    Returns None when nothing is left for this user.
+    """
+    now = timezone.now()
+    held = current_lease(project, user, now)
+    if held is not None:
+        return held
+    if role == Role.CROWD and _wants_gold(project, user):
+        gold = _lease_gold(project, user, now)
+        if gold is not None:
+            return gold
+    expiry = now + timedelta(minutes=project.lease_minutes)
+    for kind in kinds_for_role(role):
+        with transaction.atomic():
+            task = (
+                AnnotationTask.objects.select_for_update(skip_locked=True, of=("self",))
+                .filter(_available(project, now), kind=kind)
+                .exclude(_not_voted_by(user))
+                .order_by("-priority", "id")
+                .first()
+            )
+            if task is None:
+                continue
+            task.state = State.LEASED
+            task.lease_owner = user
+            task.lease_expires_at = expiry
+            task.save(update_fields=["state", "lease_owner", "lease_expires_at", "updated_at"])
+        return AnnotationTask.objects.select_related("patch", "patch__slide").get(pk=task.pk)
+    return None
+
+
+def release_task(project: Project, user: Any, task_id: int) -> AnnotationTask:
+    """Skip: give a leased task back to the pool (a private gold task is cancelled)."""
+    with transaction.atomic():
+        task = AnnotationTask.objects.select_for_update().filter(project=project, pk=task_id).first()
+        if task is None:
+            raise QueueError("No such task in this project.")
+        if task.lease_owner_id != user.pk or task.state != State.LEASED:
+            raise LeaseError("You do not hold a lease on this task; ask for the next task instead.")
+        task.state = State.CANCELLED if task.kind == Kind.GOLD else State.OPEN
+        task.lease_owner = None
+        task.lease_expires_at = None
+        task.save(update_fields=["state", "lease_owner", "lease_expires_at", "updated_at"])
+    return task
+
+
+def seeded_spread(patches: Iterable[tuple[int, int]], seed: int) -> dict[int, float]:
+    """Priorities for a cold queue: a seeded random order that alternates between slides.
+
+    ``patches`` are (patch_id, slide_id). Each slide's patches are shuffled, then slides are
+    visited round-robin (in a shuffled order), so the first tasks cover many slides.
+    """
+    rng = random.Random(seed)
+    by_slide: dict[int, list[int]] = defaultdict(list)
+    for patch_id, slide_id in patches:
+        by_slide[slide_id].append(patch_id)
+    slides = sorted(by_slide)
+    rng.shuffle(slides)
+    for slide_id in slides:
+        rng.shuffle(by_slide[slide_id])
+    order: list[int] = []
+    depth = 0
+    while len(order) < sum(len(v) for v in by_slide.values()):
+        for slide_id in slides:
+            if depth < len(by_slide[slide_id]):
+                order.append(by_slide[slide_id][depth])
+        depth += 1
+    total = len(order)
+    return {patch_id: float(total - rank) for rank, patch_id in enumerate(order)}
+
+
+def enqueue_patches(
+    project: Project,
+    priorities: dict[int, float],
+    *,
+    kind: str = Kind.CROWD,
+    round_id: int | None = None,
+    arms: dict[int, str] | None = None,
+) -> int:
+    """Create tasks for patches that have no live task of this kind; update priorities of live ones.
+
+    Returns the number of tasks created. Patches that already reached consensus from enough
+    votes are not queued again for the crowd.
+    """
+    if not priorities:
+        return 0
+    arms = arms or {}
+    votes_needed = project.votes_required if kind == Kind.CROWD else 1
+    live = {
+        t.patch_id: t
+        for t in AnnotationTask.objects.filter(
+            project=project, kind=kind, state__in=[State.OPEN, State.LEASED], patch_id__in=list(priorities)
+        )
+    }
+    settled: set[int] = set()
+    if kind == Kind.CROWD:
+        settled = set(
+            Consensus.objects.filter(project=project, patch_id__in=list(priorities), vote_count__gte=votes_needed)
+            .values_list("patch_id", flat=True)
+        )
+    to_update = []
+    for patch_id, task in live.items():
+        task.priority = priorities[patch_id]
+        task.round_id = round_id or task.round_id
+        task.arm = arms.get(patch_id, task.arm)
+        to_update.append(task)
+    AnnotationTask.objects.bulk_update(to_update, ["priority", "round", "arm"], batch_size=1000)
+    new = [
+        AnnotationTask(
+            project=project, patch_id=pid, kind=kind, priority=prio, round_id=round_id,
+            arm=arms.get(pid, ""), votes_needed=votes_needed,
+        )  # fmt: skip
+        for pid, prio in priorities.items()
+        if pid not in live and pid not in settled
+    ]
+    try:
+        AnnotationTask.objects.bulk_create(new, batch_size=1000)
+    except IntegrityError:
+        # A concurrent enqueue created some of the same tasks; fall back to one at a time.
+        created = 0
+        for task in new:
+            try:
+                with transaction.atomic():
+                    task.save()
+                created += 1
+            except IntegrityError:
+                continue
+        return created
+    return len(new)
+
+
+def build_initial_queue(project: Project) -> int:
+    """Queue every patch of the project's ready slides in a seeded spread (no learner output yet)."""
+    rows = Patch.objects.filter(project=project, slide__status="ready").values_list("pk", "slide_id")
+    return enqueue_patches(project, seeded_spread(rows, project.seed))
+
+
+def queue_stats(project: Project) -> QueueStats:
+    now = timezone.now()
+    tasks = AnnotationTask.objects.filter(project=project)
+    return QueueStats(
+        open=tasks.filter(_available(project, now), kind=Kind.CROWD).count(),
+        leased=tasks.filter(state=State.LEASED, lease_expires_at__gte=now).count(),
+        done=tasks.filter(state=State.DONE).count(),
+        expert_open=tasks.filter(_available(project, now), kind=Kind.EXPERT).count(),
+        gold_patches=Patch.objects.filter(project=project, is_gold=True).count(),
+    )

@@ -1,0 +1,224 @@
+"""Casting, correcting and undoing votes, and keeping each patch's consensus current.
+
+Votes are append-only: a correction inserts a new vote that supersedes the old one (kept,
+inactive) and an undo retracts the vote (kept, inactive, ``retracted_at`` set). A partial
+unique index allows one active vote per (patch, annotator), so a double submission cannot
+create a second vote even when two requests race.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from .domain.consensus import VoteRecord, consensus_for_item
+from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Role, Vote
+from .queue import QueueError
+
+Kind = AnnotationTask.Kind
+State = AnnotationTask.State
+
+UNDO_WINDOW = timedelta(minutes=30)
+
+
+class VoteError(QueueError):
+    status_code = 400
+
+
+class VoteConflict(VoteError):
+    status_code = 409
+
+
+@dataclass(frozen=True)
+class VoteOutcome:
+    vote: Vote
+    task: AnnotationTask | None
+    consensus: Consensus
+    gold_answer: LabelClass | None  # only in training mode, after a gold vote
+
+
+def _label(project: Project, label: Any) -> LabelClass:
+    query = LabelClass.objects.filter(project=project)
+    found = query.filter(pk=label).first() if str(label).isdigit() else query.filter(name=label).first()
+    if found is None:
+        names = ", ".join(query.values_list("name", flat=True))
+        raise VoteError(f"Unknown label {label!r} for this project; use one of: {names}.")
+    return found
+
+
+def _patch(project: Project, patch_id: Any) -> Patch:
+    try:
+        return Patch.objects.get(project=project, pk=int(patch_id))
+    except (Patch.DoesNotExist, TypeError, ValueError) as exc:
+        raise VoteError("That patch does not belong to this project.") from exc
+
+
+def recompute_consensus(project: Project, patch: Patch) -> Consensus:
+    """Recompute one patch's consensus from its active votes with the project's cheap method."""
+    votes = list(Vote.objects.filter(patch=patch, is_active=True).select_related("label"))
+    labels = list(LabelClass.objects.filter(project=project).order_by("order").values_list("name", flat=True))
+    records = [VoteRecord(item=patch.pk, annotator=v.annotator_id, label=v.label.name, role=v.role) for v in votes]
+    if not records:
+        # Every vote was retracted: the patch is back to pending with no label.
+        consensus, _ = Consensus.objects.update_or_create(
+            patch=patch,
+            defaults={"project": project, "label": None, "confidence": 0.0, "posterior": {},
+                      "method": project.consensus_method, "vote_count": 0, "agreement": 0.0,
+                      "status": Consensus.Status.PENDING},
+        )  # fmt: skip
+        return consensus
+    result = consensus_for_item(
+        records,
+        labels,
+        method=project.consensus_method,
+        votes_required=project.votes_required,
+        expert_weight=project.expert_weight,
+        contested_threshold=project.contested_threshold,
+    )
+    label = LabelClass.objects.filter(project=project, name=result.label).first() if result.label else None
+    consensus, _ = Consensus.objects.update_or_create(
+        patch=patch,
+        defaults={
+            "project": project,
+            "label": label,
+            "confidence": result.confidence,
+            "posterior": result.posterior,
+            "method": result.method,
+            "vote_count": result.vote_count,
+            "agreement": result.agreement,
+            "status": result.status,
+        },
+    )
+    if consensus.status == Consensus.Status.CONTESTED:
+        _queue_expert_review(project, patch)
+    return consensus
+
+
+def _queue_expert_review(project: Project, patch: Patch) -> None:
+    exists = AnnotationTask.objects.filter(
+        patch=patch, kind=Kind.EXPERT, state__in=[State.OPEN, State.LEASED]
+    ).exists()
+    if exists:
+        return
+    try:
+        with transaction.atomic():
+            AnnotationTask.objects.create(project=project, patch=patch, kind=Kind.EXPERT, votes_needed=1, priority=1e6)
+    except IntegrityError:
+        pass  # a concurrent vote queued it first
+
+
+def cast_vote(
+    project: Project,
+    user: Any,
+    role: str,
+    *,
+    patch_id: Any,
+    label: Any,
+    task_id: Any = None,
+    time_spent_ms: int = 0,
+) -> VoteOutcome:
+    """Record a vote. Crowd members need a live lease on the task; experts and admins may vote
+    on any patch of the project (from the viewer) with or without a task."""
+    label_obj = _label(project, label)
+    patch = _patch(project, patch_id)
+    now = timezone.now()
+    with transaction.atomic():
+        task = None
+        if task_id not in (None, ""):
+            task = AnnotationTask.objects.select_for_update().filter(project=project, pk=task_id).first()
+            if task is None:
+                raise VoteError("No such task in this project.")
+            if task.patch_id != patch.pk:
+                raise VoteError("The task is for a different patch.")
+            if task.lease_owner_id != user.pk or task.state != State.LEASED or task.lease_expires_at < now:
+                raise VoteConflict("Your lease on this task has expired or was never yours; ask for the next task.")
+        elif role == Role.CROWD:
+            raise VoteConflict("Crowd votes need a leased task: ask for the next task first.")
+        if Vote.objects.filter(patch=patch, annotator=user, is_active=True).exists():
+            raise VoteConflict("You have already voted on this patch; undo or correct your vote instead.")
+        try:
+            with transaction.atomic():
+                vote = Vote.objects.create(
+                    project=project, patch=patch, annotator=user, label=label_obj, role=role, task=task,
+                    time_spent_ms=max(0, min(int(time_spent_ms or 0), 24 * 3600 * 1000)),
+                )  # fmt: skip
+        except IntegrityError as exc:
+            raise VoteConflict("You have already voted on this patch; undo or correct your vote instead.") from exc
+        if task is not None:
+            task.votes_received += 1
+            task.lease_owner = None
+            task.lease_expires_at = None
+            task.state = State.DONE if task.votes_received >= task.votes_needed else State.OPEN
+            task.save(update_fields=["votes_received", "lease_owner", "lease_expires_at", "state", "updated_at"])
+        consensus = recompute_consensus(project, patch)
+    gold_answer = None
+    if task is not None and task.kind == Kind.GOLD and project.training_mode:
+        gold_answer = consensus.label
+    return VoteOutcome(vote=vote, task=task, consensus=consensus, gold_answer=gold_answer)
+
+
+def correct_vote(project: Project, user: Any, role: str, *, vote_id: Any, label: Any) -> VoteOutcome:
+    """Replace one's own active vote with a new one (the old one stays, inactive)."""
+    label_obj = _label(project, label)
+    with transaction.atomic():
+        old = (
+            Vote.objects.select_for_update()
+            .filter(project=project, pk=vote_id, annotator=user, is_active=True)
+            .first()
+        )
+        if old is None:
+            raise VoteError("You have no active vote with that id in this project.")
+        old.is_active = False
+        old.save(update_fields=["is_active"])
+        vote = Vote.objects.create(
+            project=project, patch=old.patch, annotator=user, label=label_obj, role=role, task=old.task,
+            time_spent_ms=old.time_spent_ms, supersedes=old,
+        )  # fmt: skip
+        consensus = recompute_consensus(project, old.patch)
+    return VoteOutcome(vote=vote, task=old.task, consensus=consensus, gold_answer=None)
+
+
+def undo_last_vote(project: Project, user: Any) -> AnnotationTask | None:
+    """Retract the user's most recent active vote and lease its task back to them.
+
+    Returns the task to show again (None when the vote had no task).
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        vote = (
+            Vote.objects.select_for_update()
+            .filter(project=project, annotator=user, is_active=True, created_at__gte=now - UNDO_WINDOW)
+            .order_by("-created_at", "-id")
+            .first()
+        )
+        if vote is None:
+            raise VoteError("There is no recent vote of yours to undo.")
+        vote.is_active = False
+        vote.retracted_at = now
+        vote.save(update_fields=["is_active", "retracted_at"])
+        task = None
+        if vote.task_id is not None:
+            task = AnnotationTask.objects.select_for_update().get(pk=vote.task_id)
+            # Give the annotator their lease back so they can vote again on the same patch.
+            task.votes_received = max(0, task.votes_received - 1)
+            task.state = State.LEASED
+            task.lease_owner = user
+            task.lease_expires_at = now + timedelta(minutes=project.lease_minutes)
+            try:
+                with transaction.atomic():
+                    task.save(
+                        update_fields=["votes_received", "state", "lease_owner", "lease_expires_at", "updated_at"]
+                    )
+            except IntegrityError:
+                # Another live task for this patch exists meanwhile; lease a fresh private one.
+                task = AnnotationTask.objects.create(
+                    project=project, patch=vote.patch, kind=Kind.GOLD if task.kind == Kind.GOLD else task.kind,
+                    state=State.LEASED, votes_needed=1, lease_owner=user,
+                    lease_expires_at=now + timedelta(minutes=project.lease_minutes),
+                )  # fmt: skip
+        recompute_consensus(project, vote.patch)
+    return task

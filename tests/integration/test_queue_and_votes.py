@@ -1,0 +1,209 @@
+"""The queue and votes through the REST API, on real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from annotations import queue
+from annotations.models import AnnotationTask, Consensus, Patch, Role, Vote
+from tests.factories import PatchFactory, ProjectFactory, SlideFactory, member
+
+pytestmark = pytest.mark.django_db
+
+
+def client_for(user) -> APIClient:  # type: ignore[no-untyped-def]
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+@pytest.fixture
+def project():  # type: ignore[no-untyped-def]
+    project = ProjectFactory(votes_required=2, gold_rate=0.0)
+    slide = SlideFactory(project=project)
+    PatchFactory.create_batch(4, slide=slide)
+    queue.build_initial_queue(project)
+    return project
+
+
+def lease(client: APIClient, project) -> dict:  # type: ignore[no-untyped-def]
+    response = client.post(f"/api/v1/projects/{project.pk}/next-task/")
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def vote(client: APIClient, project, task: dict, label: str = "benign"):  # type: ignore[no-untyped-def]
+    return client.post(
+        f"/api/v1/projects/{project.pk}/votes/",
+        {"patch": task["patch"]["id"], "task": task["id"], "label": label, "time_spent_ms": 1200},
+        format="json",
+    )
+
+
+def test_it_leases_the_highest_priority_task_and_returns_the_same_lease_when_asked_again(project) -> None:  # type: ignore[no-untyped-def]
+    client = client_for(member(project, Role.CROWD))
+    first = lease(client, project)
+    top = AnnotationTask.objects.filter(project=project).order_by("-priority").first()
+    assert first["id"] == top.pk
+    assert lease(client, project)["id"] == first["id"]
+    assert AnnotationTask.objects.filter(state="leased").count() == 1
+
+
+def test_it_never_gives_two_annotators_the_same_lease(project) -> None:  # type: ignore[no-untyped-def]
+    ids = {lease(client_for(member(project, Role.CROWD)), project)["id"] for _ in range(4)}
+    assert len(ids) == 4
+
+
+def test_a_crowd_patch_collects_votes_from_different_people_and_nobody_sees_it_twice(project) -> None:  # type: ignore[no-untyped-def]
+    alice, bob = member(project, Role.CROWD), member(project, Role.CROWD)
+    a, b = client_for(alice), client_for(bob)
+    task = lease(a, project)
+    assert vote(a, project, task).status_code == 201
+    seen_by_alice = set()
+    for _ in range(3):
+        t = lease(a, project)
+        seen_by_alice.add(t["patch"]["id"])
+        assert vote(a, project, t).status_code == 201
+    assert task["patch"]["id"] not in seen_by_alice
+    assert a.post(f"/api/v1/projects/{project.pk}/next-task/").status_code == 204
+    # Bob gets the patches Alice voted on, each needing one more vote.
+    t = lease(b, project)
+    assert vote(b, project, t).status_code == 201
+    done = AnnotationTask.objects.get(pk=t["id"])
+    assert done.state == "done" and done.votes_received == 2
+
+
+def test_it_rejects_a_second_vote_from_the_same_annotator(project) -> None:  # type: ignore[no-untyped-def]
+    alice = member(project, Role.EXPERT)
+    client = client_for(alice)
+    patch = Patch.objects.filter(project=project).first()
+    first = client.post(f"/api/v1/projects/{project.pk}/votes/", {"patch": patch.pk, "label": "benign"}, format="json")
+    assert first.status_code == 201
+    second = client.post(
+        f"/api/v1/projects/{project.pk}/votes/", {"patch": patch.pk, "label": "squamous"}, format="json"
+    )
+    assert second.status_code == 409
+    assert "already voted" in second.json()["detail"]
+    assert Vote.objects.filter(patch=patch).count() == 1
+
+
+def test_it_rejects_unknown_labels_foreign_patches_and_crowd_votes_without_a_lease(project) -> None:  # type: ignore[no-untyped-def]
+    crowd = client_for(member(project, Role.CROWD))
+    task = lease(crowd, project)
+    unknown = vote(crowd, project, task, label="melanoma")
+    assert unknown.status_code == 400 and "Unknown label" in unknown.json()["detail"]
+    other_patch = PatchFactory(slide=SlideFactory(project=ProjectFactory()))
+    foreign = crowd.post(
+        f"/api/v1/projects/{project.pk}/votes/",
+        {"patch": other_patch.pk, "task": task["id"], "label": "benign"},
+        format="json",
+    )
+    assert foreign.status_code == 400
+    no_lease = crowd.post(
+        f"/api/v1/projects/{project.pk}/votes/",
+        {"patch": task["patch"]["id"], "label": "benign"},
+        format="json",
+    )
+    assert no_lease.status_code == 409 and "leased task" in no_lease.json()["detail"]
+    assert Vote.objects.count() == 0
+
+
+def test_an_expired_lease_returns_to_the_pool_and_cannot_be_voted_on(project) -> None:  # type: ignore[no-untyped-def]
+    alice, bob = client_for(member(project, Role.CROWD)), client_for(member(project, Role.CROWD))
+    task = lease(alice, project)
+    AnnotationTask.objects.filter(pk=task["id"]).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    assert lease(bob, project)["id"] == task["id"]
+    late = vote(alice, project, task)
+    assert late.status_code == 409 and "expired" in late.json()["detail"]
+
+
+def test_skip_releases_the_task_to_the_pool(project) -> None:  # type: ignore[no-untyped-def]
+    alice, bob = client_for(member(project, Role.CROWD)), client_for(member(project, Role.CROWD))
+    task = lease(alice, project)
+    assert alice.post(f"/api/v1/projects/{project.pk}/tasks/{task['id']}/skip/").status_code == 200
+    assert lease(bob, project)["id"] == task["id"]
+    assert alice.post(f"/api/v1/projects/{project.pk}/tasks/{task['id']}/skip/").status_code == 409
+
+
+def test_undo_retracts_the_last_vote_keeps_history_and_gives_the_patch_back(project) -> None:  # type: ignore[no-untyped-def]
+    alice = member(project, Role.CROWD)
+    client = client_for(alice)
+    task = lease(client, project)
+    assert vote(client, project, task, "benign").status_code == 201
+    undone = client.post(f"/api/v1/projects/{project.pk}/votes/undo/")
+    assert undone.status_code == 200
+    again = undone.json()["task"]
+    assert again["patch"]["id"] == task["patch"]["id"]
+    assert vote(client, project, again, "squamous").status_code == 201
+    votes = Vote.objects.filter(patch_id=task["patch"]["id"], annotator=alice).order_by("id")
+    assert [(v.label.name, v.is_active, v.retracted_at is not None) for v in votes] == [
+        ("benign", False, True),
+        ("squamous", True, False),
+    ]
+
+
+def test_a_correction_supersedes_the_previous_vote(project) -> None:  # type: ignore[no-untyped-def]
+    expert = member(project, Role.EXPERT)
+    client = client_for(expert)
+    patch = Patch.objects.filter(project=project).first()
+    first = client.post(f"/api/v1/projects/{project.pk}/votes/", {"patch": patch.pk, "label": "benign"}, format="json")
+    vote_id = first.json()["vote"]["id"]
+    fixed = client.post(f"/api/v1/projects/{project.pk}/votes/{vote_id}/correct/", {"label": "squamous"}, format="json")
+    assert fixed.status_code == 201
+    assert fixed.json()["vote"]["supersedes"] == vote_id
+    consensus = Consensus.objects.get(patch=patch)
+    assert consensus.label.name == "squamous" and consensus.status == "expert"
+
+
+def test_contested_crowd_votes_queue_an_expert_review(project) -> None:  # type: ignore[no-untyped-def]
+    a, b = client_for(member(project, Role.CROWD)), client_for(member(project, Role.CROWD))
+    task = lease(a, project)
+    vote(a, project, task, "benign")
+    task_b = lease(b, project)
+    assert task_b["patch"]["id"] == task["patch"]["id"]
+    vote(b, project, task_b, "squamous")
+    consensus = Consensus.objects.get(patch_id=task["patch"]["id"])
+    assert consensus.status == "contested"
+    expert = client_for(member(project, Role.EXPERT))
+    review = lease(expert, project)
+    assert review["kind"] == "expert" and review["patch"]["id"] == task["patch"]["id"]
+
+
+def test_crowd_members_see_neither_others_votes_nor_consensus_before_voting(project) -> None:  # type: ignore[no-untyped-def]
+    a = client_for(member(project, Role.CROWD))
+    task = lease(a, project)
+    vote(a, project, task, "benign")
+    b = client_for(member(project, Role.CROWD))
+    body = b.get(f"/api/v1/projects/{project.pk}/patches/{task['patch']['id']}/").json()
+    assert body["votes"] == [] and body["consensus"] is None
+    expert = client_for(member(project, Role.EXPERT))
+    body = expert.get(f"/api/v1/projects/{project.pk}/patches/{task['patch']['id']}/").json()
+    assert len(body["votes"]) == 1
+    assert body["consensus"]["status"] == "pending" and body["consensus"]["vote_count"] == 1
+
+
+def test_gold_patches_are_mixed_into_the_crowd_queue_and_training_mode_shows_the_answer(project) -> None:  # type: ignore[no-untyped-def]
+    project.gold_rate = 1.0
+    project.training_mode = True
+    project.save()
+    admin = client_for(member(project, Role.ADMIN))
+    patch = Patch.objects.filter(project=project).last()
+    admin.post(f"/api/v1/projects/{project.pk}/votes/", {"patch": patch.pk, "label": "squamous"}, format="json")
+    assert admin.post(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/gold/").status_code == 200
+    student = client_for(member(project, Role.CROWD))
+    task = lease(student, project)
+    assert task["kind"] == "gold" and task["patch"]["id"] == patch.pk
+    body = vote(student, project, task, "benign").json()
+    assert body["gold"] == {"correct": False, "expert_label": "squamous"}
+
+
+def test_only_patches_with_an_expert_label_can_become_gold(project) -> None:  # type: ignore[no-untyped-def]
+    admin = client_for(member(project, Role.ADMIN))
+    patch = Patch.objects.filter(project=project).first()
+    response = admin.post(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/gold/")
+    assert response.status_code == 409
+    assert not Patch.objects.get(pk=patch.pk).is_gold

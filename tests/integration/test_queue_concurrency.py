@@ -1,0 +1,85 @@
+"""50 annotators leasing and voting at once on one project, on real PostgreSQL."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+
+import pytest
+from django.db import connection
+from rest_framework.test import APIClient
+
+from annotations import queue
+from annotations.models import AnnotationTask, Role, Vote
+from tests.factories import PatchFactory, ProjectFactory, SlideFactory, member
+
+N_ANNOTATORS = 50
+N_PATCHES = 40
+VOTES_REQUIRED = 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_fifty_concurrent_annotators_never_share_a_lease_nor_lose_or_duplicate_a_vote() -> None:
+    project = ProjectFactory(votes_required=VOTES_REQUIRED, gold_rate=0.0)
+    slides = [SlideFactory(project=project) for _ in range(4)]
+    for i in range(N_PATCHES):
+        PatchFactory(slide=slides[i % 4])
+    queue.build_initial_queue(project)
+    users = [member(project, Role.CROWD) for _ in range(N_ANNOTATORS)]
+
+    accepted: list[tuple[int, int, int]] = []  # (vote id, user id, patch id) for every 201
+    errors: list[str] = []
+    repeated_patch: list[tuple[int, int]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(N_ANNOTATORS)
+
+    def annotate(user) -> None:  # type: ignore[no-untyped-def]
+        client = APIClient()
+        client.force_authenticate(user)
+        rng = random.Random(user.pk)
+        seen: set[int] = set()
+        try:
+            barrier.wait()
+            for _ in range(N_PATCHES):
+                response = client.post(f"/api/v1/projects/{project.pk}/next-task/")
+                if response.status_code == 204:
+                    break
+                task = response.json()
+                patch_id = task["patch"]["id"]
+                if patch_id in seen:
+                    repeated_patch.append((user.pk, patch_id))
+                seen.add(patch_id)
+                response = client.post(
+                    f"/api/v1/projects/{project.pk}/votes/",
+                    {"patch": patch_id, "task": task["id"], "label": rng.choice(["benign", "squamous"])},
+                    format="json",
+                )
+                if response.status_code != 201:
+                    errors.append(f"{response.status_code}: {response.content!r}")
+                    continue
+                with lock:
+                    accepted.append((response.json()["vote"]["id"], user.pk, patch_id))
+        except Exception as exc:  # surfaced below; a thread's exception would otherwise vanish
+            errors.append(repr(exc))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=annotate, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads), "annotators did not finish"
+
+    # A double lease would surface as a 409 "lease expired or never yours" on one of the two votes.
+    assert errors == []
+    assert repeated_patch == []
+    stored = set(Vote.objects.filter(project=project).values_list("id", "annotator_id", "patch_id"))
+    assert stored == set(accepted), "every 2xx vote is in the table, and nothing else"
+    per_person = Counter((user_id, patch_id) for _, user_id, patch_id in accepted)
+    assert max(per_person.values()) == 1
+    per_patch = Counter(patch_id for _, _, patch_id in accepted)
+    assert len(per_patch) == N_PATCHES
+    assert set(per_patch.values()) == {VOTES_REQUIRED}
+    assert set(AnnotationTask.objects.filter(project=project).values_list("state", flat=True)) == {"done"}
