@@ -219,10 +219,14 @@ class VoteListView(ProjectScoped):
         data.is_valid(raise_exception=True)
         try:
             outcome = voting.cast_vote(
-                project, request.user, role,
-                patch_id=data.validated_data["patch"], label=data.validated_data["label"],
-                task_id=data.validated_data.get("task"), time_spent_ms=data.validated_data["time_spent_ms"],
-            )  # fmt: skip
+                project,
+                request.user,
+                role,
+                patch_id=data.validated_data["patch"],
+                label=data.validated_data["label"],
+                task_id=data.validated_data.get("task"),
+                time_spent_ms=data.validated_data["time_spent_ms"],
+            )
         except queue.QueueError as exc:
             return _error(exc)
         body: dict[str, Any] = {"vote": VoteSerializer(outcome.vote).data}
@@ -245,7 +249,9 @@ class VoteCorrectView(ProjectScoped):
         data = CorrectionInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         try:
-            outcome = voting.correct_vote(project, request.user, role, vote_id=vote_id, label=data.validated_data["label"])
+            outcome = voting.correct_vote(
+                project, request.user, role, vote_id=vote_id, label=data.validated_data["label"]
+            )
         except queue.QueueError as exc:
             return _error(exc)
         return Response({"vote": VoteSerializer(outcome.vote).data}, status=status.HTTP_201_CREATED)
@@ -330,7 +336,9 @@ class ProjectStatsView(ProjectScoped):
             body["annotators"] = (
                 Vote.objects.filter(project=project, is_active=True).values("annotator").distinct().count()
             )
-            body["labelled"] = Consensus.objects.filter(project=project, label__isnull=False).filter(
-                ~Q(status=Consensus.Status.PENDING)
-            ).count()
+            body["labelled"] = (
+                Consensus.objects.filter(project=project, label__isnull=False)
+                .filter(~Q(status=Consensus.Status.PENDING))
+                .count()
+            )
         return Response(body)

@@ -199,8 +199,9 @@ def enqueue_patches(
     settled: set[int] = set()
     if kind == Kind.CROWD:
         settled = set(
-            Consensus.objects.filter(project=project, patch_id__in=list(priorities), vote_count__gte=votes_needed)
-            .values_list("patch_id", flat=True)
+            Consensus.objects.filter(
+                project=project, patch_id__in=list(priorities), vote_count__gte=votes_needed
+            ).values_list("patch_id", flat=True)
         )
     to_update = []
     for patch_id, task in live.items():
@@ -211,9 +212,14 @@ def enqueue_patches(
     AnnotationTask.objects.bulk_update(to_update, ["priority", "round", "arm"], batch_size=1000)
     new = [
         AnnotationTask(
-            project=project, patch_id=pid, kind=kind, priority=prio, round_id=round_id,
-            arm=arms.get(pid, ""), votes_needed=votes_needed,
-        )  # fmt: skip
+            project=project,
+            patch_id=pid,
+            kind=kind,
+            priority=prio,
+            round_id=round_id,
+            arm=arms.get(pid, ""),
+            votes_needed=votes_needed,
+        )
         for pid, prio in priorities.items()
         if pid not in live and pid not in settled
     ]

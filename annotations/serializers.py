@@ -32,10 +32,28 @@ class ProjectSerializer(serializers.ModelSerializer):
     class Meta:
         model = Project
         fields = [
-            "id", "name", "description", "patch_size", "magnification", "votes_required", "consensus_method",
-            "expert_weight", "contested_threshold", "gold_rate", "training_mode", "lease_minutes", "query_strategy",
-            "batch_size", "random_fraction", "backbone", "train_mode", "seed", "created_at", "label_classes", "role",
-        ]  # fmt: skip
+            "id",
+            "name",
+            "description",
+            "patch_size",
+            "magnification",
+            "votes_required",
+            "consensus_method",
+            "expert_weight",
+            "contested_threshold",
+            "gold_rate",
+            "training_mode",
+            "lease_minutes",
+            "query_strategy",
+            "batch_size",
+            "random_fraction",
+            "backbone",
+            "train_mode",
+            "seed",
+            "created_at",
+            "label_classes",
+            "role",
+        ]
         read_only_fields = ["created_at"]
 
     def get_role(self, project: Project) -> str | None:
@@ -61,8 +79,19 @@ class PatchSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Patch
-        fields = ["id", "slide", "slide_name", "x", "y", "size", "magnification", "tissue_fraction", "is_gold",
-                  "image_url", "context_url"]  # fmt: skip
+        fields = [
+            "id",
+            "slide",
+            "slide_name",
+            "x",
+            "y",
+            "size",
+            "magnification",
+            "tissue_fraction",
+            "is_gold",
+            "image_url",
+            "context_url",
+        ]
 
     def get_image_url(self, patch: Patch) -> str:
         return f"/api/v1/patches/{patch.pk}/image.jpeg"
@@ -76,8 +105,17 @@ class TaskSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = AnnotationTask
-        fields = ["id", "kind", "priority", "arm", "state", "votes_needed", "votes_received", "lease_expires_at",
-                  "patch"]  # fmt: skip
+        fields = [
+            "id",
+            "kind",
+            "priority",
+            "arm",
+            "state",
+            "votes_needed",
+            "votes_received",
+            "lease_expires_at",
+            "patch",
+        ]
 
 
 class VoteSerializer(serializers.ModelSerializer):
@@ -86,8 +124,20 @@ class VoteSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Vote
-        fields = ["id", "patch", "annotator", "label", "label_name", "role", "task", "time_spent_ms", "is_active",
-                  "supersedes", "retracted_at", "created_at"]  # fmt: skip
+        fields = [
+            "id",
+            "patch",
+            "annotator",
+            "label",
+            "label_name",
+            "role",
+            "task",
+            "time_spent_ms",
+            "is_active",
+            "supersedes",
+            "retracted_at",
+            "created_at",
+        ]
 
 
 class VoteInputSerializer(serializers.Serializer):
@@ -106,8 +156,17 @@ class ConsensusSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Consensus
-        fields = ["label", "label_name", "confidence", "posterior", "method", "vote_count", "agreement", "status",
-                  "updated_at"]  # fmt: skip
+        fields = [
+            "label",
+            "label_name",
+            "confidence",
+            "posterior",
+            "method",
+            "vote_count",
+            "agreement",
+            "status",
+            "updated_at",
+        ]
 
 
 def task_links(task: AnnotationTask) -> dict[str, str]:

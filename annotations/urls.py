@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api
+from . import api, api_reports
 
 urlpatterns = [
     path("projects/", api.ProjectListView.as_view(), name="project-list"),
@@ -17,4 +17,13 @@ urlpatterns = [
     path("projects/<int:project_id>/patches/<int:patch_id>/", api.PatchDetailView.as_view(), name="patch-detail"),
     path("projects/<int:project_id>/patches/<int:patch_id>/gold/", api.PatchGoldView.as_view(), name="patch-gold"),
     path("projects/<int:project_id>/stats/", api.ProjectStatsView.as_view(), name="project-stats"),
+    path("projects/<int:project_id>/overlay/", api_reports.OverlayView.as_view(), name="overlay"),
+    path("projects/<int:project_id>/agreement/", api_reports.AgreementView.as_view(), name="agreement"),
+    path(
+        "projects/<int:project_id>/consensus/recompute/",
+        api_reports.RecomputeConsensusView.as_view(),
+        name="consensus-recompute",
+    ),
+    path("projects/<int:project_id>/export/", api_reports.ExportView.as_view(), name="export"),
+    path("projects/<int:project_id>/import/", api_reports.ImportLabelsView.as_view(), name="import-labels"),
 ]

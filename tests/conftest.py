@@ -7,6 +7,7 @@ from pathlib import Path
 
 from histoloop import embedded
 
+os.environ.setdefault("FAST_PASSWORD_HASHING", "1")  # inherited by the worker/ASGI subprocesses too
 embedded.ensure_environment()
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,9 @@ def test_database_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
+def celery_worker_process(
+    django_db_setup: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen]:
     """A real `celery worker` process consuming the gpu and cpu queues against the test database.
 
     Tests that use it must commit their data (``transactional_db``) so the worker sees it.
@@ -37,10 +39,31 @@ def celery_worker_process(django_db_setup: None, tmp_path_factory: pytest.TempPa
     env.pop("TEST_DATABASE_NAME", None)
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "histoloop", "worker", "-Q", "gpu,cpu", "--pool", "solo",
-             "--concurrency", "1", "-l", "info", "--without-gossip", "--without-mingle", "-n", f"test-{os.getpid()}@%h"],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "histoloop",
+                "worker",
+                "-Q",
+                "gpu,cpu",
+                "--pool",
+                "solo",
+                "--concurrency",
+                "1",
+                "-l",
+                "info",
+                "--without-gossip",
+                "--without-mingle",
+                "-n",
+                f"test-{os.getpid()}@%h",
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -1,0 +1,133 @@
+"""Reports over a project's labels: overlay, agreement, batch consensus, export and import."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.http import HttpResponse
+from drf_spectacular.utils import extend_schema
+from rest_framework.parsers import MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from . import reports
+from .api import ADMIN_ONLY, EXPERTS, ProjectScoped
+from .models import Consensus, Patch, Role, Vote
+
+MAX_IMPORT_BYTES = 50 * 1024**2
+
+
+class OverlayView(ProjectScoped):
+    """The patch grid of one slide with consensus labels (crowd: only patches they voted on)."""
+
+    write_roles = None
+
+    def get(self, request: Request, project_id: int) -> Response:
+        project, role = self.load(request, project_id)
+        slide_id = request.query_params.get("slide")
+        if not (slide_id and slide_id.isdigit()):
+            return Response({"detail": "Give the slide id as ?slide=<id>."}, status=400)
+        patches = Patch.objects.filter(project=project, slide_id=int(slide_id))
+        consensus = Consensus.objects.filter(project=project, patch__slide_id=int(slide_id), label__isnull=False)
+        if role == Role.CROWD:
+            voted = Vote.objects.filter(project=project, annotator=request.user, is_active=True)
+            consensus = consensus.filter(patch_id__in=voted.values("patch_id"))
+        labels = {
+            pid: (name, colour, status)
+            for pid, name, colour, status in consensus.values_list("patch_id", "label__name", "label__colour", "status")
+        }
+        rows = []
+        for pid, x, y, size, gold in patches.values_list("pk", "x", "y", "size", "is_gold"):
+            name, colour, status = labels.get(pid, (None, None, None))
+            rows.append(
+                {
+                    "id": pid,
+                    "x": x,
+                    "y": y,
+                    "size": size,
+                    "label": name,
+                    "colour": colour,
+                    "status": status,
+                    "is_gold": gold if role != Role.CROWD else False,
+                }
+            )
+        return Response({"slide": int(slide_id), "patches": rows})
+
+
+class AgreementView(ProjectScoped):
+    roles = EXPERTS
+
+    def get(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        return Response(reports.agreement_report(project))
+
+
+class RecomputeConsensusView(ProjectScoped):
+    roles = ADMIN_ONLY
+
+    @extend_schema(request=None)
+    def post(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        return Response(
+            {"recomputed": reports.recompute_project_consensus(project), "method": project.consensus_method}
+        )
+
+
+class ExportView(ProjectScoped):
+    """``?format=csv|json|geojson&kind=votes|consensus[&slide=<id>]``. Experts and admins only."""
+
+    roles = EXPERTS
+
+    def get(self, request: Request, project_id: int) -> HttpResponse:
+        project, _ = self.load(request, project_id)
+        fmt = request.query_params.get("format", "csv")
+        kind = request.query_params.get("kind", "consensus")
+        slide = request.query_params.get("slide")
+        if fmt not in {"csv", "json", "geojson"} or kind not in {"votes", "consensus"}:
+            return Response({"detail": "Use format=csv|json|geojson and kind=votes|consensus."}, status=400)
+        if fmt == "geojson" and kind != "consensus":
+            return Response({"detail": "GeoJSON exports consensus labels; use kind=consensus."}, status=400)
+        slide_id = int(slide) if slide and slide.isdigit() else None
+        rows: Any = reports.vote_rows(project) if kind == "votes" else reports.consensus_rows(project, slide_id)
+        stem = f"project-{project.pk}-{kind}"
+        if fmt == "csv":
+            fields = reports.VOTE_FIELDS if kind == "votes" else reports.CONSENSUS_FIELDS
+            response = HttpResponse(reports.to_csv(rows, fields), content_type="text/csv; charset=utf-8")
+            response["Content-Disposition"] = f'attachment; filename="{stem}.csv"'
+        elif fmt == "json":
+            response = HttpResponse(json.dumps(list(rows)), content_type="application/json")
+            response["Content-Disposition"] = f'attachment; filename="{stem}.json"'
+        else:
+            response = HttpResponse(json.dumps(reports.to_geojson(rows)), content_type="application/geo+json")
+            response["Content-Disposition"] = f'attachment; filename="{stem}.geojson"'
+        return response
+
+
+class ImportLabelsView(ProjectScoped):
+    """Upload a QuPath GeoJSON or a CSV (slide,x,y,label); rows become the uploader's expert votes."""
+
+    write_roles = EXPERTS
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(
+        request={
+            "multipart/form-data": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+        }
+    )
+    def post(self, request: Request, project_id: int) -> Response:
+        project, role = self.load(request, project_id)
+        upload = request.FILES.get("file")
+        if upload is None:
+            return Response({"detail": "Attach the label file as 'file'."}, status=400)
+        if upload.size > MAX_IMPORT_BYTES:
+            return Response({"detail": "Label files over 50 MB are not accepted; split the file."}, status=413)
+        try:
+            rows = reports.parse_labels(upload.read(), upload.name, request.data.get("slide"))
+            result = reports.import_expert_labels(project, request.user, role, rows)
+        except (reports.ImportError_, UnicodeDecodeError) as exc:
+            return Response(
+                {"detail": str(exc) if isinstance(exc, reports.ImportError_) else "The file is not UTF-8 text."},
+                status=400,
+            )
+        return Response(result, status=201)
