@@ -218,6 +218,9 @@ class AnnotationTask(models.Model):
             )
         ]
 
+    def __str__(self) -> str:
+        return f"{self.kind} task for patch {self.patch_id} ({self.state})"
+
 
 class Vote(models.Model):
     """Append-only. A correction adds a vote that supersedes the previous one (kept, inactive)."""
@@ -245,6 +248,9 @@ class Vote(models.Model):
         ]
         indexes = [models.Index(fields=["project", "annotator", "created_at"])]
 
+    def __str__(self) -> str:
+        return f"vote {self.pk} by {self.annotator_id} on patch {self.patch_id}"
+
 
 class Consensus(models.Model):
     class Status(models.TextChoices):
@@ -269,3 +275,6 @@ class Consensus(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["project", "status"])]
+
+    def __str__(self) -> str:
+        return f"consensus of patch {self.patch_id}: {self.status}"

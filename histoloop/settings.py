@@ -1,8 +1,8 @@
 """One settings module, driven by environment variables.
 
 Every value a deployment changes comes from the environment; the defaults are for a
-developer's machine. ``DATABASE_URL`` and ``REDIS_URL`` are set by ``histoloop.embedded``
-(``make demo`` / ``make test``) when the user gives none.
+developer's machine. Without ``DATABASE_URL`` / ``REDIS_URL`` the embedded PostgreSQL and Redis
+(``histoloop.embedded``) are started under ``var/`` and their URLs exported to child processes.
 """
 
 from __future__ import annotations
@@ -83,23 +83,18 @@ TEMPLATES = [
 
 ASGI_APPLICATION = "histoloop.asgi.application"
 
-_database_url = os.environ.get("DATABASE_URL")
-if not _database_url:
-    raise ImproperlyConfigured(
-        "DATABASE_URL is not set. Run through `make demo`/`make test` (which start an embedded "
-        "PostgreSQL under var/) or set DATABASE_URL=postgresql://user@host:5432/dbname."
-    )
+if not (os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL")):
+    # No servers given: start (or reuse) the embedded PostgreSQL and Redis under var/.
+    from histoloop import embedded
+
+    embedded.ensure_environment()
+_database_url = os.environ["DATABASE_URL"]
 DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=0)}
 DATABASES["default"].setdefault("TEST", {})
 if os.environ.get("TEST_DATABASE_NAME"):
     DATABASES["default"]["TEST"]["NAME"] = os.environ["TEST_DATABASE_NAME"]
 
-REDIS_URL = os.environ.get("REDIS_URL", "")
-if not REDIS_URL:
-    raise ImproperlyConfigured(
-        "REDIS_URL is not set. Run through `make demo`/`make test` (which start an embedded Redis "
-        "under var/) or set REDIS_URL=redis://host:6379/0."
-    )
+REDIS_URL = os.environ["REDIS_URL"]
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -204,7 +199,7 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {"large_image": {"level": "WARNING"}},
+    "loggers": {"large_image": {"level": "WARNING"}, "pgserver": {"level": "WARNING"}},
 }
 
 if not DEBUG:

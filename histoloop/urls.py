@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from annotations import slide_urls
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
@@ -10,5 +12,6 @@ urlpatterns = [
     path("api/v1/", include("annotations.slide_urls")),
     path("api/v1/", include("annotations.urls")),
     path("api/v1/", include("learner.urls")),
+    path("", include(slide_urls.page_urlpatterns)),
     path("", include("frontend.urls")),
 ]

@@ -31,6 +31,7 @@ class TrainingRound(models.Model):
     metrics = models.JSONField(default=dict, blank=True)
     timings = models.JSONField(default=dict, blank=True)
     celery_task_id = models.CharField(max_length=64, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last sign of life from the worker.")
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -55,6 +56,7 @@ class ModelVersion(models.Model):
     train_mode = models.CharField(max_length=16)
     weights_path = models.CharField(max_length=500)
     class_names = models.JSONField(default=list)
+    strategy = models.CharField(max_length=32, blank=True)
     label_snapshot = models.JSONField(default=dict, help_text="patch id -> label name used for training.")
     metrics = models.JSONField(default=dict)
     n_labels = models.PositiveIntegerField(default=0)
@@ -62,6 +64,9 @@ class ModelVersion(models.Model):
 
     class Meta:
         ordering = ["project", "-created_at"]
+
+    def __str__(self) -> str:
+        return f"model of round {self.round_id} ({self.backbone}, {self.train_mode})"
 
 
 class PatchScore(models.Model):
@@ -73,3 +78,6 @@ class PatchScore(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["model_version", "patch"], name="score_unique")]
+
+    def __str__(self) -> str:
+        return f"score of patch {self.patch_id} by model {self.model_version_id}"

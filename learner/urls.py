@@ -1,3 +1,12 @@
 from django.urls import path
 
-urlpatterns: list = []
+from . import api
+
+urlpatterns = [
+    path("projects/<int:project_id>/rounds/", api.RoundListView.as_view(), name="round-list"),
+    path("projects/<int:project_id>/rounds/<int:round_id>/cancel/", api.RoundCancelView.as_view(), name="round-cancel"),
+    path("projects/<int:project_id>/heatmap/", api.HeatmapView.as_view(), name="heatmap"),
+    path(
+        "projects/<int:project_id>/patches/<int:patch_id>/prediction/", api.PredictionView.as_view(), name="prediction"
+    ),
+]

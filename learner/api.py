@@ -1,0 +1,139 @@
+"""REST API for training rounds, predictions (heatmap) and the learning curve."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from annotations.api import ADMIN_ONLY, ProjectScoped
+from annotations.models import Patch
+
+from . import services
+from .models import ModelVersion, PatchScore, TrainingRound
+
+
+class RoundSerializer(serializers.ModelSerializer):
+    requested_by = serializers.CharField(source="requested_by.username", default=None, read_only=True)
+    model_version = serializers.SerializerMethodField()
+
+    class Meta:
+        model = TrainingRound
+        fields = [
+            "id",
+            "number",
+            "state",
+            "stage",
+            "progress",
+            "error",
+            "cancel_requested",
+            "strategy",
+            "train_mode",
+            "n_labels",
+            "metrics",
+            "timings",
+            "requested_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "model_version",
+        ]
+
+    def get_model_version(self, round_: TrainingRound) -> int | None:
+        version = getattr(round_, "model_version", None)
+        return version.pk if version else None
+
+
+class RoundListView(ProjectScoped):
+    write_roles = ADMIN_ONLY
+
+    @extend_schema(responses=RoundSerializer(many=True))
+    def get(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        services.fail_stale_rounds(project)
+        rounds = TrainingRound.objects.filter(project=project).select_related("requested_by", "model_version")
+        return Response(RoundSerializer(rounds.order_by("-number")[:200], many=True).data)
+
+    @extend_schema(request=None, responses={201: RoundSerializer, 409: None})
+    def post(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        try:
+            round_ = services.start_round(project, request.user)
+        except services.RoundConflict as exc:
+            return Response({"detail": str(exc), "active_round": exc.active.pk}, status=status.HTTP_409_CONFLICT)
+        return Response(RoundSerializer(round_).data, status=status.HTTP_201_CREATED)
+
+
+class RoundCancelView(ProjectScoped):
+    write_roles = ADMIN_ONLY
+
+    @extend_schema(request=None, responses=RoundSerializer)
+    def post(self, request: Request, project_id: int, round_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        round_ = TrainingRound.objects.filter(project=project, pk=round_id).first()
+        if round_ is None:
+            return Response({"detail": "No such round in this project."}, status=404)
+        try:
+            round_ = services.cancel_round(round_)
+        except services.RoundError as exc:
+            return Response({"detail": str(exc)}, status=409)
+        return Response(RoundSerializer(round_).data)
+
+
+class HeatmapView(ProjectScoped):
+    """Per-patch probability of one class from the latest model, for a slide overlay."""
+
+    write_roles = None
+
+    def get(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        slide = request.query_params.get("slide", "")
+        if not slide.isdigit():
+            return Response({"detail": "Give the slide id as ?slide=<id>."}, status=400)
+        version = ModelVersion.objects.filter(project=project).order_by("-created_at").first()
+        label = request.query_params.get("label")
+        if version is None:
+            return Response({"model_version": None, "label": label, "patches": []})
+        names = version.class_names
+        if label is None:
+            label = names[0]
+        if label not in names:
+            return Response({"detail": f"Unknown label {label!r}; the model knows {', '.join(names)}."}, status=400)
+        k = names.index(label)
+        rows = PatchScore.objects.filter(model_version=version, patch__slide_id=int(slide)).values_list(
+            "patch_id", "patch__x", "patch__y", "patch__size", "probs"
+        )
+        patches = [{"id": pid, "x": x, "y": y, "size": s, "prob": probs[k]} for pid, x, y, s, probs in rows]
+        return Response(
+            {"model_version": version.pk, "round": version.round.number, "label": label, "patches": patches}
+        )
+
+
+class PredictionView(ProjectScoped):
+    """The latest model's class probabilities for one patch (experts/admins)."""
+
+    roles = ("admin", "expert")
+
+    def get(self, request: Request, project_id: int, patch_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        if not Patch.objects.filter(project=project, pk=patch_id).exists():
+            return Response({"detail": "No such patch in this project."}, status=404)
+        score = (
+            PatchScore.objects.filter(model_version__project=project, patch_id=patch_id)
+            .select_related("model_version")
+            .order_by("-model_version__created_at")
+            .first()
+        )
+        if score is None:
+            return Response({"detail": "No model has scored this patch yet; run a round."}, status=404)
+        names = score.model_version.class_names
+        body: dict[str, Any] = {
+            "model_version": score.model_version_id,
+            "probs": dict(zip(names, score.probs, strict=True)),
+            "predicted": names[score.predicted],
+            "uncertainty": score.uncertainty,
+        }
+        return Response(body)

@@ -1,0 +1,39 @@
+"""The ``LEARNER`` settings namespace, read into a dataclass (defaults here, overrides in settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from django.conf import settings
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    WEIGHTS_DIR: Path = Path("var/models")
+    CACHE_DIR: Path = Path("var/cache")
+    DEVICE: str = "auto"
+    PRETRAINED: str = "package"  # "package" | "timm" (online) | "none" | a path to a weights file
+    MIN_LABELS: int = 6
+    VALIDATION_FRACTION: float = 0.2
+    STALE_AFTER_SECONDS: int = 180  # a running round silent for this long has lost its worker
+    EMBED_BATCH_SIZE: int = 32
+    TTA: bool = False
+
+
+def learner_settings() -> LearnerSettings:
+    raw = getattr(settings, "LEARNER", {})
+    known = {f.name: f for f in fields(LearnerSettings)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            continue
+        default = getattr(LearnerSettings, key)
+        if isinstance(default, Path):
+            value = Path(value)
+        elif isinstance(default, bool):
+            value = str(value).lower() in {"1", "true", "yes"} if isinstance(value, str) else bool(value)
+        elif isinstance(default, int | float):
+            value = type(default)(value)
+        values[key] = value
+    return LearnerSettings(**values)

@@ -1,0 +1,310 @@
+"""Training: a softmax-regression head on cached embeddings ("head") and staged fine-tuning ("finetune")."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from learner.core.backbone import Backbone, create_model
+from learner.core.classifier import Classifier, LinearHead
+from learner.core.config import BackboneSpec, TrainConfig
+from learner.core.data import ImageSource, StainNormaliser, as_source, augment, load_batch, normalise
+from learner.core.embeddings import forward_batches, prepare_model, resolve_device, to_device
+from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, report
+from learner.core.evaluation import evaluate
+
+
+def _check_labels(labels: Sequence[int] | np.ndarray, n_items: int, n_classes: int) -> np.ndarray:
+    y = np.asarray(labels, dtype=int)
+    if len(y) != n_items:
+        raise LearnerError(f"Got {len(y)} labels for {n_items} items; give one label per item.")
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise LearnerError(f"Labels must be class indices 0..{n_classes - 1}.")
+    if len(np.unique(y)) < 2:
+        raise LearnerError("Training needs labelled examples of at least two classes; label some more patches.")
+    return y
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """'balanced' weights n / (k * count_c); classes without examples get weight 0."""
+    counts = np.bincount(y, minlength=n_classes).astype(float)
+    present = counts > 0
+    w = np.zeros(n_classes)
+    w[present] = len(y) / (present.sum() * counts[present])
+    return w
+
+
+# --- head mode -----------------------------------------------------------------------------------------------------
+
+
+def train_head(
+    embeddings: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    class_names: Sequence[str],
+    backbone: Backbone,
+    config: TrainConfig | None = None,
+    *,
+    image_size: int | None = None,
+    tta: bool = False,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> Classifier:
+    """Multinomial logistic regression on standardised embeddings, returned as a torch LinearHead.
+
+    Log-loss training gives probabilities that are reasonably calibrated out of the box (see `ece` in the
+    evaluation dict). Classes with no labels yet get probability ~0. `image_size`/`tta` must describe how
+    the embeddings were made, so that images given later to predict_proba are embedded the same way.
+    """
+    config = config or TrainConfig()
+    k = len(class_names)
+    x = np.asarray(embeddings, dtype=np.float32)
+    y = _check_labels(labels, len(x), k)
+    check_stop(should_stop, "train")
+    report(progress, "train", 0.0)
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(
+        C=config.head_c,
+        max_iter=config.head_max_iter,
+        class_weight="balanced" if config.balance != "none" else None,
+        random_state=config.seed,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(scaler.transform(x), y)
+    check_stop(should_stop, "train")
+
+    coef, intercept = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:  # binary: sigmoid(z) == softmax([-z/2, z/2])
+        coef = np.vstack([-coef / 2, coef / 2])
+        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+    weight = np.zeros((k, x.shape[1]), dtype=np.float32)
+    bias = np.full(k, -30.0, dtype=np.float32)  # unseen classes: exp(-30) ~ 1e-13
+    for row, cls in enumerate(clf.classes_):
+        weight[cls], bias[cls] = coef[row], intercept[row]
+    head = LinearHead(x.shape[1], k)
+    with torch.no_grad():
+        head.mean.copy_(torch.from_numpy(scaler.mean_.astype(np.float32)))
+        head.scale.copy_(torch.from_numpy(scaler.scale_.astype(np.float32)))
+        head.linear.weight.copy_(torch.from_numpy(weight))
+        head.linear.bias.copy_(torch.from_numpy(bias))
+    head.eval()
+    report(progress, "train", 1.0)
+    return Classifier(
+        mode="head",
+        class_names=list(class_names),
+        spec=backbone.spec,
+        normalisation=backbone.normalisation,
+        image_size=image_size or config.image_size,
+        network=head,
+        weights_id=backbone.weights_id,
+        tta=tta,
+        _backbone=backbone,
+        extra={"n_train": len(y)},
+    )
+
+
+# --- fine-tuning ---------------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total_steps` (pure; multiply the base lr)."""
+    if total_steps <= 0:
+        return 1.0
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class EarlyStopping:
+    """Keeps the best state seen (by score, higher is better) and says when patience ran out."""
+
+    patience: int
+    best_score: tuple[float, ...] | None = None
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+
+    def step(self, epoch: int, score: tuple[float, ...], model: nn.Module) -> bool:
+        """Record an epoch; returns True when training should stop."""
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs > self.patience
+
+
+@dataclass
+class FinetuneResult:
+    classifier: Classifier
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = -1
+    val_metrics: dict[str, Any] | None = None
+
+
+def _epoch_order(y: np.ndarray, n_classes: int, balance: str, gen: np.random.Generator) -> np.ndarray:
+    if balance == "sampler":  # class-balanced sampling with replacement, same epoch length
+        w = class_weights(y, n_classes)[y]
+        return gen.choice(len(y), size=len(y), replace=True, p=w / w.sum())
+    return gen.permutation(len(y))
+
+
+def _set_frozen(model: nn.Module, frozen: bool) -> None:
+    head = model.get_classifier()  # type: ignore[operator]
+    head_params = {id(p) for p in head.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(not frozen or id(p) in head_params)
+
+
+def _train_mode(model: nn.Module, frozen: bool) -> None:
+    # a frozen body keeps its BatchNorm statistics: small label sets would otherwise wreck them
+    model.train()
+    if frozen:
+        model.eval()
+        model.get_classifier().train()  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def _autocast(device: torch.device, amp: bool) -> Iterator[None]:
+    if device.type == "cuda" and amp:
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def finetune(
+    spec: BackboneSpec,
+    images: ImageSource | Sequence,
+    labels: Sequence[int] | np.ndarray,
+    class_names: Sequence[str],
+    config: TrainConfig | None = None,
+    *,
+    val_images: ImageSource | Sequence | None = None,
+    val_labels: Sequence[int] | np.ndarray | None = None,
+    stain: StainNormaliser | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> FinetuneResult:
+    """Fine-tune `spec` on labelled images: `frozen_epochs` training only the new classifier, then the whole
+    network (backbone lr scaled by `backbone_lr_scale`), AdamW + warm-up/cosine schedule, H&E augmentation,
+    class-weighted loss or balanced sampling. With a validation set: early stopping on (balanced accuracy,
+    -loss) and the best epoch's weights are returned; without one, the last epoch's.
+    bf16 autocast and channels_last on CUDA; the same code in fp32 on CPU.
+    """
+    config = config or TrainConfig(mode="finetune")
+    k = len(class_names)
+    train_src = as_source(images)
+    y = _check_labels(labels, len(train_src), k)
+    val_src = as_source(val_images) if val_images is not None else None
+    y_val = np.asarray(val_labels, dtype=int) if val_labels is not None else None
+    if (val_src is None) != (y_val is None) or (
+        val_src is not None and y_val is not None and len(val_src) != len(y_val)
+    ):
+        raise LearnerError("Give validation images and labels together, one label per image.")
+
+    torch.manual_seed(config.seed)
+    gen = np.random.default_rng(config.seed)
+    aug_gen = torch.Generator().manual_seed(config.seed)
+    device = resolve_device(config.device)
+    built = create_model(spec, num_classes=k)
+    model = prepare_model(built.model, device, config.channels_last)
+
+    head_ids = {id(p) for p in model.get_classifier().parameters()}  # type: ignore[operator]
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    head = [p for p in model.parameters() if id(p) in head_ids]
+    base_lrs = [config.lr * config.backbone_lr_scale, config.lr]
+    optimiser = torch.optim.AdamW(
+        [{"params": body, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}], weight_decay=config.weight_decay
+    )
+    weight = torch.tensor(class_weights(y, k), dtype=torch.float32, device=device) if config.balance == "loss" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+
+    steps_per_epoch = math.ceil(len(y) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(config.warmup_fraction * total_steps)
+    stopper = EarlyStopping(config.patience)
+    history: list[dict[str, Any]] = []
+    step = 0
+    for epoch in range(config.epochs):
+        frozen = epoch < config.frozen_epochs
+        _set_frozen(model, frozen)
+        _train_mode(model, frozen)
+        order = _epoch_order(y, k, config.balance, gen)
+        running, seen = 0.0, 0
+        for start in range(0, len(order), config.batch_size):
+            check_stop(should_stop, "train")
+            idx = order[start : start + config.batch_size]
+            x = load_batch(train_src, idx.tolist(), config.image_size, stain)
+            x = augment(x, config.augment, aug_gen) if config.augment else x
+            x = to_device(normalise(x, built.normalisation), device, config.channels_last)
+            target = torch.as_tensor(y[idx], device=device)
+            factor = lr_factor(step, total_steps, warmup, config.min_lr_ratio)
+            for group, base in zip(optimiser.param_groups, base_lrs, strict=True):
+                group["lr"] = base * factor
+            with _autocast(device, config.amp):
+                loss = loss_fn(model(x).float(), target)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            running += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            step += 1
+            report(progress, "train", step / max(1, total_steps))
+        record: dict[str, Any] = {"epoch": epoch, "frozen": frozen, "train_loss": running / max(1, seen)}
+        if val_src is not None and y_val is not None:
+            model.eval()
+            proba = forward_batches(
+                lambda t: torch.softmax(model(t).float(), dim=1),
+                val_src,
+                range(len(val_src)),
+                image_size=config.image_size,
+                normalisation=built.normalisation,
+                batch_size=config.batch_size,
+                device=device,
+                stain=stain,
+                stage="validate",
+                progress=progress,
+                should_stop=should_stop,
+            )
+            val_loss = float(-np.log(np.clip(proba[np.arange(len(y_val)), y_val], 1e-12, None)).mean())
+            metrics = evaluate(y_val, proba, class_names)
+            record.update(
+                val_loss=val_loss, val_accuracy=metrics["accuracy"], val_balanced_accuracy=metrics["balanced_accuracy"]
+            )
+            history.append(record)
+            if stopper.step(epoch, (metrics["balanced_accuracy"], -val_loss), model):
+                break
+        else:
+            history.append(record)
+    check_stop(should_stop, "train")
+
+    best_metrics = None
+    if stopper.best_state is not None:
+        model.load_state_dict(stopper.best_state)
+        best_metrics = {k: v for k, v in history[stopper.best_epoch].items() if k.startswith("val_")}
+    model.eval()
+    classifier = Classifier(
+        mode="finetune",
+        class_names=list(class_names),
+        spec=spec,
+        normalisation=built.normalisation,
+        image_size=config.image_size,
+        network=model,
+        weights_id=built.weights_id,
+        extra={"n_train": len(y), "best_epoch": stopper.best_epoch if stopper.best_state else len(history) - 1},
+    )
+    return FinetuneResult(classifier, history, stopper.best_epoch, best_metrics)

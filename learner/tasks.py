@@ -1,0 +1,20 @@
+"""Celery tasks of the learner: thin wrappers that take ids and call the pipeline."""
+
+from __future__ import annotations
+
+from celery import shared_task
+from celery.signals import worker_ready
+
+from .pipeline import run_round
+from .services import fail_stale_rounds
+
+
+@shared_task(bind=True, acks_late=True, reject_on_worker_lost=False, name="learner.tasks.run_training_round")
+def run_training_round(self, round_id: int) -> str:  # type: ignore[no-untyped-def]
+    """Run one round. A redelivered message for a round that already started does nothing."""
+    return run_round(round_id).state
+
+
+@worker_ready.connect
+def _fail_rounds_left_by_dead_workers(**kwargs: object) -> None:
+    fail_stale_rounds()

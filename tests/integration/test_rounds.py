@@ -1,0 +1,199 @@
+"""Training rounds end to end: a real Celery worker, real Redis, PostgreSQL and websocket progress."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from rest_framework.test import APIClient
+
+from annotations import voting
+from annotations.models import AnnotationTask, Patch, Role
+from annotations.routing import websocket_urlpatterns
+from learner import pipeline, services
+from learner.models import ModelVersion, PatchScore, TrainingRound
+from tests.factories import ProjectFactory, member
+from tests.integration.conftest import wait_for
+from tests.integration.lc25000 import CLASS_NAMES, add_lc25000_slides, manifest_rows
+
+
+def client_for(user: Any) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+def lung_project(per_class: int = 10, labelled_per_class: int = 8, **kwargs: Any):  # type: ignore[no-untyped-def]
+    project = ProjectFactory(
+        classes=[(name, c) for name, c in zip(CLASS_NAMES.values(), ["#d62728", "#2ca02c", "#1f77b4"], strict=True)],
+        batch_size=6,
+        random_fraction=0.34,
+        **kwargs,
+    )
+    rows = manifest_rows(per_class, groups_per_class=8)
+    add_lc25000_slides(project, rows)
+    expert = member(project, Role.EXPERT)
+    seen: dict[str, int] = {}
+    for row in rows:
+        cls = row["_class"]
+        if seen.get(cls, 0) >= labelled_per_class:
+            continue
+        seen[cls] = seen.get(cls, 0) + 1
+        patch = Patch.objects.get(project=project, slide__name=row["path"].split("/")[-1])
+        voting.cast_vote(project, expert, Role.EXPERT, patch_id=patch.pk, label=CLASS_NAMES[cls])
+    return project
+
+
+async def collect_events(user: Any, project_id: int, until: Any, timeout: float = 240) -> list[dict]:
+    app = URLRouter(websocket_urlpatterns)
+    communicator = WebsocketCommunicator(app, f"/ws/projects/{project_id}/")
+    communicator.scope["user"] = user
+    connected, _ = await communicator.connect()
+    assert connected
+    events = [await communicator.receive_json_from(timeout=5)]
+    await sync_to_async(until)(events)  # the caller starts the round once we are listening
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        event = await communicator.receive_json_from(timeout=deadline - loop.time())
+        events.append(event)
+        if event["type"] == "round.finished":
+            break
+    await communicator.disconnect()
+    return events
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_round_run_by_a_real_worker_streams_progress_and_queues_the_chosen_patches(celery_worker_process) -> None:  # type: ignore[no-untyped-def]
+    project = lung_project()
+    admin = member(project, Role.ADMIN)
+    started: dict[str, Any] = {}
+
+    def start(events: list[dict]) -> None:
+        assert events[0]["type"] == "hello"
+        response = client_for(admin).post(f"/api/v1/projects/{project.pk}/rounds/")
+        assert response.status_code == 201, response.content
+        started["round"] = response.json()["id"]
+        second = client_for(admin).post(f"/api/v1/projects/{project.pk}/rounds/")
+        assert second.status_code == 409 and "already" in second.json()["detail"]
+
+    events = asyncio.run(collect_events(admin, project.pk, start))
+    round_ = TrainingRound.objects.get(pk=started["round"])
+    assert round_.state == "succeeded", (round_.error, celery_worker_process.log_path.read_text()[-3000:])
+    stages = [e["stage"] for e in events if e["type"] == "round.progress"]
+    for stage in ("snapshot", "embed", "train", "evaluate", "score", "select", "publish"):
+        assert stage in stages
+    assert events[-1]["type"] == "round.finished" and events[-1]["state"] == "succeeded"
+    progress = [e["progress"] for e in events if e["type"] == "round.progress"]
+    assert progress == sorted(progress)
+
+    version = ModelVersion.objects.get(round=round_)
+    assert len(version.label_snapshot) == 24
+    assert PatchScore.objects.filter(model_version=version).count() == Patch.objects.filter(project=project).count()
+    assert round_.metrics["split"] == "group" and round_.metrics["n_val"] > 0
+    # Held out by group: metrics are computed on groups the model never saw. (Whether the model beats
+    # chance is tested on a larger held-out set in tests/unit/test_learner_*; 5 patches cannot show it.)
+    assert round_.metrics["n_val"] >= 3
+    assert sum(map(sum, round_.metrics["confusion_matrix"])) == round_.metrics["n_val"]
+    assert 0.0 <= round_.metrics["balanced_accuracy"] <= 1.0
+    chosen = AnnotationTask.objects.filter(round=round_, kind="crowd")
+    assert chosen.count() == 6
+    assert {t.arm for t in chosen} == {"margin", "random"}
+    labelled = set(int(k) for k in version.label_snapshot)
+    assert not labelled & set(chosen.values_list("patch_id", flat=True))
+    # The learner's batch now leads the queue.
+    crowd = client_for(member(project, Role.CROWD))
+    task = crowd.post(f"/api/v1/projects/{project.pk}/next-task/").json()
+    assert task["id"] in set(chosen.values_list("id", flat=True))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_round_that_cannot_train_fails_with_a_clear_error_on_the_worker(celery_worker_process) -> None:  # type: ignore[no-untyped-def]
+    project = ProjectFactory(classes=[("tumour", "#ff0000")])
+    admin = member(project, Role.ADMIN)
+    response = client_for(admin).post(f"/api/v1/projects/{project.pk}/rounds/")
+    assert response.status_code == 201
+    round_ = wait_for(
+        lambda: TrainingRound.objects.filter(pk=response.json()["id"], state__in=["failed", "succeeded"]).first(),
+        message="the round to end",
+    )
+    assert round_.state == "failed"
+    assert "at least two label classes" in round_.error
+    assert not ModelVersion.objects.filter(project=project).exists()
+    # The project is free for a new round.
+    assert client_for(admin).post(f"/api/v1/projects/{project.pk}/rounds/").status_code == 201
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancelling_mid_training_leaves_no_model_version_and_the_queue_unchanged(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    project = lung_project(per_class=4, labelled_per_class=3)
+    round_ = TrainingRound.objects.create(project=project, number=1)
+    before = list(AnnotationTask.objects.filter(project=project).values_list("id", "priority", "state"))
+    real_train_head = pipeline.train_head
+
+    def train_then_get_cancelled(*args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        services.cancel_round(TrainingRound.objects.get(pk=round_.pk))  # an admin clicks Cancel now
+        return real_train_head(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_head", train_then_get_cancelled)
+    monkeypatch.setattr(
+        pipeline.RoundReporter,
+        "should_stop",
+        lambda self: TrainingRound.objects.filter(pk=self.round.pk, cancel_requested=True).exists(),
+    )
+    result = pipeline.run_round(round_.pk)
+    assert result.state == "cancelled"
+    assert not ModelVersion.objects.filter(project=project).exists()
+    assert list(AnnotationTask.objects.filter(project=project).values_list("id", "priority", "state")) == before
+    weights = list((pipeline.learner_settings().WEIGHTS_DIR / f"project-{project.pk}").glob("*.pt"))
+    assert weights == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_queued_round_cancels_at_once_and_a_redelivered_message_does_nothing() -> None:
+    project = lung_project(per_class=2, labelled_per_class=1)
+    round_ = TrainingRound.objects.create(project=project, number=1)
+    services.cancel_round(round_)
+    assert TrainingRound.objects.get(pk=round_.pk).state == "cancelled"
+    assert pipeline.run_round(round_.pk).state == "cancelled"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_round_whose_worker_went_silent_is_failed_and_frees_the_project(settings) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    project = lung_project(per_class=2, labelled_per_class=1)
+    dead = TrainingRound.objects.create(
+        project=project, number=1, state="running", heartbeat_at=timezone.now() - timedelta(minutes=10)
+    )
+    fresh = services.start_round(project)
+    dead.refresh_from_db()
+    assert dead.state == "failed" and "stopped responding" in dead.error
+    assert fresh.number == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cold_start_picks_a_diverse_first_batch_without_training() -> None:
+    project = lung_project(per_class=4, labelled_per_class=0)
+    round_ = TrainingRound.objects.create(project=project, number=1)
+    result = pipeline.run_round(round_.pk)
+    assert result.state == "succeeded" and result.metrics["cold_start"] is True
+    assert not ModelVersion.objects.filter(project=project).exists()
+    arms = set(AnnotationTask.objects.filter(round=result).values_list("arm", flat=True))
+    assert arms == {"cold_start_kmeans", "random"}
+
+
+def test_it_never_splits_a_group_between_training_and_validation() -> None:
+    import numpy as np
+
+    groups = [f"g{i // 3}" for i in range(30)]
+    labelled = np.arange(30)
+    train, val = pipeline.split_by_group(labelled, groups, np.zeros(30), 0.2, seed=1)
+    assert {groups[i] for i in train}.isdisjoint({groups[i] for i in val})
+    assert 3 <= len(val) <= 9 and len(train) + len(val) == 30
