@@ -35,8 +35,8 @@ def labelled():  # type: ignore[no-untyped-def]
     for patch, label in zip(patches, truth, strict=True):
         voting.cast_vote(project, expert, Role.EXPERT, patch_id=patch.pk, label=label)
         for user, answer in ((good1, label), (good2, label), (lazy, "benign")):
-            Vote.objects.create(project=project, patch=patch, annotator=user, label=project.label_classes.get(name=answer),
-                                role=Role.CROWD)  # fmt: skip
+            answer_label = project.label_classes.get(name=answer)
+            Vote.objects.create(project=project, patch=patch, annotator=user, label=answer_label, role=Role.CROWD)
     return project, patches, truth, expert
 
 

@@ -103,7 +103,7 @@ def test_a_round_run_by_a_real_worker_streams_progress_and_queues_the_chosen_pat
     chosen = AnnotationTask.objects.filter(round=round_, kind="crowd")
     assert chosen.count() == 6
     assert {t.arm for t in chosen} == {"margin", "random"}
-    labelled = set(int(k) for k in version.label_snapshot)
+    labelled = {int(k) for k in version.label_snapshot}
     assert not labelled & set(chosen.values_list("patch_id", flat=True))
     # The learner's batch now leads the queue.
     crowd = client_for(member(project, Role.CROWD))
