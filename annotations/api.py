@@ -7,6 +7,7 @@ from typing import Any
 from django.db import transaction
 from django.db.models import Count, Q
 from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import status
 from rest_framework.exceptions import PermissionDenied, ValidationError
@@ -116,6 +117,7 @@ class LabelDetailView(ProjectScoped):
         serializer.save()
         return Response(serializer.data)
 
+    @extend_schema(responses={204: None})
     def delete(self, request: Request, project_id: int, label_id: int) -> Response:
         project, _ = self.load(request, project_id)
         label = LabelClass.objects.filter(project=project, pk=label_id).first()
@@ -163,6 +165,7 @@ class MemberDetailView(ProjectScoped):
         membership.save(update_fields=["role"])
         return Response(MembershipSerializer(membership).data)
 
+    @extend_schema(responses={204: None})
     def delete(self, request: Request, project_id: int, member_id: int) -> Response:
         project, _ = self.load(request, project_id)
         deleted, _ = Membership.objects.filter(project=project, pk=member_id).delete()
@@ -316,6 +319,7 @@ class PatchGoldView(ProjectScoped):
 class ProjectStatsView(ProjectScoped):
     write_roles = None
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, project_id: int) -> Response:
         project, role = self.load(request, project_id)
         stats = queue.queue_stats(project)

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from django.http import HttpResponse
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
@@ -23,6 +24,7 @@ class OverlayView(ProjectScoped):
 
     write_roles = None
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, project_id: int) -> Response:
         project, role = self.load(request, project_id)
         slide_id = request.query_params.get("slide")
@@ -58,6 +60,7 @@ class OverlayView(ProjectScoped):
 class AgreementView(ProjectScoped):
     roles = EXPERTS
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
         return Response(reports.agreement_report(project))
@@ -66,7 +69,7 @@ class AgreementView(ProjectScoped):
 class RecomputeConsensusView(ProjectScoped):
     roles = ADMIN_ONLY
 
-    @extend_schema(request=None)
+    @extend_schema(responses=OpenApiTypes.OBJECT, request=None)
     def post(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
         return Response(
@@ -79,6 +82,7 @@ class ExportView(ProjectScoped):
 
     roles = EXPERTS
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, project_id: int) -> HttpResponse:
         project, _ = self.load(request, project_id)
         fmt = request.query_params.get("format", "csv")
@@ -115,6 +119,7 @@ class ImportLabelsView(ProjectScoped):
             "multipart/form-data": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
         }
     )
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def post(self, request: Request, project_id: int) -> Response:
         project, role = self.load(request, project_id)
         upload = request.FILES.get("file")

@@ -32,6 +32,8 @@ from django.utils.datastructures import MultiValueDict
 from django.utils.http import parse_etags
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_safe
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
 from rest_framework.authtoken.models import Token
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.generics import GenericAPIView
@@ -150,17 +152,21 @@ def _rejected(exc: slides.SlideRejected) -> Response:
 class SlideListView(GenericAPIView):
     """GET: the project's slides (members). POST multipart ``file`` (+ optional ``group``): add one (admins)."""
 
+    serializer_class = SlideSerializer
+
     def initialize_request(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Request:
         if request.method == "POST":
             request.upload_handlers = [SlideUploadHandler(request)]
         return super().initialize_request(request, *args, **kwargs)
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, project_id: int) -> Response:
         project, _ = project_for(request.user, project_id)
         queryset = project.slides.annotate(patch_count=Count("patches")).order_by("id")
         page = self.paginate_queryset(queryset)
         return self.get_paginated_response(SlideSerializer(page, many=True).data)
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def post(self, request: Request, project_id: int) -> Response:
         project, _ = project_for(request.user, project_id, roles=(Role.ADMIN,))
         try:
@@ -171,6 +177,7 @@ class SlideListView(GenericAPIView):
 
 
 class SlideDetailView(APIView):
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, slide_id: int) -> Response:
         slide = Slide.objects.filter(pk=slide_id).first()
         if slide is None:
@@ -182,6 +189,7 @@ class SlideDetailView(APIView):
 class TileSourceView(APIView):
     """What an OpenSeadragon custom tile source needs; see annotations.tiles for the scheme."""
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, slide_id: int) -> Response:
         access = slides.slide_access(request.user, slide_id)
         try:
@@ -214,6 +222,7 @@ class _AccessCache:
         self._entries: OrderedDict[tuple, tuple[float, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, key: tuple) -> Any:
         with self._lock:
             entry = self._entries.get(key)
@@ -222,6 +231,7 @@ class _AccessCache:
             self._entries.move_to_end(key)
             return entry[1]
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def put(self, key: tuple, value: Any) -> None:
         with self._lock:
             self._entries[key] = (time.monotonic() + self.ttl, value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
@@ -88,6 +89,7 @@ class HeatmapView(ProjectScoped):
 
     write_roles = None
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
         slide = request.query_params.get("slide", "")
@@ -117,6 +119,7 @@ class PredictionView(ProjectScoped):
 
     roles = ("admin", "expert")
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, project_id: int, patch_id: int) -> Response:
         project, _ = self.load(request, project_id)
         if not Patch.objects.filter(project=project, pk=patch_id).exists():
