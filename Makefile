@@ -39,11 +39,11 @@ test: install frontend chromium
 	$(BIN)/python -m histoloop.embedded run -- $(MAKE) --no-print-directory test-python test-e2e
 
 test-python: lint
-	$(BIN)/python -m pytest tests/unit tests/integration -p no:cacheprovider
+	FAST_PASSWORD_HASHING=1 $(BIN)/python -m pytest tests/unit tests/integration -p no:cacheprovider
 
 # Browser tests in their own pytest process (an event loop left running breaks later tests).
 test-e2e:
-	DJANGO_ALLOW_ASYNC_UNSAFE=true $(BIN)/python -m pytest tests/e2e -p no:cacheprovider
+	FAST_PASSWORD_HASHING=1 DJANGO_ALLOW_ASYNC_UNSAFE=true $(BIN)/python -m pytest tests/e2e -p no:cacheprovider
 
 bench: install
 	$(BIN)/python -m histoloop.embedded run -- sh -c 'for b in tests/bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done'

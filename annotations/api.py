@@ -235,6 +235,10 @@ class VoteListView(ProjectScoped):
         body: dict[str, Any] = {"vote": VoteSerializer(outcome.vote).data}
         if role != Role.CROWD:
             body["consensus"] = ConsensusSerializer(outcome.consensus).data
+        if str(request.data.get("next", "")).lower() in {"1", "true"}:
+            # Saves the annotator a round trip: the next lease comes back with the vote.
+            task = queue.lease_next_task(project, request.user, role)
+            body["next"] = TaskSerializer(task).data if task else None
         if outcome.gold_answer is not None:
             body["gold"] = {
                 "correct": outcome.gold_answer.pk == outcome.vote.label_id,
@@ -281,7 +285,7 @@ class PatchDetailView(ProjectScoped):
         """Blind labelling: crowd members see votes/consensus only for patches they voted on, and only
         their own votes."""
         project, role = self.load(request, project_id)
-        patch = Patch.objects.filter(project=project, pk=patch_id).select_related("slide").first()
+        patch = Patch.objects.filter(project=project, pk=patch_id).select_related("slide", "project").first()
         if patch is None:
             return Response({"detail": "No such patch in this project."}, status=404)
         body: dict[str, Any] = {"patch": PatchSerializer(patch).data}

@@ -222,6 +222,20 @@ class AnnotationTask(models.Model):
         return f"{self.kind} task for patch {self.patch_id} ({self.state})"
 
 
+class TaskSkip(models.Model):
+    """Someone skipped a task: it goes back to the pool, but not to them for a while."""
+
+    task = models.ForeignKey(AnnotationTask, related_name="skips", on_delete=models.CASCADE)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, related_name="skips", on_delete=models.CASCADE)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["user", "task", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} skipped task {self.task_id}"
+
+
 class Vote(models.Model):
     """Append-only. A correction adds a vote that supersedes the previous one (kept, inactive)."""
 

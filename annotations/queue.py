@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from .models import AnnotationTask, Consensus, Patch, Project, Role, Vote
+from .models import AnnotationTask, Consensus, Patch, Project, Role, TaskSkip, Vote
 
 Kind = AnnotationTask.Kind
 State = AnnotationTask.State
@@ -53,15 +53,22 @@ def _available(project: Project, now: Any) -> Q:
     return Q(project=project) & (Q(state=State.OPEN) | Q(state=State.LEASED, lease_expires_at__lt=now))
 
 
+SKIP_MEMORY = timedelta(hours=1)
+
+
 def _not_voted_by(user: Any) -> Exists:
     return Exists(Vote.objects.filter(patch=OuterRef("patch"), annotator=user))
+
+
+def _recently_skipped_by(user: Any, now: Any) -> Exists:
+    return Exists(TaskSkip.objects.filter(task=OuterRef("pk"), user=user, created_at__gte=now - SKIP_MEMORY))
 
 
 def current_lease(project: Project, user: Any, now: Any = None) -> AnnotationTask | None:
     now = now or timezone.now()
     return (
         AnnotationTask.objects.filter(project=project, lease_owner=user, state=State.LEASED, lease_expires_at__gte=now)
-        .select_related("patch", "patch__slide")
+        .select_related("patch", "patch__slide", "patch__project")
         .order_by("lease_expires_at")
         .first()
     )
@@ -120,6 +127,7 @@ def lease_next_task(project: Project, user: Any, role: str) -> AnnotationTask | 
                 AnnotationTask.objects.select_for_update(skip_locked=True, of=("self",))
                 .filter(_available(project, now), kind=kind)
                 .exclude(_not_voted_by(user))
+                .exclude(_recently_skipped_by(user, now))
                 .order_by("-priority", "id")
                 .first()
             )
@@ -129,7 +137,7 @@ def lease_next_task(project: Project, user: Any, role: str) -> AnnotationTask | 
             task.lease_owner = user
             task.lease_expires_at = expiry
             task.save(update_fields=["state", "lease_owner", "lease_expires_at", "updated_at"])
-        return AnnotationTask.objects.select_related("patch", "patch__slide").get(pk=task.pk)
+        return AnnotationTask.objects.select_related("patch", "patch__slide", "patch__project").get(pk=task.pk)
     return None
 
 
@@ -145,6 +153,7 @@ def release_task(project: Project, user: Any, task_id: int) -> AnnotationTask:
         task.lease_owner = None
         task.lease_expires_at = None
         task.save(update_fields=["state", "lease_owner", "lease_expires_at", "updated_at"])
+        TaskSkip.objects.create(task=task, user=user)
     return task
 
 

@@ -97,7 +97,8 @@ class PatchSerializer(serializers.ModelSerializer):
         return f"/api/v1/patches/{patch.pk}/image.jpeg"
 
     def get_context_url(self, patch: Patch) -> str:
-        return f"/api/v1/patches/{patch.pk}/image.jpeg?context=1"
+        # A margin of one patch on every side: the patch in a 3x field of surrounding tissue.
+        return f"/api/v1/patches/{patch.pk}/image.jpeg?context={patch.project.patch_size}"
 
 
 class TaskSerializer(serializers.ModelSerializer):
@@ -145,6 +146,7 @@ class VoteInputSerializer(serializers.Serializer):
     label = serializers.CharField(help_text="Label id or name.")
     task = serializers.IntegerField(required=False, allow_null=True)
     time_spent_ms = serializers.IntegerField(required=False, default=0, min_value=0)
+    next = serializers.BooleanField(required=False, default=False, help_text="Also lease and return the next task.")
 
 
 class CorrectionInputSerializer(serializers.Serializer):

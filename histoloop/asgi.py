@@ -13,6 +13,18 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 
 from annotations.routing import websocket_urlpatterns  # noqa: E402
 
+
+def _warm_up() -> None:
+    """Import the heavy libraries behind reports now, not inside the first request that needs them
+    (sync views share one thread under daphne, so a cold import would stall every other request)."""
+    import crowdkit.aggregation  # noqa: F401
+    import krippendorff  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    import statsmodels.stats.inter_rater  # noqa: F401
+
+
+_warm_up()
+
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,

@@ -107,7 +107,10 @@ AUTH_PASSWORD_VALIDATORS = [
 
 if env_bool("FAST_PASSWORD_HASHING", False):
     # Tests only: PBKDF2's deliberate slowness costs seconds per created user on 2 cores.
-    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    PASSWORD_HASHERS = [
+        "django.contrib.auth.hashers.MD5PasswordHasher",
+        "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+    ]
 
 LANGUAGE_CODE = "en-gb"
 TIME_ZONE = "UTC"
@@ -163,7 +166,12 @@ SPECTACULAR_SETTINGS = {
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": os.environ.get("CHANNELS_PREFIX", "histoloop")},
+        "CONFIG": {
+            # redis-py 8 defaults socket_timeout to 5 s, the same as channels-redis's blocking BZPOPMIN
+            # wait, so under load a consumer's receive loop dies with "Timeout reading". Give reads room.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+            "prefix": os.environ.get("CHANNELS_PREFIX", "histoloop"),
+        },
     }
 }
 

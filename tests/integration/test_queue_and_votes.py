@@ -129,6 +129,28 @@ def test_skip_releases_the_task_to_the_pool(project) -> None:  # type: ignore[no
     assert alice.post(f"/api/v1/projects/{project.pk}/tasks/{task['id']}/skip/").status_code == 409
 
 
+def test_a_skipped_task_is_not_offered_straight_back_to_the_same_person(project) -> None:  # type: ignore[no-untyped-def]
+    alice = client_for(member(project, Role.CROWD))
+    task = lease(alice, project)
+    alice.post(f"/api/v1/projects/{project.pk}/tasks/{task['id']}/skip/")
+    assert lease(alice, project)["id"] != task["id"]
+
+
+def test_a_vote_can_bring_the_next_lease_back_in_the_same_response(project) -> None:  # type: ignore[no-untyped-def]
+    alice = client_for(member(project, Role.CROWD))
+    task = lease(alice, project)
+    response = alice.post(
+        f"/api/v1/projects/{project.pk}/votes/",
+        {"patch": task["patch"]["id"], "task": task["id"], "label": "benign", "next": True},
+        format="json",
+    )
+    assert response.status_code == 201
+    following = response.json()["next"]
+    assert following["id"] != task["id"] and following["state"] == "leased"
+    assert AnnotationTask.objects.get(pk=following["id"]).lease_owner_id == response.wsgi_request.user.pk
+    assert following["patch"]["context_url"].endswith(f"?context={project.patch_size}")
+
+
 def test_undo_retracts_the_last_vote_keeps_history_and_gives_the_patch_back(project) -> None:  # type: ignore[no-untyped-def]
     alice = member(project, Role.CROWD)
     client = client_for(alice)

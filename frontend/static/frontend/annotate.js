@@ -1,0 +1,383 @@
+// The annotator: one leased patch at a time, labelled with keys 1-9, S to skip, U / Ctrl+Z to undo.
+//
+// The API leases one task per user, so the next patch cannot be known before the vote commits.
+// What we can do is start the next-task request the moment the vote returns and load both images
+// off-screen, decoded, swapping them in whole (prefetch on). With ?prefetch=0 the images are simply
+// assigned to the visible <img> elements and we wait for them to load: the baseline the benchmark
+// compares against. If the vote response ever carries the next task ("next"), it is used directly.
+import { api, el, pageConfig } from "./api.js";
+import { connectLive, statusBadge } from "./live.js";
+
+const config = pageConfig();
+const base = config.api;
+const labelsByHotkey = new Map(config.labels.map((label) => [label.hotkey, label]));
+const contextMargin = config.project.patch_size;
+const IDLE_POLL_MS = 30000;
+
+const ui = {
+  root: document.getElementById("annotator"),
+  patchImg: document.getElementById("patch-img"),
+  contextImg: document.getElementById("context-img"),
+  caption: document.getElementById("patch-caption"),
+  empty: document.getElementById("empty-queue"),
+  labelButtons: [...document.querySelectorAll(".label-button")],
+  skip: document.getElementById("skip-button"),
+  undo: document.getElementById("undo-button"),
+  status: document.getElementById("status"),
+  error: document.getElementById("error"),
+  gold: document.getElementById("gold-feedback"),
+  crowdVotes: document.getElementById("crowd-votes"),
+  crowdVotesList: document.getElementById("crowd-votes-list"),
+  stats: {
+    today: document.getElementById("stat-today"),
+    total: document.getElementById("stat-total"),
+    queue: document.getElementById("stat-queue"),
+    expert: document.getElementById("stat-expert"),
+  },
+};
+
+const state = { task: null, shownAt: 0, busy: false, idle: false, canUndo: false, idleTimer: null };
+
+// Read by the end-to-end tests and the benchmark: one entry per vote, in milliseconds.
+const metrics = { prefetch: config.prefetch, votes: [] };
+window.histoloopMetrics = metrics;
+
+function setState(name) {
+  ui.root.dataset.state = name;
+}
+
+function setControls(enabled) {
+  const canLabel = enabled && state.task !== null;
+  for (const button of ui.labelButtons) button.disabled = !canLabel;
+  ui.skip.disabled = !canLabel;
+  ui.undo.disabled = !(enabled && state.canUndo);
+}
+
+function showError(error) {
+  ui.error.textContent = error.message || String(error);
+  ui.error.hidden = false;
+}
+
+function clearError() {
+  ui.error.hidden = true;
+  ui.error.textContent = "";
+}
+
+function say(text) {
+  ui.status.textContent = text;
+}
+
+function imageUrls(task) {
+  return {
+    patch: task.patch.image_url,
+    context: `/api/v1/patches/${task.patch.id}/image.jpeg?context=${contextMargin}`,
+  };
+}
+
+// A frame containing the new image has been produced once rAF has run and the task after it.
+function nextPaint() {
+  return new Promise((resolve) => {
+    requestAnimationFrame(() => {
+      const channel = new MessageChannel();
+      channel.port1.onmessage = () => resolve();
+      channel.port2.postMessage(null);
+    });
+  });
+}
+
+function adopt(visible, loaded) {
+  loaded.id = visible.id;
+  loaded.alt = visible.alt;
+  loaded.width = visible.width;
+  loaded.height = visible.height;
+  visible.replaceWith(loaded);
+  return loaded;
+}
+
+async function decoded(url) {
+  const image = new Image();
+  image.decoding = "async";
+  image.src = url;
+  await image.decode();
+  return image;
+}
+
+function loaded(image, url) {
+  return new Promise((resolve, reject) => {
+    image.onload = () => resolve(image);
+    image.onerror = () => reject(new Error("The patch image could not be loaded; skip it or reload the page."));
+    image.src = url;
+  });
+}
+
+// Puts the task's images on screen; resolves once the patch is painted. The context image is
+// swapped in when it has decoded too, without holding the patch back.
+async function showImages(task) {
+  const urls = imageUrls(task);
+  if (config.prefetch) {
+    const context = decoded(urls.context);
+    let patch;
+    try {
+      patch = await decoded(urls.patch);
+    } catch {
+      throw new Error("The patch image could not be loaded; skip it or reload the page.");
+    }
+    ui.patchImg = adopt(ui.patchImg, patch);
+    context.then(
+      (image) => {
+        if (state.task === task) ui.contextImg = adopt(ui.contextImg, image);
+      },
+      () => {
+        if (state.task === task) ui.contextImg.removeAttribute("src");
+      },
+    );
+  } else {
+    const patchLoaded = loaded(ui.patchImg, urls.patch);
+    ui.contextImg.src = urls.context;
+    await patchLoaded;
+  }
+  await nextPaint();
+}
+
+async function present(task, timing) {
+  state.task = task;
+  state.idle = false;
+  clearTimeout(state.idleTimer);
+  ui.empty.hidden = true;
+  ui.crowdVotes.hidden = true;
+  const imagesStart = performance.now();
+  try {
+    await showImages(task);
+  } catch (error) {
+    showError(error);
+  }
+  const now = performance.now();
+  state.shownAt = now;
+  ui.patchImg.dataset.patch = task.patch.id;
+  ui.patchImg.dataset.task = task.id;
+  ui.caption.textContent = `Patch ${task.patch.id} of ${task.patch.slide_name}`;
+  ui.root.dataset.task = task.id;
+  ui.root.dataset.patch = task.patch.id;
+  if (timing) {
+    metrics.votes.push({
+      latency: now - timing.pressed,
+      vote: timing.voted - timing.pressed,
+      next: imagesStart - timing.voted,
+      images: now - imagesStart,
+    });
+  }
+  setState("ready");
+  if (task.kind === "expert") showCrowdVotes(task);
+}
+
+function showEmpty() {
+  state.task = null;
+  state.idle = true;
+  ui.empty.hidden = false;
+  ui.crowdVotes.hidden = true;
+  ui.caption.textContent = "No patch to label.";
+  ui.patchImg.removeAttribute("src");
+  ui.contextImg.removeAttribute("src");
+  delete ui.root.dataset.task;
+  delete ui.root.dataset.patch;
+  setState("empty");
+  // The websocket normally wakes us up; a slow poll covers a missed event.
+  clearTimeout(state.idleTimer);
+  state.idleTimer = setTimeout(() => fetchNext(), IDLE_POLL_MS);
+}
+
+async function fetchNext(timing) {
+  let task;
+  try {
+    task = await api(`${base}next-task/`, { method: "POST" });
+  } catch (error) {
+    showError(error);
+    setState("error");
+    return;
+  }
+  if (task === null) showEmpty();
+  else await present(task, timing);
+}
+
+async function run(action) {
+  if (state.busy) return;
+  state.busy = true;
+  setControls(false);
+  setState("busy");
+  try {
+    await action();
+  } finally {
+    state.busy = false;
+    setControls(true);
+    if (ui.root.dataset.state === "busy") setState(state.task ? "ready" : "empty");
+  }
+  refreshStats();
+}
+
+function vote(label) {
+  const task = state.task;
+  if (!task) return;
+  const pressed = performance.now();
+  return run(async () => {
+    let result;
+    try {
+      result = await api(`${base}votes/`, {
+        method: "POST",
+        body: {
+          patch: task.patch.id,
+          label: label.id,
+          task: task.id,
+          time_spent_ms: Math.round(pressed - state.shownAt),
+          // Asks the server to lease the next task in the same request (used when it answers "next").
+          next: true,
+        },
+      });
+    } catch (error) {
+      showError(error);
+      // 409: the lease expired or the patch was voted meanwhile; move on to a fresh task.
+      if (error.status === 409) await fetchNext();
+      return;
+    }
+    const voted = performance.now();
+    clearError();
+    state.canUndo = true;
+    showGold(result.gold);
+    say(`Labelled patch ${task.patch.id} as ${label.name}.`);
+    if (result.next !== undefined) {
+      if (result.next === null) showEmpty();
+      else await present(result.next, { pressed, voted });
+    } else {
+      await fetchNext({ pressed, voted });
+    }
+  });
+}
+
+function skip() {
+  const task = state.task;
+  if (!task) return;
+  return run(async () => {
+    try {
+      await api(`${base}tasks/${task.id}/skip/`, { method: "POST" });
+    } catch (error) {
+      showError(error);
+      if (error.status !== 409) return;
+    }
+    clearError();
+    say(`Skipped patch ${task.patch.id}.`);
+    await fetchNext();
+  });
+}
+
+function undo() {
+  if (!state.canUndo) return;
+  return run(async () => {
+    let result;
+    try {
+      result = await api(`${base}votes/undo/`, { method: "POST" });
+    } catch (error) {
+      showError(error);
+      if (error.status === 400) state.canUndo = false;
+      return;
+    }
+    clearError();
+    ui.gold.hidden = true;
+    if (result.task) {
+      say(`Vote on patch ${result.task.patch.id} undone; label it again.`);
+      await present(result.task);
+    } else {
+      say("Your last vote was undone.");
+    }
+  });
+}
+
+function showGold(gold) {
+  if (!gold) {
+    ui.gold.hidden = true;
+    return;
+  }
+  ui.gold.hidden = false;
+  ui.gold.dataset.correct = gold.correct ? "true" : "false";
+  ui.gold.textContent = gold.correct
+    ? `Correct: this was a check patch and the experts also said ${gold.expert_label}.`
+    : `Check patch: the experts labelled this ${gold.expert_label}.`;
+}
+
+async function showCrowdVotes(task) {
+  let detail;
+  try {
+    detail = await api(`${base}patches/${task.patch.id}/`);
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  if (state.task !== task) return;
+  const votes = (detail.votes || []).filter((v) => v.is_active && v.role === "crowd");
+  ui.crowdVotesList.replaceChildren(
+    ...(votes.length
+      ? votes.map((v) => el("li", {}, el("span", { class: "who", text: v.annotator }), ": ", v.label_name))
+      : [el("li", { text: "No crowd votes on this patch." })]),
+  );
+  ui.crowdVotes.hidden = false;
+}
+
+let statsTimer = null;
+function refreshStats() {
+  clearTimeout(statsTimer);
+  // Stats are secondary: fetch them after the patch is on screen, at most a few times a second.
+  statsTimer = setTimeout(async () => {
+    try {
+      const stats = await api(`${base}stats/`);
+      ui.stats.today.textContent = stats.my_votes_today;
+      ui.stats.total.textContent = stats.my_votes_total;
+      ui.stats.queue.textContent = stats.queue.open;
+      if (ui.stats.expert) ui.stats.expert.textContent = stats.queue.expert_open;
+    } catch {
+      // Leave the last figures; the next vote tries again.
+    }
+  }, 250);
+}
+
+function isTyping(target) {
+  return target instanceof HTMLElement && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName));
+}
+
+document.addEventListener("keydown", (event) => {
+  if (event.repeat || event.altKey || isTyping(event.target)) return;
+  const key = event.key.toLowerCase();
+  if ((event.ctrlKey || event.metaKey) && key === "z") {
+    event.preventDefault();
+    undo();
+    return;
+  }
+  if (event.ctrlKey || event.metaKey) return;
+  const label = labelsByHotkey.get(event.key);
+  if (label) {
+    event.preventDefault();
+    vote(label);
+  } else if (key === "s") {
+    event.preventDefault();
+    skip();
+  } else if (key === "u") {
+    event.preventDefault();
+    undo();
+  }
+});
+
+for (const button of ui.labelButtons) {
+  const label = config.labels.find((l) => String(l.id) === button.dataset.label);
+  button.addEventListener("click", () => vote(label));
+}
+ui.skip.addEventListener("click", () => skip());
+ui.undo.addEventListener("click", () => undo());
+
+window.histoloopLive = connectLive(config.ws, {
+  onStatus: statusBadge(document.getElementById("live-status")),
+  onEvent(event) {
+    // A finished round rebuilds the queue: an idle annotator asks again at once.
+    if ((event.type === "queue.refresh" || event.type === "round.finished") && state.idle && !state.busy) {
+      run(() => fetchNext());
+    }
+  },
+});
+
+run(() => fetchNext());

@@ -1,0 +1,107 @@
+"""Server-rendered pages. Each view checks membership and hands the page its ids; the ES modules
+under static/frontend/ do the rest through the REST API and the project websocket."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.urls import NoReverseMatch, reverse
+
+from annotations.models import Membership, Project, Role, Slide
+from annotations.permissions import project_for
+
+EXPERTS = (Role.ADMIN, Role.EXPERT)
+
+
+def _member_project(request: HttpRequest, project_id: int, roles: tuple[str, ...] | None = None) -> tuple[Project, str]:
+    """The project for a member (404 for anyone else); 403 for a member whose role is not in ``roles``."""
+    project, role = project_for(request.user, project_id)
+    if roles is not None and role not in roles:
+        raise PermissionDenied(f"Your role in this project ({role}) cannot open this page.")
+    return project, role
+
+
+def _optional_url(name: str, **kwargs: Any) -> str | None:
+    """A URL another app may not have mounted yet (the page then hides the link)."""
+    try:
+        return reverse(name, kwargs=kwargs)
+    except NoReverseMatch:
+        return None
+
+
+def _page_config(project: Project, role: str, **extra: Any) -> dict[str, Any]:
+    labels = [
+        {"id": label.pk, "name": label.name, "colour": label.colour, "hotkey": label.hotkey}
+        for label in project.label_classes.all()
+    ]
+    return {
+        "project": {
+            "id": project.pk,
+            "name": project.name,
+            "training_mode": project.training_mode,
+            "patch_size": project.patch_size,
+        },
+        "role": role,
+        "labels": labels,
+        "api": f"/api/v1/projects/{project.pk}/",
+        "ws": f"/ws/projects/{project.pk}/",
+        **extra,
+    }
+
+
+@login_required
+def home(request: HttpRequest) -> HttpResponse:
+    memberships = list(Membership.objects.filter(user=request.user).select_related("project").order_by("project__name"))
+    rows = [{"project": m.project, "role": m.role, "is_expert": m.role in EXPERTS} for m in memberships]
+    if request.user.is_superuser:
+        member_of = {m.project_id for m in memberships}
+        rows += [
+            {"project": p, "role": Role.ADMIN, "is_expert": True}
+            for p in Project.objects.exclude(pk__in=member_of).order_by("name")
+        ]
+    return render(request, "frontend/home.html", {"rows": rows})
+
+
+@login_required
+def annotate(request: HttpRequest, project_id: int) -> HttpResponse:
+    project, role = _member_project(request, project_id)
+    config = _page_config(project, role, prefetch=request.GET.get("prefetch", "1") != "0")
+    context = {"project": project, "role": role, "config": config, "page": "annotate"}
+    return render(request, "frontend/annotate.html", context)
+
+
+@login_required
+def viewer(request: HttpRequest, project_id: int, slide_id: int | None = None) -> HttpResponse:
+    project, role = _member_project(request, project_id)
+    slides = list(project.slides.filter(status=Slide.Status.READY).order_by("id"))
+    if slide_id is None:
+        if not slides:
+            context = {"project": project, "role": role, "page": "viewer"}
+            return render(request, "frontend/viewer_empty.html", context)
+        slide = slides[0]
+    else:
+        slide = next((s for s in slides if s.pk == slide_id), None)
+        if slide is None:
+            raise Http404("No such slide in this project, or it is not ready yet.")
+    config = _page_config(
+        project,
+        role,
+        slide={"id": slide.pk, "name": slide.name, "mpp": slide.mpp, "width": slide.width, "height": slide.height},
+        tilesource=reverse("slide-tilesource", kwargs={"slide_id": slide.pk}),
+        osd_images="/static/vendor/openseadragon-images/",
+    )
+    context = {"project": project, "role": role, "slide": slide, "slides": slides, "config": config, "page": "viewer"}
+    return render(request, "frontend/viewer.html", context)
+
+
+@login_required
+def dashboard(request: HttpRequest, project_id: int) -> HttpResponse:
+    project, role = _member_project(request, project_id, roles=EXPERTS)
+    upload_url = _optional_url("slide-upload-page", project_id=project.pk) if role == Role.ADMIN else None
+    config = _page_config(project, role, is_admin=role == Role.ADMIN)
+    context = {"project": project, "role": role, "config": config, "upload_url": upload_url, "page": "dashboard"}
+    return render(request, "frontend/dashboard.html", context)
