@@ -241,14 +241,15 @@ class Vote(models.Model):
 
     project = models.ForeignKey(Project, related_name="votes", on_delete=models.CASCADE)
     patch = models.ForeignKey(Patch, related_name="votes", on_delete=models.CASCADE)
-    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, related_name="votes", on_delete=models.PROTECT)
-    label = models.ForeignKey(LabelClass, related_name="votes", on_delete=models.PROTECT)
+    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, related_name="votes", on_delete=models.RESTRICT)
+    # RESTRICT, not PROTECT: a label with votes cannot be deleted alone, but its project can be.
+    label = models.ForeignKey(LabelClass, related_name="votes", on_delete=models.RESTRICT)
     role = models.CharField(max_length=16, choices=Role.choices)
     task = models.ForeignKey(AnnotationTask, null=True, blank=True, related_name="votes", on_delete=models.SET_NULL)
     time_spent_ms = models.PositiveIntegerField(default=0)
     is_active = models.BooleanField(default=True)
     supersedes = models.OneToOneField(
-        "self", null=True, blank=True, related_name="superseded_by", on_delete=models.PROTECT
+        "self", null=True, blank=True, related_name="superseded_by", on_delete=models.RESTRICT
     )
     retracted_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -275,7 +276,7 @@ class Consensus(models.Model):
 
     patch = models.OneToOneField(Patch, related_name="consensus", on_delete=models.CASCADE)
     project = models.ForeignKey(Project, related_name="consensus", on_delete=models.CASCADE)
-    label = models.ForeignKey(LabelClass, null=True, blank=True, on_delete=models.PROTECT)
+    label = models.ForeignKey(LabelClass, null=True, blank=True, on_delete=models.RESTRICT)
     confidence = models.FloatField(default=0.0)
     posterior = models.JSONField(default=dict, blank=True, help_text="Label name -> probability.")
     method = models.CharField(max_length=32, choices=ConsensusMethod.choices)

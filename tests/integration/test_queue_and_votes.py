@@ -229,3 +229,14 @@ def test_only_patches_with_an_expert_label_can_become_gold(project) -> None:  # 
     response = admin.post(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/gold/")
     assert response.status_code == 409
     assert not Patch.objects.get(pk=patch.pk).is_gold
+
+
+def test_a_label_with_votes_cannot_be_deleted_but_its_project_can(project) -> None:  # type: ignore[no-untyped-def]
+    admin = client_for(member(project, Role.ADMIN))
+    patch = Patch.objects.filter(project=project).first()
+    admin.post(f"/api/v1/projects/{project.pk}/votes/", {"patch": patch.pk, "label": "benign"}, format="json")
+    benign = project.label_classes.get(name="benign")
+    response = admin.delete(f"/api/v1/projects/{project.pk}/labels/{benign.pk}/")
+    assert response.status_code == 409 and "has votes" in response.json()["detail"]
+    project.delete()
+    assert not Vote.objects.filter(patch=patch).exists()
