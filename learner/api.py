@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+from functools import lru_cache
 from typing import Any
 
+from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
@@ -140,3 +143,61 @@ class PredictionView(ProjectScoped):
             "uncertainty": score.uncertainty,
         }
         return Response(body)
+
+
+@lru_cache(maxsize=2)
+def _load_classifier(weights_path: str) -> Any:
+    from .core.classifier import load_model
+
+    return load_model(weights_path)
+
+
+class GradCamView(ProjectScoped):
+    """Grad-CAM of the latest model on one patch, as a PNG overlay (experts/admins; ~1 s on CPU)."""
+
+    roles = ("admin", "expert")
+
+    @extend_schema(responses={(200, "image/png"): OpenApiTypes.BINARY})
+    def get(self, request: Request, project_id: int, patch_id: int) -> HttpResponse:
+        from annotations.tiles import read_patch
+
+        from .core.errors import LearnerError
+        from .core.gradcam import grad_cam
+
+        project, _ = self.load(request, project_id)
+        patch = Patch.objects.filter(project=project, pk=patch_id).select_related("slide", "project").first()
+        if patch is None:
+            return Response({"detail": "No such patch in this project."}, status=404)
+        version = ModelVersion.objects.filter(project=project).order_by("-created_at").first()
+        if version is None:
+            return Response({"detail": "No model has been trained yet; run a round first."}, status=404)
+        label = request.query_params.get("label")
+        if label is not None and label not in version.class_names:
+            return Response(
+                {"detail": f"Unknown label {label!r}; the model knows {', '.join(version.class_names)}."}, status=400
+            )
+        image = read_patch(patch)
+        try:
+            heat, explained = grad_cam(
+                _load_classifier(version.weights_path), image, version.class_names.index(label) if label else None
+            )
+        except LearnerError as exc:
+            return Response({"detail": str(exc)}, status=400)
+        overlay = _overlay(image, heat)
+        buffer = io.BytesIO()
+        overlay.save(buffer, format="PNG")
+        response = HttpResponse(buffer.getvalue(), content_type="image/png")
+        response["X-Explained-Class"] = version.class_names[explained]
+        response["Cache-Control"] = "private, max-age=3600"
+        return response
+
+
+def _overlay(image: Any, heat: Any) -> Any:
+    """Blend a jet-coloured heatmap over the patch (matplotlib's colormap, no pyplot)."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+
+    base = image.convert("RGB").resize((heat.shape[1], heat.shape[0]))
+    colours = (colormaps["jet"](heat)[..., :3] * 255).astype(np.uint8)
+    return Image.blend(base, Image.fromarray(colours), alpha=0.4)

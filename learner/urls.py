@@ -9,4 +9,5 @@ urlpatterns = [
     path(
         "projects/<int:project_id>/patches/<int:patch_id>/prediction/", api.PredictionView.as_view(), name="prediction"
     ),
+    path("projects/<int:project_id>/patches/<int:patch_id>/gradcam.png", api.GradCamView.as_view(), name="gradcam"),
 ]

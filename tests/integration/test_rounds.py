@@ -197,3 +197,24 @@ def test_it_never_splits_a_group_between_training_and_validation() -> None:
     train, val = pipeline.split_by_group(labelled, groups, np.zeros(30), 0.2, seed=1)
     assert {groups[i] for i in train}.isdisjoint({groups[i] for i in val})
     assert 3 <= len(val) <= 9 and len(train) + len(val) == 30
+
+
+@pytest.mark.django_db(transaction=True)
+def test_after_a_round_the_heatmap_prediction_and_grad_cam_describe_the_latest_model() -> None:
+    project = lung_project(per_class=4, labelled_per_class=3)
+    result = pipeline.run_round(TrainingRound.objects.create(project=project, number=1).pk)
+    assert result.state == "succeeded", result.error
+    expert = client_for(member(project, Role.EXPERT))
+    patch = Patch.objects.filter(project=project).first()
+    heat = expert.get(f"/api/v1/projects/{project.pk}/heatmap/?slide={patch.slide_id}&label=benign").json()
+    assert heat["label"] == "benign" and len(heat["patches"]) == 1 and 0 <= heat["patches"][0]["prob"] <= 1
+    prediction = expert.get(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/prediction/").json()
+    assert set(prediction["probs"]) == set(CLASS_NAMES.values())
+    assert sum(prediction["probs"].values()) == pytest.approx(1.0, abs=1e-3)
+    cam = expert.get(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/gradcam.png?label=squamous")
+    assert cam.status_code == 200 and cam["Content-Type"] == "image/png"
+    assert cam.content[:8] == b"\x89PNG\r\n\x1a\n" and cam["X-Explained-Class"] == "squamous"
+    bad = expert.get(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/gradcam.png?label=melanoma")
+    assert bad.status_code == 400
+    crowd = client_for(member(project, Role.CROWD))
+    assert crowd.get(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/gradcam.png").status_code == 403
