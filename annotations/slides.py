@@ -446,6 +446,7 @@ def _save(slide: Slide, result: IngestResult) -> Slide:
             slide.message = " ".join(result.notes)
             slide.save()
             _write_grid(slide, project, result)
+            _queue_patches(slide, project)
     except IntegrityError:
         existing = existing_copy(project, result.checksum)
         reason = (
@@ -455,6 +456,14 @@ def _save(slide: Slide, result: IngestResult) -> Slide:
         )
         return fail_slide(slide, reason)
     return slide
+
+
+def _queue_patches(slide: Slide, project: Project) -> None:
+    """Put the slide's patches in the crowd queue (a seeded spread; rounds re-rank them later)."""
+    from . import queue
+
+    rows = Patch.objects.filter(slide=slide).values_list("pk", "slide_id")
+    queue.enqueue_patches(project, queue.seeded_spread(rows, project.seed + slide.pk))
 
 
 def _write_grid(slide: Slide, project: Project, result: IngestResult) -> None:
