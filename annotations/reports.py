@@ -52,27 +52,15 @@ def recompute_project_consensus(project: Project) -> int:
         return 0
     labels = label_names(project)
     results = batch_consensus(
-        records,
-        labels,
-        method=project.consensus_method,
-        votes_required=project.votes_required,
-        expert_weight=project.expert_weight,
-        contested_threshold=project.contested_threshold,
-        gold=gold_labels(project),
-        seed=project.seed,
+        records, labels, **voting.consensus_options(project), gold=gold_labels(project), seed=project.seed
     )
     by_name = {lc.name: lc for lc in LabelClass.objects.filter(project=project)}
     existing = {c.patch_id: c for c in Consensus.objects.filter(project=project, patch_id__in=list(results))}
     create, update = [], []
     for item, result in results.items():
         row = existing.get(int(item)) or Consensus(patch_id=int(item), project=project)
-        row.label = by_name.get(result.label) if result.label else None
-        row.confidence = result.confidence
-        row.posterior = result.posterior
-        row.method = result.method
-        row.vote_count = result.vote_count
-        row.agreement = result.agreement
-        row.status = result.status
+        for field, value in voting.consensus_fields(result, by_name.get(result.label or "")).items():
+            setattr(row, field, value)
         (update if row.pk else create).append(row)
     with transaction.atomic():
         Consensus.objects.bulk_create(create, batch_size=1000)

@@ -15,7 +15,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from .domain.consensus import VoteRecord, consensus_for_item
+from .domain.consensus import ConsensusResult, VoteRecord, consensus_for_item
 from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Role, Vote
 from .queue import QueueError
 
@@ -57,6 +57,29 @@ def _patch(project: Project, patch_id: Any) -> Patch:
         raise VoteError("That patch does not belong to this project.") from exc
 
 
+def consensus_options(project: Project) -> dict[str, Any]:
+    """The project's consensus settings, as the domain functions take them."""
+    return {
+        "method": project.consensus_method,
+        "votes_required": project.votes_required,
+        "expert_weight": project.expert_weight,
+        "contested_threshold": project.contested_threshold,
+    }
+
+
+def consensus_fields(result: ConsensusResult, label: LabelClass | None) -> dict[str, Any]:
+    """A domain result as the fields of a Consensus row."""
+    return {
+        "label": label,
+        "confidence": result.confidence,
+        "posterior": result.posterior,
+        "method": result.method,
+        "vote_count": result.vote_count,
+        "agreement": result.agreement,
+        "status": result.status,
+    }
+
+
 def recompute_consensus(project: Project, patch: Patch) -> Consensus:
     """Recompute one patch's consensus from its active votes with the project's cheap method."""
     votes = list(Vote.objects.filter(patch=patch, is_active=True).select_related("label"))
@@ -78,27 +101,10 @@ def recompute_consensus(project: Project, patch: Patch) -> Consensus:
             },
         )
         return consensus
-    result = consensus_for_item(
-        records,
-        labels,
-        method=project.consensus_method,
-        votes_required=project.votes_required,
-        expert_weight=project.expert_weight,
-        contested_threshold=project.contested_threshold,
-    )
+    result = consensus_for_item(records, labels, **consensus_options(project))
     label = LabelClass.objects.filter(project=project, name=result.label).first() if result.label else None
     consensus, _ = Consensus.objects.update_or_create(
-        patch=patch,
-        defaults={
-            "project": project,
-            "label": label,
-            "confidence": result.confidence,
-            "posterior": result.posterior,
-            "method": result.method,
-            "vote_count": result.vote_count,
-            "agreement": result.agreement,
-            "status": result.status,
-        },
+        patch=patch, defaults={"project": project, **consensus_fields(result, label)}
     )
     if consensus.status == Consensus.Status.CONTESTED:
         _queue_expert_review(project, patch)

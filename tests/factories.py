@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import factory
 from django.contrib.auth import get_user_model
+from rest_framework.test import APIClient
 
 from annotations.models import LabelClass, Membership, Patch, Project, Role, Slide
 
@@ -74,6 +75,13 @@ class PatchFactory(factory.django.DjangoModelFactory):
     size = 224
     magnification = 20.0
     tissue_fraction = 0.9
+
+
+def api_client(user: object) -> APIClient:
+    """A DRF test client authenticated as ``user``."""
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
 
 
 def member(project: Project, role: str = Role.CROWD, **kwargs: object) -> object:

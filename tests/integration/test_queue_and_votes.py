@@ -10,15 +10,9 @@ from rest_framework.test import APIClient
 
 from annotations import queue
 from annotations.models import AnnotationTask, Consensus, Patch, Role, Vote
-from tests.factories import PatchFactory, ProjectFactory, SlideFactory, member
+from tests.factories import PatchFactory, ProjectFactory, SlideFactory, api_client, member
 
 pytestmark = pytest.mark.django_db
-
-
-def client_for(user) -> APIClient:  # type: ignore[no-untyped-def]
-    client = APIClient()
-    client.force_authenticate(user)
-    return client
 
 
 @pytest.fixture
@@ -45,7 +39,7 @@ def vote(client: APIClient, project, task: dict, label: str = "benign"):  # type
 
 
 def test_it_leases_the_highest_priority_task_and_returns_the_same_lease_when_asked_again(project) -> None:  # type: ignore[no-untyped-def]
-    client = client_for(member(project, Role.CROWD))
+    client = api_client(member(project, Role.CROWD))
     first = lease(client, project)
     top = AnnotationTask.objects.filter(project=project).order_by("-priority").first()
     assert first["id"] == top.pk
@@ -54,13 +48,13 @@ def test_it_leases_the_highest_priority_task_and_returns_the_same_lease_when_ask
 
 
 def test_it_never_gives_two_annotators_the_same_lease(project) -> None:  # type: ignore[no-untyped-def]
-    ids = {lease(client_for(member(project, Role.CROWD)), project)["id"] for _ in range(4)}
+    ids = {lease(api_client(member(project, Role.CROWD)), project)["id"] for _ in range(4)}
     assert len(ids) == 4
 
 
 def test_a_crowd_patch_collects_votes_from_different_people_and_nobody_sees_it_twice(project) -> None:  # type: ignore[no-untyped-def]
     alice, bob = member(project, Role.CROWD), member(project, Role.CROWD)
-    a, b = client_for(alice), client_for(bob)
+    a, b = api_client(alice), api_client(bob)
     task = lease(a, project)
     assert vote(a, project, task).status_code == 201
     seen_by_alice = set()
@@ -79,7 +73,7 @@ def test_a_crowd_patch_collects_votes_from_different_people_and_nobody_sees_it_t
 
 def test_it_rejects_a_second_vote_from_the_same_annotator(project) -> None:  # type: ignore[no-untyped-def]
     alice = member(project, Role.EXPERT)
-    client = client_for(alice)
+    client = api_client(alice)
     patch = Patch.objects.filter(project=project).first()
     first = client.post(f"/api/v1/projects/{project.pk}/votes/", {"patch": patch.pk, "label": "benign"}, format="json")
     assert first.status_code == 201
@@ -92,7 +86,7 @@ def test_it_rejects_a_second_vote_from_the_same_annotator(project) -> None:  # t
 
 
 def test_it_rejects_unknown_labels_foreign_patches_and_crowd_votes_without_a_lease(project) -> None:  # type: ignore[no-untyped-def]
-    crowd = client_for(member(project, Role.CROWD))
+    crowd = api_client(member(project, Role.CROWD))
     task = lease(crowd, project)
     unknown = vote(crowd, project, task, label="melanoma")
     assert unknown.status_code == 400 and "Unknown label" in unknown.json()["detail"]
@@ -113,7 +107,7 @@ def test_it_rejects_unknown_labels_foreign_patches_and_crowd_votes_without_a_lea
 
 
 def test_an_expired_lease_returns_to_the_pool_and_cannot_be_voted_on(project) -> None:  # type: ignore[no-untyped-def]
-    alice, bob = client_for(member(project, Role.CROWD)), client_for(member(project, Role.CROWD))
+    alice, bob = api_client(member(project, Role.CROWD)), api_client(member(project, Role.CROWD))
     task = lease(alice, project)
     AnnotationTask.objects.filter(pk=task["id"]).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
     assert lease(bob, project)["id"] == task["id"]
@@ -122,7 +116,7 @@ def test_an_expired_lease_returns_to_the_pool_and_cannot_be_voted_on(project) ->
 
 
 def test_skip_releases_the_task_to_the_pool(project) -> None:  # type: ignore[no-untyped-def]
-    alice, bob = client_for(member(project, Role.CROWD)), client_for(member(project, Role.CROWD))
+    alice, bob = api_client(member(project, Role.CROWD)), api_client(member(project, Role.CROWD))
     task = lease(alice, project)
     assert alice.post(f"/api/v1/projects/{project.pk}/tasks/{task['id']}/skip/").status_code == 200
     assert lease(bob, project)["id"] == task["id"]
@@ -130,14 +124,14 @@ def test_skip_releases_the_task_to_the_pool(project) -> None:  # type: ignore[no
 
 
 def test_a_skipped_task_is_not_offered_straight_back_to_the_same_person(project) -> None:  # type: ignore[no-untyped-def]
-    alice = client_for(member(project, Role.CROWD))
+    alice = api_client(member(project, Role.CROWD))
     task = lease(alice, project)
     alice.post(f"/api/v1/projects/{project.pk}/tasks/{task['id']}/skip/")
     assert lease(alice, project)["id"] != task["id"]
 
 
 def test_a_vote_can_bring_the_next_lease_back_in_the_same_response(project) -> None:  # type: ignore[no-untyped-def]
-    alice = client_for(member(project, Role.CROWD))
+    alice = api_client(member(project, Role.CROWD))
     task = lease(alice, project)
     response = alice.post(
         f"/api/v1/projects/{project.pk}/votes/",
@@ -153,7 +147,7 @@ def test_a_vote_can_bring_the_next_lease_back_in_the_same_response(project) -> N
 
 def test_undo_retracts_the_last_vote_keeps_history_and_gives_the_patch_back(project) -> None:  # type: ignore[no-untyped-def]
     alice = member(project, Role.CROWD)
-    client = client_for(alice)
+    client = api_client(alice)
     task = lease(client, project)
     assert vote(client, project, task, "benign").status_code == 201
     undone = client.post(f"/api/v1/projects/{project.pk}/votes/undo/")
@@ -170,7 +164,7 @@ def test_undo_retracts_the_last_vote_keeps_history_and_gives_the_patch_back(proj
 
 def test_a_correction_supersedes_the_previous_vote(project) -> None:  # type: ignore[no-untyped-def]
     expert = member(project, Role.EXPERT)
-    client = client_for(expert)
+    client = api_client(expert)
     patch = Patch.objects.filter(project=project).first()
     first = client.post(f"/api/v1/projects/{project.pk}/votes/", {"patch": patch.pk, "label": "benign"}, format="json")
     vote_id = first.json()["vote"]["id"]
@@ -182,7 +176,7 @@ def test_a_correction_supersedes_the_previous_vote(project) -> None:  # type: ig
 
 
 def test_contested_crowd_votes_queue_an_expert_review(project) -> None:  # type: ignore[no-untyped-def]
-    a, b = client_for(member(project, Role.CROWD)), client_for(member(project, Role.CROWD))
+    a, b = api_client(member(project, Role.CROWD)), api_client(member(project, Role.CROWD))
     task = lease(a, project)
     vote(a, project, task, "benign")
     task_b = lease(b, project)
@@ -190,19 +184,19 @@ def test_contested_crowd_votes_queue_an_expert_review(project) -> None:  # type:
     vote(b, project, task_b, "squamous")
     consensus = Consensus.objects.get(patch_id=task["patch"]["id"])
     assert consensus.status == "contested"
-    expert = client_for(member(project, Role.EXPERT))
+    expert = api_client(member(project, Role.EXPERT))
     review = lease(expert, project)
     assert review["kind"] == "expert" and review["patch"]["id"] == task["patch"]["id"]
 
 
 def test_crowd_members_see_neither_others_votes_nor_consensus_before_voting(project) -> None:  # type: ignore[no-untyped-def]
-    a = client_for(member(project, Role.CROWD))
+    a = api_client(member(project, Role.CROWD))
     task = lease(a, project)
     vote(a, project, task, "benign")
-    b = client_for(member(project, Role.CROWD))
+    b = api_client(member(project, Role.CROWD))
     body = b.get(f"/api/v1/projects/{project.pk}/patches/{task['patch']['id']}/").json()
     assert body["votes"] == [] and body["consensus"] is None
-    expert = client_for(member(project, Role.EXPERT))
+    expert = api_client(member(project, Role.EXPERT))
     body = expert.get(f"/api/v1/projects/{project.pk}/patches/{task['patch']['id']}/").json()
     assert len(body["votes"]) == 1
     assert body["consensus"]["status"] == "pending" and body["consensus"]["vote_count"] == 1
@@ -212,11 +206,11 @@ def test_gold_patches_are_mixed_into_the_crowd_queue_and_training_mode_shows_the
     project.gold_rate = 1.0
     project.training_mode = True
     project.save()
-    admin = client_for(member(project, Role.ADMIN))
+    admin = api_client(member(project, Role.ADMIN))
     patch = Patch.objects.filter(project=project).last()
     admin.post(f"/api/v1/projects/{project.pk}/votes/", {"patch": patch.pk, "label": "squamous"}, format="json")
     assert admin.post(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/gold/").status_code == 200
-    student = client_for(member(project, Role.CROWD))
+    student = api_client(member(project, Role.CROWD))
     task = lease(student, project)
     assert task["kind"] == "gold" and task["patch"]["id"] == patch.pk
     body = vote(student, project, task, "benign").json()
@@ -224,7 +218,7 @@ def test_gold_patches_are_mixed_into_the_crowd_queue_and_training_mode_shows_the
 
 
 def test_only_patches_with_an_expert_label_can_become_gold(project) -> None:  # type: ignore[no-untyped-def]
-    admin = client_for(member(project, Role.ADMIN))
+    admin = api_client(member(project, Role.ADMIN))
     patch = Patch.objects.filter(project=project).first()
     response = admin.post(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/gold/")
     assert response.status_code == 409
@@ -232,7 +226,7 @@ def test_only_patches_with_an_expert_label_can_become_gold(project) -> None:  # 
 
 
 def test_a_label_with_votes_cannot_be_deleted_but_its_project_can(project) -> None:  # type: ignore[no-untyped-def]
-    admin = client_for(member(project, Role.ADMIN))
+    admin = api_client(member(project, Role.ADMIN))
     patch = Patch.objects.filter(project=project).first()
     admin.post(f"/api/v1/projects/{project.pk}/votes/", {"patch": patch.pk, "label": "benign"}, format="json")
     benign = project.label_classes.get(name="benign")

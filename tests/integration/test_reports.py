@@ -8,19 +8,12 @@ import json
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
-from rest_framework.test import APIClient
 
 from annotations import reports, voting
 from annotations.models import Consensus, Patch, Role, Vote
-from tests.factories import PatchFactory, ProjectFactory, SlideFactory, member
+from tests.factories import PatchFactory, ProjectFactory, SlideFactory, api_client, member
 
 pytestmark = pytest.mark.django_db
-
-
-def client_for(user) -> APIClient:  # type: ignore[no-untyped-def]
-    client = APIClient()
-    client.force_authenticate(user)
-    return client
 
 
 @pytest.fixture
@@ -42,7 +35,7 @@ def labelled():  # type: ignore[no-untyped-def]
 
 def test_batch_consensus_runs_dawid_skene_and_writes_every_patch(labelled) -> None:  # type: ignore[no-untyped-def]
     project, patches, truth, _ = labelled
-    admin = client_for(member(project, Role.ADMIN))
+    admin = api_client(member(project, Role.ADMIN))
     response = admin.post(f"/api/v1/projects/{project.pk}/consensus/recompute/")
     assert response.status_code == 200 and response.json()["recomputed"] == 6
     rows = {c.patch_id: c for c in Consensus.objects.filter(project=project)}
@@ -52,7 +45,7 @@ def test_batch_consensus_runs_dawid_skene_and_writes_every_patch(labelled) -> No
 
 def test_agreement_report_names_the_unreliable_annotator(labelled) -> None:  # type: ignore[no-untyped-def]
     project, *_ = labelled
-    body = client_for(member(project, Role.EXPERT)).get(f"/api/v1/projects/{project.pk}/agreement/").json()
+    body = api_client(member(project, Role.EXPERT)).get(f"/api/v1/projects/{project.pk}/agreement/").json()
     kappas = {a["username"]: a["cohen_kappa_vs_experts"] for a in body["annotators"]}
     assert kappas["ann"] == pytest.approx(1.0)
     assert kappas["lazy"] is not None and kappas["lazy"] < 0.5
@@ -62,14 +55,14 @@ def test_agreement_report_names_the_unreliable_annotator(labelled) -> None:  # t
 
 def test_crowd_members_cannot_read_agreement_or_exports(labelled) -> None:  # type: ignore[no-untyped-def]
     project, *_ = labelled
-    crowd = client_for(Vote.objects.filter(project=project, role=Role.CROWD).first().annotator)
+    crowd = api_client(Vote.objects.filter(project=project, role=Role.CROWD).first().annotator)
     assert crowd.get(f"/api/v1/projects/{project.pk}/agreement/").status_code == 403
     assert crowd.get(f"/api/v1/projects/{project.pk}/export/?format=csv&kind=votes").status_code == 403
 
 
 def test_votes_export_as_csv_and_json_keep_history(labelled) -> None:  # type: ignore[no-untyped-def]
     project, *_ = labelled
-    expert = client_for(member(project, Role.EXPERT))
+    expert = api_client(member(project, Role.EXPERT))
     text = expert.get(f"/api/v1/projects/{project.pk}/export/?format=csv&kind=votes").content.decode()
     rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == Vote.objects.filter(project=project).count() == 24
@@ -81,7 +74,7 @@ def test_votes_export_as_csv_and_json_keep_history(labelled) -> None:  # type: i
 def test_geojson_export_round_trips_through_import_as_expert_votes(labelled) -> None:  # type: ignore[no-untyped-def]
     project, patches, truth, _ = labelled
     reports.recompute_project_consensus(project)
-    expert = client_for(member(project, Role.EXPERT))
+    expert = api_client(member(project, Role.EXPERT))
     exported = expert.get(f"/api/v1/projects/{project.pk}/export/?format=geojson&kind=consensus")
     assert exported["Content-Type"] == "application/geo+json"
     collection = json.loads(exported.content)
@@ -93,7 +86,7 @@ def test_geojson_export_round_trips_through_import_as_expert_votes(labelled) -> 
 
     newcomer = member(project, Role.EXPERT, username="dr_new")
     upload = SimpleUploadedFile("labels.geojson", exported.content, content_type="application/geo+json")
-    response = client_for(newcomer).post(f"/api/v1/projects/{project.pk}/import/", {"file": upload})
+    response = api_client(newcomer).post(f"/api/v1/projects/{project.pk}/import/", {"file": upload})
     assert response.status_code == 201, response.content
     assert response.json() == {"imported": 6, "unchanged": 0}
     imported = dict(Vote.objects.filter(annotator=newcomer).values_list("patch_id", "label__name"))
@@ -103,7 +96,7 @@ def test_geojson_export_round_trips_through_import_as_expert_votes(labelled) -> 
 
 def test_csv_import_with_an_unknown_label_or_patch_writes_nothing(labelled) -> None:  # type: ignore[no-untyped-def]
     project, patches, *_ = labelled
-    expert = client_for(member(project, Role.EXPERT))
+    expert = api_client(member(project, Role.EXPERT))
     before = Vote.objects.count()
     bad_label = f"slide,x,y,label\ncase-1.svs,{patches[0].x},{patches[0].y},melanoma\n".encode()
     response = expert.post(f"/api/v1/projects/{project.pk}/import/", {"file": SimpleUploadedFile("l.csv", bad_label)})
@@ -121,10 +114,10 @@ def test_overlay_shows_crowd_members_only_what_they_voted_on(labelled) -> None: 
     reports.recompute_project_consensus(project)
     slide_id = patches[0].slide_id
     outsider = member(project, Role.CROWD)
-    rows = client_for(outsider).get(f"/api/v1/projects/{project.pk}/overlay/?slide={slide_id}").json()["patches"]
+    rows = api_client(outsider).get(f"/api/v1/projects/{project.pk}/overlay/?slide={slide_id}").json()["patches"]
     assert len(rows) == 6 and all(r["label"] is None for r in rows)
     expert_rows = (
-        client_for(member(project, Role.EXPERT))
+        api_client(member(project, Role.EXPERT))
         .get(f"/api/v1/projects/{project.pk}/overlay/?slide={slide_id}")
         .json()["patches"]
     )

@@ -9,22 +9,15 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
-from rest_framework.test import APIClient
 
 from annotations import voting
 from annotations.models import AnnotationTask, Patch, Role
 from annotations.routing import websocket_urlpatterns
 from learner import pipeline, services
 from learner.models import ModelVersion, PatchScore, TrainingRound
-from tests.factories import ProjectFactory, member
+from tests.factories import ProjectFactory, api_client, member
 from tests.integration.conftest import wait_for
 from tests.integration.lc25000 import CLASS_NAMES, add_lc25000_slides, manifest_rows
-
-
-def client_for(user: Any) -> APIClient:
-    client = APIClient()
-    client.force_authenticate(user)
-    return client
 
 
 def lung_project(per_class: int = 10, labelled_per_class: int = 8, **kwargs: Any):  # type: ignore[no-untyped-def]
@@ -75,10 +68,10 @@ def test_a_round_run_by_a_real_worker_streams_progress_and_queues_the_chosen_pat
 
     def start(events: list[dict]) -> None:
         assert events[0]["type"] == "hello"
-        response = client_for(admin).post(f"/api/v1/projects/{project.pk}/rounds/")
+        response = api_client(admin).post(f"/api/v1/projects/{project.pk}/rounds/")
         assert response.status_code == 201, response.content
         started["round"] = response.json()["id"]
-        second = client_for(admin).post(f"/api/v1/projects/{project.pk}/rounds/")
+        second = api_client(admin).post(f"/api/v1/projects/{project.pk}/rounds/")
         assert second.status_code == 409 and "already" in second.json()["detail"]
 
     events = asyncio.run(collect_events(admin, project.pk, start))
@@ -106,7 +99,7 @@ def test_a_round_run_by_a_real_worker_streams_progress_and_queues_the_chosen_pat
     labelled = {int(k) for k in version.label_snapshot}
     assert not labelled & set(chosen.values_list("patch_id", flat=True))
     # The learner's batch now leads the queue.
-    crowd = client_for(member(project, Role.CROWD))
+    crowd = api_client(member(project, Role.CROWD))
     task = crowd.post(f"/api/v1/projects/{project.pk}/next-task/").json()
     assert task["id"] in set(chosen.values_list("id", flat=True))
 
@@ -115,7 +108,7 @@ def test_a_round_run_by_a_real_worker_streams_progress_and_queues_the_chosen_pat
 def test_a_round_that_cannot_train_fails_with_a_clear_error_on_the_worker(celery_worker_process) -> None:  # type: ignore[no-untyped-def]
     project = ProjectFactory(classes=[("tumour", "#ff0000")])
     admin = member(project, Role.ADMIN)
-    response = client_for(admin).post(f"/api/v1/projects/{project.pk}/rounds/")
+    response = api_client(admin).post(f"/api/v1/projects/{project.pk}/rounds/")
     assert response.status_code == 201
     round_ = wait_for(
         lambda: TrainingRound.objects.filter(pk=response.json()["id"], state__in=["failed", "succeeded"]).first(),
@@ -125,7 +118,7 @@ def test_a_round_that_cannot_train_fails_with_a_clear_error_on_the_worker(celery
     assert "at least two label classes" in round_.error
     assert not ModelVersion.objects.filter(project=project).exists()
     # The project is free for a new round.
-    assert client_for(admin).post(f"/api/v1/projects/{project.pk}/rounds/").status_code == 201
+    assert api_client(admin).post(f"/api/v1/projects/{project.pk}/rounds/").status_code == 201
 
 
 @pytest.mark.django_db(transaction=True)
@@ -204,7 +197,7 @@ def test_after_a_round_the_heatmap_prediction_and_grad_cam_describe_the_latest_m
     project = lung_project(per_class=4, labelled_per_class=3)
     result = pipeline.run_round(TrainingRound.objects.create(project=project, number=1).pk)
     assert result.state == "succeeded", result.error
-    expert = client_for(member(project, Role.EXPERT))
+    expert = api_client(member(project, Role.EXPERT))
     patch = Patch.objects.filter(project=project).first()
     heat = expert.get(f"/api/v1/projects/{project.pk}/heatmap/?slide={patch.slide_id}&label=benign").json()
     assert heat["label"] == "benign" and len(heat["patches"]) == 1 and 0 <= heat["patches"][0]["prob"] <= 1
@@ -216,5 +209,5 @@ def test_after_a_round_the_heatmap_prediction_and_grad_cam_describe_the_latest_m
     assert cam.content[:8] == b"\x89PNG\r\n\x1a\n" and cam["X-Explained-Class"] == "squamous"
     bad = expert.get(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/gradcam.png?label=melanoma")
     assert bad.status_code == 400
-    crowd = client_for(member(project, Role.CROWD))
+    crowd = api_client(member(project, Role.CROWD))
     assert crowd.get(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/gradcam.png").status_code == 403
