@@ -207,7 +207,12 @@ class AnnotationTask(models.Model):
 
     class Meta:
         indexes = [
-            models.Index(fields=["project", "kind", "state", "-priority"]),
+            # Leasing walks live tasks in priority order and stops at the first one the caller may take.
+            models.Index(
+                fields=["project", "kind", "-priority", "id"],
+                condition=Q(state__in=["open", "leased"]),
+                name="task_live_by_priority",
+            ),
             models.Index(fields=["lease_owner", "state"]),
         ]
         constraints = [
@@ -261,7 +266,10 @@ class Vote(models.Model):
                 fields=["patch", "annotator"], condition=Q(is_active=True), name="vote_one_active_per_annotator"
             )
         ]
-        indexes = [models.Index(fields=["project", "annotator", "created_at"])]
+        indexes = [
+            models.Index(fields=["project", "annotator", "created_at"]),
+            models.Index(fields=["patch", "annotator"], name="vote_patch_annotator"),
+        ]
 
     def __str__(self) -> str:
         return f"vote {self.pk} by {self.annotator_id} on patch {self.patch_id}"
