@@ -8,7 +8,7 @@ from django.db import transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.request import Request
@@ -172,18 +172,33 @@ class MemberDetailView(ProjectScoped):
         return Response(status=204 if deleted else 404)
 
 
+def _truthy(value: Any) -> bool:
+    return str(value).lower() in {"1", "true"}
+
+
 class NextTaskView(ProjectScoped):
-    """Lease the next task (GET and POST both lease; a held lease is returned again)."""
+    """Lease the next task (GET and POST both lease; a held lease is returned again).
+
+    ``?ahead=1`` also returns the user's second lease as ``"ahead"`` (held already, or leased
+    now; null when nothing is left), so the annotator can load it while the first is labelled."""
 
     write_roles = None
 
-    @extend_schema(request=None, responses={200: TaskSerializer, 204: None})
+    @extend_schema(
+        request=None,
+        parameters=[OpenApiParameter("ahead", OpenApiTypes.BOOL, description="Also return a second lease.")],
+        responses={200: TaskSerializer, 204: None},
+    )
     def post(self, request: Request, project_id: int) -> Response:
         project, role = self.load(request, project_id)
         task = queue.lease_next_task(project, request.user, role)
         if task is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
-        return Response(TaskSerializer(task).data)
+        body = TaskSerializer(task).data
+        if _truthy(request.query_params.get("ahead", "")):
+            ahead = queue.lease_ahead(project, request.user, role, task)
+            body["ahead"] = TaskSerializer(ahead).data if ahead else None
+        return Response(body)
 
     get = post
 
@@ -235,10 +250,14 @@ class VoteListView(ProjectScoped):
         body: dict[str, Any] = {"vote": VoteSerializer(outcome.vote).data}
         if role != Role.CROWD:
             body["consensus"] = ConsensusSerializer(outcome.consensus).data
-        if str(request.data.get("next", "")).lower() in {"1", "true"}:
+        if _truthy(request.data.get("next", "")):
             # Saves the annotator a round trip: the next lease comes back with the vote.
             task = queue.lease_next_task(project, request.user, role)
             body["next"] = TaskSerializer(task).data if task else None
+        if _truthy(request.data.get("ahead", "")):
+            # The client already holds the task it shows next: lease one more to load ahead.
+            ahead = queue.lease_next_task(project, request.user, role, fresh=True)
+            body["ahead"] = TaskSerializer(ahead).data if ahead else None
         if outcome.gold_answer is not None:
             body["gold"] = {
                 "correct": outcome.gold_answer.pk == outcome.vote.label_id,

@@ -3,6 +3,9 @@
 Leasing is ``SELECT ... FOR UPDATE SKIP LOCKED`` on the candidate rows followed by an update in
 the same transaction, so two annotators asking at once never get the same task, and neither
 waits on the other's row lock. Expired leases are taken back lazily by the same query.
+
+A user may hold one lease ahead (``fresh=True``) so the annotator can load the next patch while
+the person looks at the current one: never more than ``MAX_LEASES`` unexpired leases at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
@@ -64,21 +68,34 @@ def _recently_skipped_by(user: Any, now: Any) -> Exists:
     return Exists(TaskSkip.objects.filter(task=OuterRef("pk"), user=user, created_at__gte=now - SKIP_MEMORY))
 
 
-def current_lease(project: Project, user: Any, now: Any = None) -> AnnotationTask | None:
-    now = now or timezone.now()
+MAX_LEASES = 2  # the task on screen and one ahead
+
+
+def _held(project: Project, user: Any, now: Any) -> Any:
+    """The user's unexpired leases in this project, the one leased first first."""
     return (
         AnnotationTask.objects.filter(project=project, lease_owner=user, state=State.LEASED, lease_expires_at__gte=now)
         .select_related("patch", "patch__slide", "patch__project")
-        .order_by("lease_expires_at")
-        .first()
+        .order_by("lease_expires_at", "id")
     )
 
 
-def _wants_gold(project: Project, user: Any) -> bool:
-    """A reproducible coin flip per (project, user, vote count) at the project's gold rate."""
+def current_lease(project: Project, user: Any, now: Any = None) -> AnnotationTask | None:
+    return _held(project, user, now or timezone.now()).first()
+
+
+def held_leases(project: Project, user: Any, now: Any = None) -> list[AnnotationTask]:
+    return list(_held(project, user, now or timezone.now()))
+
+
+def _wants_gold(project: Project, user: Any, ahead: int = 0) -> bool:
+    """A reproducible coin flip per (project, user, vote count) at the project's gold rate.
+
+    ``ahead`` counts the leases already held, so a lease taken ahead gets the flip of the vote
+    it will become."""
     if project.gold_rate <= 0:
         return False
-    n_votes = Vote.objects.filter(project=project, annotator=user).count()
+    n_votes = Vote.objects.filter(project=project, annotator=user).count() + ahead
     rng = random.Random(f"{project.seed}:{user.pk}:{n_votes}")
     return rng.random() < project.gold_rate
 
@@ -107,38 +124,63 @@ def _lease_gold(project: Project, user: Any, now: Any) -> AnnotationTask | None:
     )
 
 
-def lease_next_task(project: Project, user: Any, role: str) -> AnnotationTask | None:
+def lease_next_task(project: Project, user: Any, role: str, *, fresh: bool = False) -> AnnotationTask | None:
     """Lease the highest-priority task this user may do, or return the lease they already hold.
 
-    Returns None when nothing is left for this user.
+    With ``fresh=True`` a held lease is never returned: a new task is leased, one the user does
+    not hold and whose patch they hold no other task for, unless they already hold
+    ``MAX_LEASES`` unexpired leases. Returns None when nothing is left for this user (or, fresh,
+    when they hold enough).
     """
     now = timezone.now()
-    held = current_lease(project, user, now)
-    if held is not None:
-        return held
-    if role == Role.CROWD and _wants_gold(project, user):
-        gold = _lease_gold(project, user, now)
-        if gold is not None:
-            return gold
-    expiry = now + timedelta(minutes=project.lease_minutes)
-    for kind in kinds_for_role(role):
-        with transaction.atomic():
-            task = (
-                AnnotationTask.objects.select_for_update(skip_locked=True, of=("self",))
-                .filter(_available(project, now), kind=kind)
-                .exclude(_not_voted_by(user))
-                .exclude(_recently_skipped_by(user, now))
-                .order_by("-priority", "id")
-                .first()
-            )
-            if task is None:
-                continue
-            task.state = State.LEASED
-            task.lease_owner = user
-            task.lease_expires_at = expiry
-            task.save(update_fields=["state", "lease_owner", "lease_expires_at", "updated_at"])
-        return AnnotationTask.objects.select_related("patch", "patch__slide", "patch__project").get(pk=task.pk)
+    if not fresh:
+        held = current_lease(project, user, now)
+        if held is not None:
+            return held
+    with transaction.atomic():
+        # One leasing request per user at a time, so concurrent requests cannot exceed the cap.
+        # FOR NO KEY UPDATE does not block votes and other rows referencing the user.
+        list(get_user_model().objects.select_for_update(no_key=True).filter(pk=user.pk).values_list("pk"))
+        held_now = held_leases(project, user, now)
+        if held_now and not fresh:
+            return held_now[0]  # leased by a concurrent request meanwhile
+        if len(held_now) >= MAX_LEASES:
+            return None
+        if role == Role.CROWD and _wants_gold(project, user, ahead=len(held_now)):
+            gold = _lease_gold(project, user, now)
+            if gold is not None:
+                return gold
+        expiry = now + timedelta(minutes=project.lease_minutes)
+        for kind in kinds_for_role(role):
+            with transaction.atomic():
+                candidates = (
+                    AnnotationTask.objects.select_for_update(skip_locked=True, of=("self",))
+                    .filter(_available(project, now), kind=kind)
+                    .exclude(_not_voted_by(user))
+                    .exclude(_recently_skipped_by(user, now))
+                )
+                if held_now:
+                    # Voting on one task of a patch would leave the other one unvotable.
+                    candidates = candidates.exclude(patch_id__in=[t.patch_id for t in held_now])
+                task = candidates.order_by("-priority", "id").first()
+                if task is None:
+                    continue
+                task.state = State.LEASED
+                task.lease_owner = user
+                task.lease_expires_at = expiry
+                task.save(update_fields=["state", "lease_owner", "lease_expires_at", "updated_at"])
+            return AnnotationTask.objects.select_related("patch", "patch__slide", "patch__project").get(pk=task.pk)
     return None
+
+
+def lease_ahead(project: Project, user: Any, role: str, current: AnnotationTask | None) -> AnnotationTask | None:
+    """The user's second lease besides ``current``: one they already hold, else a fresh one."""
+    if current is None:
+        return None
+    others = [t for t in held_leases(project, user) if t.pk != current.pk]
+    if others:
+        return others[0]
+    return lease_next_task(project, user, role, fresh=True)
 
 
 def release_task(project: Project, user: Any, task_id: int) -> AnnotationTask:

@@ -147,6 +147,11 @@ class VoteInputSerializer(serializers.Serializer):
     task = serializers.IntegerField(required=False, allow_null=True)
     time_spent_ms = serializers.IntegerField(required=False, default=0, min_value=0)
     next = serializers.BooleanField(required=False, default=False, help_text="Also lease and return the next task.")
+    ahead = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="Also lease and return a fresh task as 'ahead' (the client already holds the one it shows next).",
+    )
 
 
 class CorrectionInputSerializer(serializers.Serializer):

@@ -248,3 +248,127 @@ def test_an_ingested_slide_puts_its_patches_in_the_crowd_queue() -> None:
     assert patches and queued == patches
     slides.ingest(slide.pk)  # re-running ingest does not queue anything twice
     assert AnnotationTask.objects.filter(project=project).count() == len(patches)
+
+
+def lease_with_ahead(client: APIClient, project) -> dict:  # type: ignore[no-untyped-def]
+    response = client.post(f"/api/v1/projects/{project.pk}/next-task/?ahead=1")
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def held_by(user) -> set[int]:  # type: ignore[no-untyped-def]
+    return set(
+        AnnotationTask.objects.filter(
+            lease_owner=user, state="leased", lease_expires_at__gte=timezone.now()
+        ).values_list("id", flat=True)
+    )
+
+
+def test_next_task_with_ahead_leases_a_second_different_task_and_returns_both_again(project) -> None:  # type: ignore[no-untyped-def]
+    alice = member(project, Role.CROWD)
+    client = api_client(alice)
+    body = lease_with_ahead(client, project)
+    ahead = body["ahead"]
+    assert ahead is not None and ahead["id"] != body["id"]
+    assert ahead["patch"]["id"] != body["patch"]["id"] and ahead["state"] == "leased"
+    assert held_by(alice) == {body["id"], ahead["id"]}
+    # Asking again (a reload) returns the same two leases, not a third.
+    again = lease_with_ahead(client, project)
+    assert (again["id"], again["ahead"]["id"]) == (body["id"], ahead["id"])
+    # Without ?ahead the answer is unchanged: the held lease, and no "ahead" key.
+    plain = lease(client, project)
+    assert plain["id"] == body["id"] and "ahead" not in plain
+
+
+def test_a_user_never_holds_more_than_two_leases(project) -> None:  # type: ignore[no-untyped-def]
+    alice = member(project, Role.CROWD)
+    first = queue.lease_next_task(project, alice, Role.CROWD, fresh=True)
+    second = queue.lease_next_task(project, alice, Role.CROWD, fresh=True)
+    assert first is not None and second is not None and first.pk != second.pk
+    assert queue.lease_next_task(project, alice, Role.CROWD, fresh=True) is None
+    assert queue.lease_next_task(project, alice, Role.CROWD).pk == first.pk  # default: the held lease
+    client = api_client(alice)
+    lease_with_ahead(client, project)
+    body = vote(client, project, {"id": first.pk, "patch": {"id": first.patch_id}}).json()
+    assert held_by(alice) == {second.pk}
+    # An expired lease no longer counts.
+    AnnotationTask.objects.filter(pk=second.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    third = queue.lease_next_task(project, alice, Role.CROWD, fresh=True)
+    fourth = queue.lease_next_task(project, alice, Role.CROWD, fresh=True)
+    assert third is not None and fourth is not None
+    assert queue.lease_next_task(project, alice, Role.CROWD, fresh=True) is None
+    assert len(held_by(alice)) == 2 and "ahead" not in body
+
+
+def test_a_vote_with_ahead_returns_a_third_task_different_from_the_held_ones(project) -> None:  # type: ignore[no-untyped-def]
+    alice = member(project, Role.CROWD)
+    client = api_client(alice)
+    body = lease_with_ahead(client, project)
+    current, shown_next = body, body["ahead"]
+    response = client.post(
+        f"/api/v1/projects/{project.pk}/votes/",
+        {"patch": current["patch"]["id"], "task": current["id"], "label": "benign", "ahead": True},
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+    ahead = response.json()["ahead"]
+    assert "next" not in response.json()
+    assert ahead is not None and ahead["id"] not in {current["id"], shown_next["id"]}
+    assert ahead["patch"]["id"] not in {current["patch"]["id"], shown_next["patch"]["id"]}
+    assert held_by(alice) == {shown_next["id"], ahead["id"]}
+    # Voting on the task shown next brings the last patch; then the queue runs dry for Alice.
+    response = client.post(
+        f"/api/v1/projects/{project.pk}/votes/",
+        {"patch": shown_next["patch"]["id"], "task": shown_next["id"], "label": "benign", "ahead": True},
+        format="json",
+    )
+    last = response.json()["ahead"]
+    assert last is not None and last["id"] not in {current["id"], shown_next["id"], ahead["id"]}
+    response = client.post(
+        f"/api/v1/projects/{project.pk}/votes/",
+        {"patch": ahead["patch"]["id"], "task": ahead["id"], "label": "benign", "ahead": True, "next": True},
+        format="json",
+    )
+    assert response.status_code == 201
+    assert response.json()["next"]["id"] == last["id"]  # "next" keeps its meaning: the held lease
+    assert response.json()["ahead"] is None
+
+
+def test_undo_and_skip_work_while_two_leases_are_held(project) -> None:  # type: ignore[no-untyped-def]
+    alice = member(project, Role.CROWD)
+    client = api_client(alice)
+    body = lease_with_ahead(client, project)
+    voted, shown = body, body["ahead"]
+    ahead = client.post(
+        f"/api/v1/projects/{project.pk}/votes/",
+        {"patch": voted["patch"]["id"], "task": voted["id"], "label": "benign", "ahead": True},
+        format="json",
+    ).json()["ahead"]
+    assert ahead is not None
+    undone = client.post(f"/api/v1/projects/{project.pk}/votes/undo/")
+    assert undone.status_code == 200
+    again = undone.json()["task"]
+    assert again["id"] == voted["id"] and again["state"] == "leased"
+    assert held_by(alice) == {voted["id"], shown["id"], ahead["id"]}
+    # While three are held (after an undo) nothing fresh is leased...
+    assert queue.lease_next_task(project, alice, Role.CROWD, fresh=True) is None
+    # ...but each of them can be voted on or skipped.
+    assert vote(client, project, again, "squamous").status_code == 201
+    assert client.post(f"/api/v1/projects/{project.pk}/tasks/{shown['id']}/skip/").status_code == 200
+    assert held_by(alice) == {ahead["id"]}
+    assert AnnotationTask.objects.get(pk=shown["id"]).state == "open"
+    assert vote(client, project, ahead).status_code == 201
+    assert Vote.objects.filter(annotator=alice, is_active=True).count() == 2
+
+
+def test_an_ahead_lease_never_shares_a_patch_with_a_held_gold_task(project) -> None:  # type: ignore[no-untyped-def]
+    project.gold_rate = 1.0
+    project.save()
+    admin = api_client(member(project, Role.ADMIN))
+    gold = Patch.objects.filter(project=project).order_by("id").first()
+    admin.post(f"/api/v1/projects/{project.pk}/votes/", {"patch": gold.pk, "label": "squamous"}, format="json")
+    assert admin.post(f"/api/v1/projects/{project.pk}/patches/{gold.pk}/gold/").status_code == 200
+    student = api_client(member(project, Role.CROWD))
+    body = lease_with_ahead(student, project)
+    assert body["kind"] == "gold" and body["patch"]["id"] == gold.pk
+    assert body["ahead"]["kind"] == "crowd" and body["ahead"]["patch"]["id"] != gold.pk

@@ -83,3 +83,55 @@ def test_fifty_concurrent_annotators_never_share_a_lease_nor_lose_or_duplicate_a
     assert len(per_patch) == N_PATCHES
     assert set(per_patch.values()) == {VOTES_REQUIRED}
     assert set(AnnotationTask.objects.filter(project=project).values_list("state", flat=True)) == {"done"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_annotators_asking_ahead_at_once_never_share_a_task_nor_exceed_two_leases() -> None:
+    project = ProjectFactory(votes_required=1, gold_rate=0.0)
+    slide = SlideFactory(project=project)
+    PatchFactory.create_batch(30, slide=slide)
+    queue.build_initial_queue(project)
+    users = [member(project, Role.CROWD) for _ in range(12)]
+    got: list[tuple[int, int]] = []  # (user id, task id) for every lease returned
+    errors: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(users) * 2)
+
+    def ask(user) -> None:  # type: ignore[no-untyped-def]
+        # Two requests per user at once (two tabs): the cap must hold across them too.
+        client = APIClient()
+        client.force_authenticate(user)
+        try:
+            barrier.wait()
+            response = client.post(f"/api/v1/projects/{project.pk}/next-task/?ahead=1")
+            if response.status_code != 200:
+                errors.append(f"{response.status_code}: {response.content!r}")
+                return
+            body = response.json()
+            with lock:
+                got.append((user.pk, body["id"]))
+                if body["ahead"] is not None:
+                    got.append((user.pk, body["ahead"]["id"]))
+        except Exception as exc:
+            errors.append(repr(exc))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=ask, args=(u,)) for u in users for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    owners: dict[int, set[int]] = {}
+    for user_id, task_id in got:
+        owners.setdefault(task_id, set()).add(user_id)
+    assert all(len(who) == 1 for who in owners.values()), "a task was handed to two people"
+    leased = Counter(
+        AnnotationTask.objects.filter(project=project, state="leased").values_list("lease_owner_id", flat=True)
+    )
+    assert set(leased) == {u.pk for u in users}
+    assert set(leased.values()) == {2}
+    for user_id, task_id in got:
+        assert AnnotationTask.objects.get(pk=task_id).lease_owner_id == user_id

@@ -1,10 +1,12 @@
 // The annotator: one leased patch at a time, labelled with keys 1-9, S to skip, U / Ctrl+Z to undo.
 //
-// The API leases one task per user, so the next patch cannot be known before the vote commits.
-// What we can do is start the next-task request the moment the vote returns and load both images
-// off-screen, decoded, swapping them in whole (prefetch on). With ?prefetch=0 the images are simply
-// assigned to the visible <img> elements and we wait for them to load: the baseline the benchmark
-// compares against. If the vote response ever carries the next task ("next"), it is used directly.
+// Prefetch on (the default): the user holds one lease ahead (next-task/?ahead=1, and each vote sent
+// with "ahead": true brings a fresh one), whose images are fetched and decoded off-screen while the
+// person looks at the current patch. A label key swaps the decoded next patch in at once; the vote
+// goes to the server in the background, one request after another (state.background). When no task
+// is ready ahead, the vote is sent with "next": true and the page waits for it, as without prefetch.
+// With ?prefetch=0 the images are simply assigned to the visible <img> elements and we wait for the
+// vote (with "next": true) and then for the images to load: the baseline the benchmark compares against.
 import { api, el, pageConfig } from "./api.js";
 import { connectLive, statusBadge } from "./live.js";
 
@@ -36,7 +38,17 @@ const ui = {
   },
 };
 
-const state = { task: null, shownAt: 0, busy: false, idle: false, canUndo: false, idleTimer: null };
+const state = {
+  task: null,
+  shownAt: 0,
+  busy: false,
+  idle: false,
+  canUndo: false,
+  idleTimer: null,
+  entry: null, // prefetch: the task on screen with its decoded images, to show again after an undo
+  ahead: [], // prefetch: leased tasks to show next, images decoding ({task, patch, context})
+  background: Promise.resolve(), // prefetch: votes, skips and top-ups, sent one after another
+};
 
 // Read by the end-to-end tests and the benchmark: one entry per vote, in milliseconds.
 const metrics = { prefetch: config.prefetch, votes: [] };
@@ -102,6 +114,28 @@ async function decoded(url) {
   return image;
 }
 
+// Starts fetching and decoding a task's images off-screen (prefetch on).
+function preload(task) {
+  const urls = imageUrls(task);
+  const entry = { task, patch: decoded(urls.patch), context: decoded(urls.context) };
+  // A failure is reported when the task is shown, not as an unhandled rejection meanwhile.
+  entry.patch.catch(() => {});
+  entry.context.catch(() => {});
+  return entry;
+}
+
+// Remembers a task leased ahead (once) and starts decoding its images.
+function keepAhead(task) {
+  if (!task || (state.task && state.task.id === task.id)) return;
+  if (state.ahead.some((entry) => entry.task.id === task.id)) return;
+  state.ahead.push(preload(task));
+}
+
+function inBackground(job) {
+  state.background = state.background.then(job).catch((error) => showError(error));
+  return state.background;
+}
+
 function loaded(image, url) {
   return new Promise((resolve, reject) => {
     image.onload = () => resolve(image);
@@ -112,13 +146,14 @@ function loaded(image, url) {
 
 // Puts the task's images on screen; resolves once the patch is painted. The context image is
 // swapped in when it has decoded too, without holding the patch back.
-async function showImages(task) {
+async function showImages(task, entry) {
   const urls = imageUrls(task);
   if (config.prefetch) {
-    const context = decoded(urls.context);
+    state.entry = entry && entry.task === task ? entry : preload(task);
+    const context = state.entry.context;
     let patch;
     try {
-      patch = await decoded(urls.patch);
+      patch = await state.entry.patch;
     } catch {
       throw new Error("The patch image could not be loaded; skip it or reload the page.");
     }
@@ -139,7 +174,18 @@ async function showImages(task) {
   await nextPaint();
 }
 
-async function present(task, timing) {
+async function present(task, timing, entry) {
+  if (config.prefetch) {
+    // A task shown now is no longer ahead; its images may be decoded already.
+    const index = state.ahead.findIndex((e) => e.task.id === task.id);
+    if (index >= 0) {
+      const [queued] = state.ahead.splice(index, 1);
+      if (!entry) {
+        entry = queued;
+        task = queued.task;
+      }
+    }
+  }
   state.task = task;
   state.idle = false;
   clearTimeout(state.idleTimer);
@@ -147,7 +193,7 @@ async function present(task, timing) {
   ui.crowdVotes.hidden = true;
   const imagesStart = performance.now();
   try {
-    await showImages(task);
+    await showImages(task, entry);
   } catch (error) {
     showError(error);
   }
@@ -164,6 +210,7 @@ async function present(task, timing) {
       vote: timing.voted - timing.pressed,
       next: imagesStart - timing.voted,
       images: now - imagesStart,
+      ahead: Boolean(timing.ahead), // swapped in from the task decoded ahead
     });
   }
   setState("ready");
@@ -189,7 +236,7 @@ function showEmpty() {
 async function fetchNext(timing) {
   let task;
   try {
-    task = await api(`${base}next-task/`, { method: "POST" });
+    task = await api(`${base}next-task/${config.prefetch ? "?ahead=1" : ""}`, { method: "POST" });
   } catch (error) {
     showError(error);
     setState("error");
@@ -197,6 +244,23 @@ async function fetchNext(timing) {
   }
   if (task === null) showEmpty();
   else await present(task, timing);
+  if (config.prefetch && task) keepAhead(task.ahead);
+}
+
+// Prefetch: lease a task to hold ahead. The answer's own task is the user's oldest lease, mostly
+// the one on screen; keepAhead ignores that one.
+async function topUp() {
+  let body;
+  try {
+    body = await api(`${base}next-task/?ahead=1`, { method: "POST" });
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  if (body) {
+    keepAhead(body);
+    keepAhead(body.ahead);
+  }
 }
 
 async function run(action) {
@@ -215,6 +279,7 @@ async function run(action) {
 }
 
 function vote(label) {
+  if (config.prefetch) return voteAhead(label);
   const task = state.task;
   if (!task) return;
   const pressed = performance.now();
@@ -252,7 +317,82 @@ function vote(label) {
   });
 }
 
+// Prefetch: the task decoded ahead is shown at once and the vote is sent in the background.
+function voteAhead(label) {
+  const task = state.task;
+  if (!task || state.busy) return;
+  const pressed = performance.now();
+  const timeSpent = Math.round(pressed - state.shownAt);
+  return run(async () => {
+    // A vote still on its way may bring the task to show next.
+    if (!state.ahead.length) await state.background;
+    const next = state.ahead.shift();
+    if (!next) {
+      await voteAndWait(task, label, pressed, timeSpent);
+      return;
+    }
+    state.canUndo = true;
+    inBackground(() => sendVote(task, label, timeSpent));
+    await present(next.task, { pressed, voted: pressed, ahead: true }, next);
+  });
+}
+
+async function sendVote(task, label, timeSpent) {
+  let result;
+  try {
+    result = await api(`${base}votes/`, {
+      method: "POST",
+      body: { patch: task.patch.id, label: label.id, task: task.id, time_spent_ms: timeSpent, ahead: true },
+    });
+  } catch (error) {
+    // The person is on the next patch already: say what went wrong and let them carry on
+    // (409: the lease expired or the patch was voted meanwhile).
+    showError(error);
+    return;
+  }
+  clearError();
+  showGold(result.gold);
+  say(`Labelled patch ${task.patch.id} as ${label.name}.`);
+  keepAhead(result.ahead);
+  refreshStats();
+  if (!state.busy) setControls(true);
+}
+
+// Prefetch, with nothing held ahead: vote, then show the next task the vote brings back.
+async function voteAndWait(task, label, pressed, timeSpent) {
+  let result;
+  try {
+    result = await api(`${base}votes/`, {
+      method: "POST",
+      body: {
+        patch: task.patch.id,
+        label: label.id,
+        task: task.id,
+        time_spent_ms: timeSpent,
+        next: true,
+        ahead: true,
+      },
+    });
+  } catch (error) {
+    showError(error);
+    if (error.status === 409) await fetchNext();
+    return;
+  }
+  const voted = performance.now();
+  clearError();
+  state.canUndo = true;
+  showGold(result.gold);
+  say(`Labelled patch ${task.patch.id} as ${label.name}.`);
+  if (!result.next) {
+    showEmpty();
+    return;
+  }
+  await present(result.next, { pressed, voted });
+  keepAhead(result.ahead);
+}
+
 function skip() {
+  if (config.prefetch) return skipAhead();
   const task = state.task;
   if (!task) return;
   return run(async () => {
@@ -268,9 +408,45 @@ function skip() {
   });
 }
 
+// Prefetch: the task decoded ahead is shown at once; the skip and a new lease ahead follow.
+function skipAhead() {
+  const task = state.task;
+  if (!task || state.busy) return;
+  return run(async () => {
+    if (!state.ahead.length) await state.background;
+    const next = state.ahead.shift();
+    if (next) {
+      inBackground(async () => {
+        try {
+          await api(`${base}tasks/${task.id}/skip/`, { method: "POST" });
+        } catch (error) {
+          showError(error);
+          if (error.status !== 409) return;
+        }
+        clearError(); // 409: it was not ours any more, which is what a skip wants
+        say(`Skipped patch ${task.patch.id}.`);
+        await topUp();
+      });
+      await present(next.task, undefined, next);
+      return;
+    }
+    try {
+      await api(`${base}tasks/${task.id}/skip/`, { method: "POST" });
+    } catch (error) {
+      showError(error);
+      if (error.status !== 409) return;
+    }
+    clearError();
+    say(`Skipped patch ${task.patch.id}.`);
+    await fetchNext();
+  });
+}
+
 function undo() {
   if (!state.canUndo) return;
   return run(async () => {
+    // The vote to undo may still be on its way.
+    if (config.prefetch) await state.background;
     let result;
     try {
       result = await api(`${base}votes/undo/`, { method: "POST" });
@@ -283,6 +459,10 @@ function undo() {
     ui.gold.hidden = true;
     if (result.task) {
       say(`Vote on patch ${result.task.patch.id} undone; label it again.`);
+      if (config.prefetch && state.task && state.task.id !== result.task.id) {
+        // The patch on screen comes back right after the undone one, images still decoded.
+        state.ahead.unshift(state.entry && state.entry.task === state.task ? state.entry : preload(state.task));
+      }
       await present(result.task);
     } else {
       say("Your last vote was undone.");
@@ -376,6 +556,9 @@ window.histoloopLive = connectLive(config.ws, {
     // A finished round rebuilds the queue: an idle annotator asks again at once.
     if ((event.type === "queue.refresh" || event.type === "round.finished") && state.idle && !state.busy) {
       run(() => fetchNext());
+    } else if (event.type === "queue.refresh" && config.prefetch && state.task && !state.ahead.length) {
+      // Nothing was left to hold ahead; there may be now.
+      inBackground(topUp);
     }
   },
 });
