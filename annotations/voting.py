@@ -202,10 +202,50 @@ def correct_vote(project: Project, user: Any, role: str, *, vote_id: Any, label:
     return VoteOutcome(vote=vote, task=old.task, consensus=consensus, gold_answer=None)
 
 
+def _give_back(project: Project, user: Any, vote: Vote, now: Any) -> AnnotationTask | None:
+    """After a retraction: the task needs one vote more; lease it back to the voter unless someone
+    else is labelling that patch right now (their lease is never taken away)."""
+    task = AnnotationTask.objects.select_for_update().get(pk=vote.task_id)
+    task.votes_received = max(0, task.votes_received - 1)
+    expiry = now + timedelta(minutes=project.lease_minutes)
+    held_by_other = (
+        task.state == State.LEASED
+        and task.lease_owner_id not in (None, user.pk)
+        and task.lease_expires_at is not None
+        and task.lease_expires_at >= now
+    )
+    if held_by_other:
+        task.save(update_fields=["votes_received", "updated_at"])
+        return None
+    previous_state = task.state
+    task.state, task.lease_owner, task.lease_expires_at = State.LEASED, user, expiry
+    try:
+        with transaction.atomic():
+            task.save(update_fields=["votes_received", "state", "lease_owner", "lease_expires_at", "updated_at"])
+        return task
+    except IntegrityError:
+        pass
+    # The patch was queued again meanwhile (a newer live task of the same kind): keep the old task
+    # closed and lease the live one back if nobody holds it.
+    AnnotationTask.objects.filter(pk=task.pk).update(votes_received=task.votes_received)
+    task.state = previous_state
+    live = (
+        AnnotationTask.objects.select_for_update()
+        .filter(patch_id=task.patch_id, kind=task.kind, state__in=[State.OPEN, State.LEASED])
+        .exclude(pk=task.pk)
+        .first()
+    )
+    if live is None or (live.state == State.LEASED and live.lease_expires_at and live.lease_expires_at >= now):
+        return None
+    live.state, live.lease_owner, live.lease_expires_at = State.LEASED, user, expiry
+    live.save(update_fields=["state", "lease_owner", "lease_expires_at", "updated_at"])
+    return live
+
+
 def undo_last_vote(project: Project, user: Any) -> AnnotationTask | None:
     """Retract the user's most recent active vote and lease its task back to them.
 
-    Returns the task to show again (None when the vote had no task).
+    Returns the task to show again (None when the vote had no task, or someone else is on it now).
     """
     now = timezone.now()
     with transaction.atomic():
@@ -220,29 +260,6 @@ def undo_last_vote(project: Project, user: Any) -> AnnotationTask | None:
         vote.is_active = False
         vote.retracted_at = now
         vote.save(update_fields=["is_active", "retracted_at"])
-        task = None
-        if vote.task_id is not None:
-            task = AnnotationTask.objects.select_for_update().get(pk=vote.task_id)
-            # Give the annotator their lease back so they can vote again on the same patch.
-            task.votes_received = max(0, task.votes_received - 1)
-            task.state = State.LEASED
-            task.lease_owner = user
-            task.lease_expires_at = now + timedelta(minutes=project.lease_minutes)
-            try:
-                with transaction.atomic():
-                    task.save(
-                        update_fields=["votes_received", "state", "lease_owner", "lease_expires_at", "updated_at"]
-                    )
-            except IntegrityError:
-                # Another live task for this patch exists meanwhile; lease a fresh private one.
-                task = AnnotationTask.objects.create(
-                    project=project,
-                    patch=vote.patch,
-                    kind=Kind.GOLD if task.kind == Kind.GOLD else task.kind,
-                    state=State.LEASED,
-                    votes_needed=1,
-                    lease_owner=user,
-                    lease_expires_at=now + timedelta(minutes=project.lease_minutes),
-                )
+        task = _give_back(project, user, vote, now) if vote.task_id is not None else None
         recompute_consensus(project, vote.patch)
     return task

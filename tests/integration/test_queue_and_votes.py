@@ -372,3 +372,18 @@ def test_an_ahead_lease_never_shares_a_patch_with_a_held_gold_task(project) -> N
     body = lease_with_ahead(student, project)
     assert body["kind"] == "gold" and body["patch"]["id"] == gold.pk
     assert body["ahead"]["kind"] == "crowd" and body["ahead"]["patch"]["id"] != gold.pk
+
+
+def test_undo_never_takes_a_lease_away_from_someone_else(project) -> None:  # type: ignore[no-untyped-def]
+    bob_user = member(project, Role.CROWD)
+    alice, bob = api_client(member(project, Role.CROWD)), api_client(bob_user)
+    task = lease(alice, project)
+    assert vote(alice, project, task).status_code == 201
+    bobs = lease(bob, project)
+    assert bobs["id"] == task["id"]  # the patch needs a second vote; Bob has it now
+    undone = alice.post(f"/api/v1/projects/{project.pk}/votes/undo/")
+    assert undone.status_code == 200 and undone.json()["task"] is None
+    row = AnnotationTask.objects.get(pk=task["id"])
+    assert row.lease_owner_id == bob_user.pk
+    assert row.votes_received == 0
+    assert vote(bob, project, bobs).status_code == 201
