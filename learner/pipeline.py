@@ -51,6 +51,9 @@ STAGES = {
     "publish": (95, 100),
 }
 FINAL_LABEL_STATUSES = (Consensus.Status.AGREED, Consensus.Status.EXPERT)
+# An expert gold set at least this large (in two classes or more) becomes the validation set and is kept
+# out of training: it is a fixed yardstick across rounds, where a split of the labels would shift with them.
+MIN_GOLD_FOR_VALIDATION = 30
 
 
 class RoundFailed(Exception):
@@ -192,6 +195,14 @@ def split_by_group(
     return labelled[~val_mask], labelled[val_mask]
 
 
+def gold_validation(pool: Pool, labelled: np.ndarray, y_all: np.ndarray) -> np.ndarray:
+    """The labelled gold patches (pool indices) when there are enough to validate on, else none."""
+    gold = np.array([i for i in labelled if pool.patches[i].is_gold], dtype=np.int64)
+    if len(gold) < MIN_GOLD_FOR_VALIDATION or len(np.unique(y_all[gold])) < 2:
+        return np.array([], dtype=np.int64)
+    return gold
+
+
 def _arm_metrics(
     emb: np.ndarray,
     pool: Pool,
@@ -229,8 +240,12 @@ def _arm_metrics(
     return out
 
 
-def run_round(round_id: int, *, settings: LearnerSettings | None = None) -> TrainingRound:
-    """Execute a queued round. Safe to call twice: only a queued round is started."""
+def run_round(round_id: int, *, settings: LearnerSettings | None = None, write_scores: bool = True) -> TrainingRound:
+    """Execute a queued round. Safe to call twice: only a queued round is started.
+
+    ``write_scores=False`` skips the PatchScore rows (one per pool patch per round): the simulator does
+    not read them, and at thousands of patches they are the slowest write of a round.
+    """
     cfg = settings or learner_settings()
     claimed = TrainingRound.objects.filter(pk=round_id, state=State.QUEUED).update(
         state=State.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now(), stage="snapshot"
@@ -241,7 +256,7 @@ def run_round(round_id: int, *, settings: LearnerSettings | None = None) -> Trai
     reporter = RoundReporter(round_)
     weights_file: Path | None = None
     try:
-        weights_file = _execute(round_, reporter, cfg)
+        weights_file = _execute(round_, reporter, cfg, write_scores)
     except Cancelled:
         _finish(round_, State.CANCELLED, "", reporter)
         _remove(weights_file)
@@ -276,7 +291,7 @@ def _finish(round_: TrainingRound, state: str, error: str, reporter: RoundReport
     broadcast(round_.project_id, round_payload(round_, "round.finished"))
 
 
-def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSettings) -> Path | None:
+def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSettings, write_scores: bool) -> Path | None:
     project = round_.project
     class_names = list(LabelClass.objects.filter(project=project).order_by("order").values_list("name", flat=True))
     if len(class_names) < 2:
@@ -306,10 +321,12 @@ def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSetting
         should_stop=reporter.should_stop,
     )
     unlabelled = np.array([i for i in range(len(pool.patches)) if y_all[i] < 0], dtype=np.int64)
-    n_classes_seen = len(np.unique(y_all[labelled])) if len(labelled) else 0
+    gold_val = gold_validation(pool, labelled, y_all)
+    trainable = np.setdiff1d(labelled, gold_val)
+    n_classes_seen = len(np.unique(y_all[trainable])) if len(trainable) else 0
     config = TrainConfig(mode=project.train_mode, image_size=size, seed=project.seed + round_.number, device=cfg.DEVICE)
 
-    if len(labelled) < cfg.MIN_LABELS or n_classes_seen < 2:
+    if len(trainable) < cfg.MIN_LABELS or n_classes_seen < 2:
         # Cold start: no model worth trusting yet, so spread the first batch over the embedding space.
         reporter.stage("select")
         picks = (
@@ -334,7 +351,7 @@ def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSetting
             {
                 "cold_start": True,
                 "n_labels": len(labelled),
-                "reason": f"{len(labelled)} final labels in {n_classes_seen} classes; training needs "
+                "reason": f"{len(trainable)} final labels in {n_classes_seen} classes; training needs "
                 f"{cfg.MIN_LABELS} in at least 2.",
             },
             reporter,
@@ -343,7 +360,11 @@ def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSetting
         return None
 
     reporter.stage("train")
-    train_idx, val_idx = split_by_group(labelled, pool.groups, y_all, cfg.VALIDATION_FRACTION, config.seed)
+    split_unit = pool.split_unit
+    if len(gold_val):
+        train_idx, val_idx, split_unit = trainable, gold_val, "gold"
+    else:
+        train_idx, val_idx = split_by_group(labelled, pool.groups, y_all, cfg.VALIDATION_FRACTION, config.seed)
     if len(val_idx) == 0 or len(np.unique(y_all[train_idx])) < 2:
         train_idx, val_idx = labelled, np.array([], dtype=np.int64)
     clf: Classifier
@@ -378,7 +399,7 @@ def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSetting
         "n_labels": len(labelled),
         "n_train": len(train_idx),
         "n_val": len(val_idx),
-        "split": pool.split_unit,
+        "split": split_unit,
         "train_mode": project.train_mode,
     }
     if len(val_idx):
@@ -390,8 +411,9 @@ def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSetting
             )
     else:
         metrics["note"] = "Too few groups to hold any out; no validation metrics this round."
-    if project.train_mode == "head" and len(val_idx):
+    if project.train_mode == "head" and len(val_idx) and not len(gold_val):
         # Deploy a head refitted on every label (seconds); the metrics above are the held-out estimate.
+        # (Gold validation patches are never trained on, so that model is already the deployed one.)
         clf = train_head(emb[labelled], y_all[labelled], class_names, backbone, config, image_size=size, tta=cfg.TTA)
         metrics["deployed"] = "refit on all labels"
 
@@ -423,7 +445,15 @@ def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSetting
     scores = [(int(pid), proba[i]) for i, pid in enumerate(pool.patch_ids)]
     try:
         _publish(
-            round_, project, (clf, weights_file, pool, class_names), scores, chosen, metrics, reporter, len(labelled)
+            round_,
+            project,
+            (clf, weights_file, pool, class_names),
+            scores,
+            chosen,
+            metrics,
+            reporter,
+            len(labelled),
+            write_scores=write_scores,
         )
     except BaseException as exc:
         exc.weights_file = weights_file  # type: ignore[attr-defined]
@@ -458,6 +488,8 @@ def _publish(
     metrics: dict[str, Any],
     reporter: RoundReporter,
     n_labels: int,
+    *,
+    write_scores: bool = True,
 ) -> None:
     """Write everything the round produced at once, unless it was cancelled meanwhile."""
     if reporter.should_stop() or TrainingRound.objects.filter(pk=round_.pk, cancel_requested=True).exists():
@@ -486,19 +518,20 @@ def _publish(
                 metrics=metrics,
                 n_labels=n_labels,
             )
-            PatchScore.objects.bulk_create(
-                [
-                    PatchScore(
-                        model_version=version,
-                        patch_id=pid,
-                        probs=[round(float(v), 5) for v in p],
-                        uncertainty=_uncertainty(p),
-                        predicted=int(np.argmax(p)),
-                    )
-                    for pid, p in scores
-                ],
-                batch_size=2000,
-            )
+            if write_scores:
+                PatchScore.objects.bulk_create(
+                    [
+                        PatchScore(
+                            model_version=version,
+                            patch_id=pid,
+                            probs=[round(float(v), 5) for v in p],
+                            uncertainty=_uncertainty(p),
+                            predicted=int(np.argmax(p)),
+                        )
+                        for pid, p in scores
+                    ],
+                    batch_size=2000,
+                )
             # Tasks not chosen this round fall below the new batch, ordered by the new model's uncertainty.
             uncertainty = {pid: _uncertainty(p) for pid, p in scores}
             stale = list(

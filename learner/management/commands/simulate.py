@@ -1,0 +1,123 @@
+"""manage.py simulate: the active-learning loop, headless, with simulated annotators (see learner.simulation)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from learner import simulation as sim
+from learner.core.strategies import STRATEGIES
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+class Command(BaseCommand):
+    help = (
+        "Run the labelling loop with simulated annotators on a labelled image set (a folder of class folders, "
+        "or a CSV manifest with path,label,group columns) and compare query strategies with random."
+    )
+
+    def add_arguments(self, parser) -> None:  # type: ignore[no-untyped-def]
+        parser.add_argument("source", type=Path, help="Folder of class folders (CLASS/[GROUP/]image) or a CSV.")
+        parser.add_argument("--path-column", default="path")
+        parser.add_argument("--label-column", default="label")
+        parser.add_argument("--group-column", default="group_id", help="Patient/slide/case column (CSV only).")
+        parser.add_argument("--source-project", help="Name of the project every image is ingested into once.")
+        parser.add_argument("--arms", type=_csv, default=sim.DEFAULT_ARMS, help="Comma-separated strategies.")
+        parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0..N-1).")
+        parser.add_argument(
+            "--labelling",
+            type=_csv,
+            default=("oracle", "noisy"),
+            help="Who labels: oracle (a perfect expert) and/or noisy (a crowd).",
+        )
+        parser.add_argument("--budgets", default="50,100,200,400,750", help="Label counts to train at.")
+        parser.add_argument("--test-fraction", type=float, default=0.2, help="Share of groups held out for test.")
+        parser.add_argument("--gold-size", type=int, default=150, help="Expert gold/validation patches.")
+        parser.add_argument("--students", type=int, default=3, help="Crowd size in the noisy setting.")
+        parser.add_argument("--crowd-accuracy", type=float, nargs=2, default=(0.6, 0.85), metavar=("LOW", "HIGH"))
+        parser.add_argument("--votes-required", type=int, default=3, help="Crowd votes per patch (noisy).")
+        parser.add_argument("--expert-rate", type=float, default=1.0, help="Share of contested patches reviewed.")
+        parser.add_argument("--gold-rate", type=float, default=0.1, help="Share of crowd leases that are gold.")
+        parser.add_argument("--random-fraction", type=float, default=0.0, help="In-batch random control share.")
+        parser.add_argument("--target", type=float, help="Accuracy to count labels to (default: random's final).")
+        parser.add_argument("--out", type=Path, help="Output folder (default bench-results/simulate-TAG).")
+        parser.add_argument("--tag", help="Names this run's projects and users (default: a timestamp).")
+        parser.add_argument("--no-extra-heads", action="store_true", help="Skip the self-training analysis head.")
+        parser.add_argument("--write-scores", action="store_true", help="Write PatchScores as the web rounds do.")
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        try:
+            items = sim.read_items(
+                opts["source"],
+                path_column=opts["path_column"],
+                label_column=opts["label_column"],
+                group_column=opts["group_column"],
+            )
+            cfg = self.config(opts)
+        except (sim.SimulationError, ValueError) as exc:
+            raise CommandError(str(exc)) from exc
+        out = opts["out"] or Path("bench-results") / f"simulate-{cfg.run_tag}"
+        name = (
+            opts["source_project"] or f"simulation source: {opts['source'].resolve().parent.name}/{opts['source'].name}"
+        )
+        say = self.stdout.write
+        say(f"{len(items)} images in {len({i.group for i in items})} groups; source project {name!r}.")
+        rows: list[dict[str, Any]] = []
+        started = time.monotonic()
+
+        def keep(row: dict[str, Any]) -> None:
+            rows.append(row)
+            sim.write_csv(rows, out / "rounds.csv")  # after every round, so an interrupted run keeps its rows
+
+        try:
+            source = sim.source_project(items, name, progress=say)
+            say(f"{len(source)} distinct images ingested; embedding (cached after the first pass)...")
+            sim.source_embeddings(source, progress=say)
+            sim.simulate(source, cfg, progress=say, on_row=keep)
+        except sim.SimulationError as exc:
+            raise CommandError(str(exc)) from exc
+        text = sim.summary(rows, opts["target"])
+        sim.plot(rows, out / "learning_curve.png")
+        (out / "summary.txt").write_text(text + "\n")
+        say(text)
+        elapsed = time.monotonic() - started
+        say(f"\n{len(rows)} rounds in {elapsed:.0f}s; wrote rounds.csv, learning_curve.png and summary.txt to {out}")
+
+    def config(self, opts: dict[str, Any]) -> sim.Config:
+        bad_arms = set(opts["arms"]) - set(STRATEGIES)
+        if bad_arms:
+            raise ValueError(f"Unknown arm(s) {', '.join(sorted(bad_arms))}; choose from {', '.join(STRATEGIES)}.")
+        unknown = set(opts["labelling"]) - set(sim.SETTINGS)
+        if unknown:
+            raise ValueError(f"Unknown setting(s) {', '.join(sorted(unknown))}; use oracle and/or noisy.")
+        noisy = replace(
+            sim.NOISY,
+            students=opts["students"],
+            student_accuracy=tuple(opts["crowd_accuracy"]),
+            votes_required=opts["votes_required"],
+            expert_rate=opts["expert_rate"],
+            gold_rate=opts["gold_rate"],
+        )
+        settings = tuple(noisy if s == "noisy" else sim.ORACLE for s in opts["labelling"])
+        budgets = tuple(sorted(int(b) for b in _csv(opts["budgets"])))
+        if not budgets or budgets[0] < 1:
+            raise ValueError("Budgets must be positive label counts, e.g. 50,100,200.")
+        return sim.Config(
+            arms=opts["arms"],
+            seeds=tuple(range(opts["seeds"])),
+            settings=settings,
+            budgets=budgets,
+            test_fraction=opts["test_fraction"],
+            gold_size=opts["gold_size"],
+            random_fraction=opts["random_fraction"],
+            write_scores=opts["write_scores"],
+            extra_heads=not opts["no_extra_heads"],
+            run_tag=opts["tag"] or time.strftime("%Y%m%d-%H%M%S"),
+        )

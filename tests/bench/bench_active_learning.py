@@ -1,0 +1,199 @@
+"""Active learning vs random on LC25000 lung, through the platform's own loop (learner.simulation).
+
+    .venv/bin/python tests/bench/bench_active_learning.py [--quick] [--labelling oracle,noisy] [--seeds 3]
+
+Point DATABASE_URL at a scratch database (every run leaves its projects there); without it the embedded
+PostgreSQL is used. Writes rounds.csv, learning_curve.png and summary.txt under bench-results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
+
+import django  # noqa: E402
+
+django.setup()
+
+from learner import simulation as sim  # noqa: E402
+from learner.conf import learner_settings  # noqa: E402
+from learner.core.config import TrainConfig  # noqa: E402
+from learner.core.embeddings import EmbeddingCache, embed, embedding_model_id  # noqa: E402
+from learner.core.training import train_head  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "lc25000_lung"
+BENCH_CACHE = REPO / "var" / "cache" / "bench"  # bench_learner.py's cache, keyed by path under DATA
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def reuse_bench_cache(source: sim.SourceSet) -> int:
+    """Copy embeddings bench_learner.py already made (keyed by file path) to the platform's keys
+    (slide checksum + geometry). Same pixels, same backbone and size, so the same vectors; checked on
+    a few images by embedding them through the round's code path first. Returns how many were copied."""
+    from annotations.models import Patch
+    from learner import pipeline
+    from learner.core.backbone import create_backbone
+
+    cfg = learner_settings()
+    backbone = create_backbone()
+    model_id = embedding_model_id(backbone, source.project.patch_size, cfg.TTA)
+    bench, platform = EmbeddingCache(BENCH_CACHE), EmbeddingCache(cfg.CACHE_DIR / "embeddings")
+    patches = Patch.objects.select_related("slide", "project").in_bulk(list(source.patch_ids))
+    pairs = []
+    for pid in source.patch_ids:
+        patch = patches[int(pid)]
+        key = pipeline.patch_key(patch)
+        if platform.path(model_id, key).is_file():
+            continue
+        rel = str(Path(patch.slide.metadata["sim_path"]).relative_to(DATA))
+        if bench.path(model_id, rel).is_file():
+            pairs.append((rel, key, patch))
+    if not pairs:
+        return 0
+    probe = [p for _, _, p in pairs[:3]]
+    fresh = embed(backbone, pipeline.patch_images(probe), image_size=source.project.patch_size, tta=cfg.TTA)
+    stored = np.stack([np.asarray(bench.get(model_id, rel)) for rel, _, _ in pairs[:3]])
+    if np.abs(fresh - stored).max() > 1e-3:
+        say(f"bench cache differs from the platform's embeddings ({np.abs(fresh - stored).max():.2g}); not reused")
+        return 0
+    for rel, key, _ in pairs:
+        platform.put(model_id, key, np.asarray(bench.get(model_id, rel)))
+    return len(pairs)
+
+
+def random_reference(source: sim.SourceSet, cfg: sim.Config, sizes: list[int]) -> dict[int, list[float]]:
+    """The platform's head on true labels of uniformly random pool images (no loop needed for random)."""
+    emb = source.embeddings
+    assert emb is not None
+    backbone = sim._backbone_for(source)
+    out: dict[int, list[float]] = {}
+    for seed in cfg.seeds:
+        split = sim.split_rows(source, cfg, seed)
+        test = split.test_rows
+        # every pool label once (it is the slowest fit), a random draw of each size per seed
+        for size in [*sizes, len(split.pool_rows)] if seed == cfg.seeds[0] else sizes:
+            pick = np.random.default_rng(seed).choice(
+                split.pool_rows, size=min(size, len(split.pool_rows)), replace=False
+            )
+            head = train_head(emb[pick], source.labels[pick], source.class_names, backbone, TrainConfig(seed=seed))
+            acc = float((head.predict_proba(emb[test]).argmax(1) == source.labels[test]).mean())
+            out.setdefault(size if size in sizes else -1, []).append(acc)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, random vs margin, oracle, up to 200 labels")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--arms", default=",".join(sim.DEFAULT_ARMS))
+    parser.add_argument("--labelling", default="oracle,noisy", help="oracle and/or noisy")
+    parser.add_argument("--budgets", default="50,100,200,400,750")
+    parser.add_argument("--target", type=float, help="accuracy to count labels to (default: random at 3,000)")
+    parser.add_argument("--no-reference", action="store_true", help="skip random at 750/3,000/all labels")
+    parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
+    args = parser.parse_args()
+    settings = tuple(sim.SETTINGS[s] for s in args.labelling.split(","))
+    cfg = sim.Config(
+        arms=tuple(args.arms.split(",")),
+        seeds=tuple(range(args.seeds)),
+        settings=settings,
+        budgets=tuple(int(b) for b in args.budgets.split(",")),
+        run_tag=f"bench-{args.tag}",
+    )
+    if args.quick:
+        cfg = replace(cfg, arms=("random", "margin"), seeds=(0,), settings=(sim.ORACLE,), budgets=(50, 100, 200))
+    out = REPO / "bench-results" / f"active-learning-{args.tag}"
+    started = time.monotonic()
+
+    items = sim.read_items(DATA / "manifest.csv")
+    source = sim.source_project(items, "simulation source: lc25000_lung", progress=say)
+    say(f"source: {len(source)} distinct images of {len(items)} in {len(set(source.groups))} groups "
+        f"({time.monotonic() - started:.0f}s)")  # fmt: skip
+    if BENCH_CACHE.is_dir():
+        say(f"reused {reuse_bench_cache(source)} embeddings from {BENCH_CACHE}")
+    t0 = time.monotonic()
+    sim.source_embeddings(source, progress=say)
+    say(f"embeddings ready ({time.monotonic() - t0:.0f}s)")
+
+    reference = {} if args.no_reference else random_reference(source, cfg, [750, 3000])
+    for size, accs in sorted(reference.items()):
+        name = "all pool labels" if size < 0 else f"{size} random labels"
+        say(f"reference, platform head on {name}: {np.mean(accs):.3f} ± {np.std(accs):.3f}")
+    target = args.target or (float(np.mean(reference[3000])) if reference else None)
+
+    rows: list[dict[str, Any]] = []
+
+    def keep(row: dict[str, Any]) -> None:
+        rows.append(row)
+        sim.write_csv(rows, out / "rounds.csv")
+
+    t0 = time.monotonic()
+    sim.simulate(source, cfg, progress=say, on_row=keep, jobs=priority_order(cfg))
+    loop_seconds = time.monotonic() - t0
+    text = "\n".join(
+        [
+            sim.summary(rows),
+            f"\nTarget = {target:.3f} (random's accuracy with 3,000 labels unless --target):" if target else "",
+            sim.summary(rows, target) if target else "",
+            "\nSelf-training on the same loop-chosen labels (final budget), mean test accuracy:",
+            *heads_table(rows),
+            f"\nloop: {len(rows)} rounds in {loop_seconds:.0f}s; total {time.monotonic() - started:.0f}s",
+        ]
+    )
+    sim.plot(rows, out / "learning_curve.png")
+    (out / "summary.txt").write_text(text + "\n")
+    say(text)
+    say(f"wrote {out}")
+
+
+def priority_order(cfg: sim.Config) -> list[tuple[sim.Setting, int, str]]:
+    """Most telling first, so a run stopped early has them: random and margin per seed (oracle, then
+    the noisy crowd), then the other arms."""
+    first = [a for a in ("random", "margin") if a in cfg.arms]
+    jobs = [(s, seed, a) for seed in cfg.seeds for s in cfg.settings for a in first]
+    rest = [(s, seed, a) for s in cfg.settings for seed in cfg.seeds for a in cfg.arms if a not in first]
+    return jobs + rest
+
+
+def heads_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    final = max(int(r["budget"]) for r in rows if r.get("budget") not in (None, ""))
+    for (setting, arm), group in sorted(_group(rows, final).items()):
+        cells = [
+            f"{k} {np.mean(v):.3f}" if k != "groups" else f"distinct groups {np.mean(v):.0f}"
+            for k, v in group.items()
+            if v
+        ]
+        lines.append(f"  {setting:7s} {arm:18s} " + "  ".join(cells))
+    return lines
+
+
+def _group(rows: list[dict[str, Any]], budget: int) -> dict[tuple[str, str], dict[str, list[float]]]:
+    out: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in rows:
+        if r.get("budget") != budget:
+            continue
+        cell = out.setdefault((r["setting"], r["arm"]), {"platform head": [], "self-training": [], "groups": []})
+        cell["platform head"].append(r["test_accuracy"])
+        cell["groups"].append(r["label_groups"])
+        if r.get("acc_self_training") is not None:
+            cell["self-training"].append(r["acc_self_training"])
+    return out
+
+
+if __name__ == "__main__":
+    main()
