@@ -498,7 +498,6 @@ def _publish(
     base = 10_000.0 * round_.number
     priorities = {pid: base + (n - rank) for rank, (pid, _) in enumerate(chosen)}
     arms = dict(chosen)
-    reporter.finish_timing()
     with transaction.atomic():
         locked = TrainingRound.objects.select_for_update().get(pk=round_.pk)
         if locked.state != State.RUNNING or locked.cancel_requested:
@@ -553,12 +552,15 @@ def _publish(
         locked.progress = 100.0
         locked.n_labels = n_labels
         locked.metrics = metrics
-        locked.timings = reporter.timings
+        locked.timings = {**reporter.timings}
         locked.finished_at = timezone.now()
         locked.save()
         pid = project.pk
         transaction.on_commit(lambda: broadcast(pid, round_payload(locked, "round.finished")))
         transaction.on_commit(lambda: broadcast(pid, {"type": "queue.refresh", "round": locked.pk}))
+    # The publish stage's own time (its writes included) is known only once they are committed.
+    reporter.finish_timing()
+    TrainingRound.objects.filter(pk=round_.pk).update(timings=reporter.timings)
     round_.refresh_from_db()
 
 

@@ -95,9 +95,8 @@ def main() -> int:
         for stage, seconds in result.timings.items():
             print(f"  {stage:<10} {seconds:7.2f} s")
         print(f"  total      {total:7.2f} s  (labels -> new queue; goal < 60 s with cached embeddings)")
-        print(
-            f"  held-out balanced accuracy {result.metrics.get('balanced_accuracy')}, split {result.metrics.get('split')}"
-        )
+        metrics = result.metrics
+        print(f"  held-out balanced accuracy {metrics.get('balanced_accuracy')}, split {metrics.get('split')}")
 
         patches = list(project.patches.select_related("slide", "project")[: args.embed_sample])
         backbone = create_backbone()
