@@ -30,17 +30,8 @@ from tests.integration.conftest import REPO_ROOT, celery_worker_process, test_da
 # browser steps are plain synchronous code (see stack.md), so let Django allow them.
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
+from tests.e2e.chromium import CHROMIUM, CHROMIUM_ARGS
+
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 SLIDE_FILE = SLIDES_DIR / "cmu-1-small-region.svs"
 PASSWORD = "pw-histoloop-1"  # tests.factories.UserFactory's password
