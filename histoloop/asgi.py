@@ -16,7 +16,7 @@ from annotations.routing import websocket_urlpatterns  # noqa: E402
 
 def _warm_up() -> None:
     """Import the heavy libraries behind reports now, not inside the first request that needs them
-    (sync views share one thread under daphne, so a cold import would stall every other request)."""
+    (sync views share one thread per server process, so a cold import would stall every other request)."""
     import crowdkit.aggregation  # noqa: F401
     import krippendorff  # noqa: F401
     import sklearn.metrics  # noqa: F401

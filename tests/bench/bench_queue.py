@@ -1,6 +1,6 @@
 """Next-task + vote latency for 50 concurrent annotators through the real ASGI server and PostgreSQL.
 
-    .venv/bin/python tests/bench/bench_queue.py [--annotators 50] [--seconds 30] [--think 2.0]
+    .venv/bin/python tests/bench/bench_queue.py [--annotators 50] [--seconds 30] [--think 3] [--workers 1,2]
 
 Uses DATABASE_URL/REDIS_URL like manage.py (embedded services when unset). It creates a bench
 project with 3,000 patches (rows only: no pixels are read), 50 crowd members with API tokens,
@@ -8,9 +8,13 @@ and removes all of it at the end.
 
 Measured:
 - baseline, in-process: ``queue.lease_next_task`` + ``voting.cast_vote`` called directly, one thread;
-- HTTP through daphne, 50 annotator threads, each: POST next-task, POST vote, repeat —
-  paced like people (exponential think time, mean ``--think`` s, between votes) and saturated
-  (no think time: the server's ceiling on this machine).
+- HTTP through the real ASGI server (``histoloop.serve``: uvicorn) with 1 worker process (the
+  baseline: one process, as with daphne) and with ``--workers`` processes; 50 annotator threads,
+  each: POST next-task, POST vote, repeat. Paced like people: each annotator starts at a random
+  moment within the first think time, then waits an exponential think time (mean ``--think`` s)
+  between next-task and vote; and saturated (no think time: the server's ceiling on this machine).
+  Each server first gets ``--warmup`` seconds of paced traffic that is not recorded (first
+  requests of a process import and compile what Django needs).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from histoloop import embedded  # noqa: E402
 from tests.bench.bench_tiles import percentile  # noqa: E402
-from tests.servers import daphne  # noqa: E402
+from tests.servers import asgi_server  # noqa: E402
 
 
 def describe(name: str, values: list[float], wall: float | None = None) -> dict:
@@ -108,19 +112,27 @@ def annotate_over_http(port: int, project_id: int, tokens: list[str], seconds: f
     lease_t: list[float] = []
     vote_t: list[float] = []
     errors: list[str] = []
-    stop_at = time.perf_counter() + seconds
+    start = time.perf_counter()
+    stop_at = start + seconds
 
     def post(conn: http.client.HTTPConnection, path: str, token: str, body: dict | None = None):  # type: ignore[no-untyped-def]
         payload = json.dumps(body or {})
-        conn.request(
-            "POST", path, body=payload, headers={"Authorization": f"Token {token}", "Content-Type": "application/json"}
-        )
-        response = conn.getresponse()
+        headers = {"Authorization": f"Token {token}", "Content-Type": "application/json"}
+        try:
+            conn.request("POST", path, body=payload, headers=headers)
+            response = conn.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            # The server closed an idle keep-alive connection: reconnect, as a browser does.
+            conn.close()
+            conn.request("POST", path, body=payload, headers=headers)
+            response = conn.getresponse()
         return response.status, response.read()
 
     def annotator(token: str, seed: int) -> None:
         rng = random.Random(seed)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        if think:
+            time.sleep(rng.uniform(0, think))  # people do not all click at the same instant
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
             status, body = post(conn, f"/api/v1/projects/{project_id}/next-task/", token)
@@ -148,19 +160,21 @@ def annotate_over_http(port: int, project_id: int, tokens: list[str], seconds: f
         conn.close()
 
     threads = [threading.Thread(target=annotator, args=(tok, i)) for i, tok in enumerate(tokens)]
-    start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return {"lease": lease_t, "vote": vote_t, "errors": errors, "wall": time.perf_counter() - start}
+    # Rates are per second of the measured window (requests still in flight at its end are counted).
+    return {"lease": lease_t, "vote": vote_t, "errors": errors, "wall": seconds}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotators", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=30)
-    parser.add_argument("--think", type=float, default=2.0, help="mean think time between votes (s)")
+    parser.add_argument("--think", type=float, default=3.0, help="mean think time between votes (s)")
+    parser.add_argument("--workers", default="1,2", help="server worker process counts to measure")
+    parser.add_argument("--warmup", type=float, default=5, help="unrecorded paced traffic per server (s)")
     args = parser.parse_args()
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
@@ -177,20 +191,29 @@ def main() -> int:
         lease_t, vote_t = in_process(project, users[0], 200)
         base_lease = describe("in-process lease_next_task", lease_t)
         base_vote = describe("in-process cast_vote", vote_t)
-        log = REPO / "var" / "bench-queue-daphne.log"
+        log = REPO / "var" / "bench-queue-server.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        with daphne(dict(os.environ), log) as port:
-            for label, think in ((f"paced (think {args.think:g}s)", args.think), ("saturated (no think)", 0.0)):
-                result = annotate_over_http(port, project.pk, tokens, args.seconds, think)
-                print(f"-- HTTP, {args.annotators} annotators, {label}: {len(result['errors'])} errors")
-                lease = describe("  POST next-task", result["lease"], result["wall"])
-                vote = describe("  POST votes", result["vote"], result["wall"])
-                print(
-                    f"  ratio to in-process median: next-task {lease['median_ms'] / base_lease['median_ms']:.1f}x, "
-                    f"vote {vote['median_ms'] / base_vote['median_ms']:.1f}x; goal p95 < 50 ms"
-                )
-                if result["errors"]:
-                    print("  first errors:", result["errors"][:3])
+        baseline: dict[str, dict] = {}
+        for workers in [int(w) for w in args.workers.split(",")]:
+            with asgi_server(dict(os.environ), log, workers=workers) as port:
+                annotate_over_http(port, project.pk, tokens, args.warmup, args.think)
+                for label, think in ((f"paced (think {args.think:g}s)", args.think), ("saturated (no think)", 0.0)):
+                    result = annotate_over_http(port, project.pk, tokens, args.seconds, think)
+                    print(
+                        f"-- HTTP, {workers} server process(es), {args.annotators} annotators, {label}: "
+                        f"{len(result['errors'])} errors"
+                    )
+                    lease = describe("  POST next-task", result["lease"], result["wall"])
+                    vote = describe("  POST votes", result["vote"], result["wall"])
+                    base = baseline.setdefault(label, {"lease": lease, "vote": vote})
+                    print(
+                        f"  p95 vs 1 process: next-task {lease['p95_ms'] / base['lease']['p95_ms']:.2f}x, "
+                        f"vote {vote['p95_ms'] / base['vote']['p95_ms']:.2f}x; median vs in-process: "
+                        f"next-task {lease['median_ms'] / base_lease['median_ms']:.1f}x, "
+                        f"vote {vote['median_ms'] / base_vote['median_ms']:.1f}x; goal p95 < 50 ms"
+                    )
+                    if result["errors"]:
+                        print("  first errors:", result["errors"][:3])
     finally:
         from annotations.models import Vote
 

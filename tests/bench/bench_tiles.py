@@ -1,4 +1,4 @@
-"""Tile serving through the real ASGI server (daphne) against large-image's getTile in-process.
+"""Tile serving through the real ASGI server (histoloop.serve) against large-image's getTile in-process.
 
     .venv/bin/python tests/bench/bench_tiles.py [--rounds 3] [--think 1.0]
 
@@ -15,7 +15,7 @@ synthesised by large-image and cost the same in both paths):
 - field of view: 16 clients each load 4x3-tile views with 6 connections (like a browser), pausing
   ``--think`` seconds between views, and with no pause (saturated).
 
-Every phase starts cold: large-image's caches are cleared in-process, and daphne is restarted
+Every phase starts cold: large-image's caches are cleared in-process, and the server is restarted
 before each HTTP phase, so no request is answered from a cache and every tile is distinct.
 """
 
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from histoloop import embedded  # noqa: E402
-from tests.servers import daphne  # noqa: E402
+from tests.servers import asgi_server  # noqa: E402
 
 Tile = tuple[int, int, int]
 
@@ -137,7 +137,7 @@ def main() -> int:
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     project = ProjectFactory(name=f"bench-tiles-{os.getpid()}-{int(time.time())}")
     user = member(project, Role.CROWD, username=f"bench-viewer-{os.getpid()}-{int(time.time())}")
-    log = media / "daphne.log"
+    log = media / "server.log"
     try:
         slide = slides.add_slide_from_path(project, slide_file, launch=False)
         slide = slides.ingest(slide.pk)
@@ -175,7 +175,7 @@ def main() -> int:
             return summary(f"in-process getTile, {workers} thread(s)", latencies, wall)
 
         def over_http(workers: int) -> dict:
-            with daphne(env, log) as port:
+            with asgi_server(env, log) as port:
                 http_get({}, port, f"/api/v1/slides/{slide.pk}/tiles/0/0/0.jpeg", cookie)  # auth + open, not timed
 
                 def work(tile: object, state: dict) -> float:
@@ -185,7 +185,7 @@ def main() -> int:
                     return time.perf_counter() - start
 
                 latencies, wall = run_concurrently(all_tiles, workers, work)
-            return summary(f"HTTP (daphne), {workers} client(s)", latencies, wall)
+            return summary(f"HTTP (ASGI server), {workers} client(s)", latencies, wall)
 
         def views(z: int) -> list[list[Tile]]:
             columns, rows = geometry.tile_counts(z)
@@ -201,7 +201,7 @@ def main() -> int:
             for _ in range(args.rounds):
                 fovs = views(geometry.levels - 1) + views(geometry.levels - 2)
                 rng.shuffle(fovs)
-                with daphne(env, log) as port:
+                with asgi_server(env, log) as port:
                     http_get({}, port, f"/api/v1/slides/{slide.pk}/tiles/0/0/0.jpeg", cookie)
                     pool = ThreadPoolExecutor(max_workers=16 * 6)
 

@@ -1,4 +1,5 @@
-"""Browser tests: Debian's Chromium driven by Playwright against a real daphne (ASGI) server.
+"""Browser tests: Debian's Chromium driven by Playwright against the real ASGI server
+(histoloop.serve with 2 worker processes).
 
 The server runs as a subprocess on the test database, so everything a test sets up is committed
 (``committed`` below) rather than wrapped in a rolled-back transaction. Each test makes its own
@@ -27,7 +28,7 @@ from tests.integration.conftest import REPO_ROOT, celery_worker_process, test_da
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 from tests.e2e.chromium import CHROMIUM, CHROMIUM_ARGS
-from tests.servers import daphne
+from tests.servers import asgi_server
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 SLIDE_FILE = SLIDES_DIR / "cmu-1-small-region.svs"
@@ -68,11 +69,11 @@ def django_db_setup(django_test_environment: None, django_db_blocker: Any) -> It
 
 @pytest.fixture(scope="session")
 def server_url(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A daphne process serving histoloop.asgi (HTTP and websockets) on a free loopback port."""
+    """Two uvicorn worker processes serving histoloop.asgi (HTTP and websockets) on a free loopback port."""
     ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / "daphne.log"
+    log = ARTIFACTS / "server.log"
     log.write_bytes(b"")
-    with daphne(server_env(), log) as port:
+    with asgi_server(server_env(), log, workers=2) as port:
         yield f"http://127.0.0.1:{port}"
 
 
