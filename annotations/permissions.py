@@ -27,13 +27,18 @@ def project_for(user: Any, project_id: int, *, roles: tuple[str, ...] | None = N
     """
     from rest_framework.exceptions import PermissionDenied
 
-    role = membership_role(user, project_id)
-    if role is None:
-        raise Http404("No such project.")
-    try:
-        project = Project.objects.get(pk=project_id)
-    except Project.DoesNotExist as exc:
-        raise Http404("No such project.") from exc
+    membership = (
+        Membership.objects.filter(user=user, project_id=project_id).select_related("project").first()
+        if getattr(user, "is_authenticated", False)
+        else None
+    )
+    if membership is not None:
+        project, role = membership.project, membership.role
+    else:
+        role = membership_role(user, project_id)  # staff superusers without a membership
+        project = Project.objects.filter(pk=project_id).first() if role is not None else None
+        if project is None:
+            raise Http404("No such project.")
     if roles is not None and role not in roles:
         raise PermissionDenied(f"Your role in this project ({role}) may not do this.")
     return project, role

@@ -133,17 +133,13 @@ def lease_next_task(project: Project, user: Any, role: str, *, fresh: bool = Fal
     when they hold enough).
     """
     now = timezone.now()
-    if not fresh:
-        held = current_lease(project, user, now)
-        if held is not None:
-            return held
     with transaction.atomic():
         # One leasing request per user at a time, so concurrent requests cannot exceed the cap.
         # FOR NO KEY UPDATE does not block votes and other rows referencing the user.
         list(get_user_model().objects.select_for_update(no_key=True).filter(pk=user.pk).values_list("pk"))
         held_now = held_leases(project, user, now)
         if held_now and not fresh:
-            return held_now[0]  # leased by a concurrent request meanwhile
+            return held_now[0]  # the lease already held (page reload, or a concurrent request)
         if len(held_now) >= MAX_LEASES:
             return None
         if role == Role.CROWD and _wants_gold(project, user, ahead=len(held_now)):
@@ -155,6 +151,7 @@ def lease_next_task(project: Project, user: Any, role: str, *, fresh: bool = Fal
             with transaction.atomic():
                 candidates = (
                     AnnotationTask.objects.select_for_update(skip_locked=True, of=("self",))
+                    .select_related("patch", "patch__slide", "patch__project")
                     .filter(_available(project, now), kind=kind)
                     .exclude(_not_voted_by(user))
                     .exclude(_recently_skipped_by(user, now))
@@ -169,7 +166,7 @@ def lease_next_task(project: Project, user: Any, role: str, *, fresh: bool = Fal
                 task.lease_owner = user
                 task.lease_expires_at = expiry
                 task.save(update_fields=["state", "lease_owner", "lease_expires_at", "updated_at"])
-            return AnnotationTask.objects.select_related("patch", "patch__slide", "patch__project").get(pk=task.pk)
+            return task
     return None
 
 
