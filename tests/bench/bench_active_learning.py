@@ -28,6 +28,7 @@ django.setup()
 
 from learner import simulation as sim  # noqa: E402
 from learner.conf import learner_settings  # noqa: E402
+from learner.core import learning_curves  # noqa: E402
 from learner.core.config import TrainConfig  # noqa: E402
 from learner.core.embeddings import EmbeddingCache, embed, embedding_model_id  # noqa: E402
 from learner.core.training import train_head  # noqa: E402
@@ -139,22 +140,22 @@ def main() -> None:
 
     def keep(row: dict[str, Any]) -> None:
         rows.append(row)
-        sim.write_csv(rows, out / "rounds.csv")
+        learning_curves.write_csv(rows, out / "rounds.csv")
 
     t0 = time.monotonic()
     sim.simulate(source, cfg, progress=say, on_row=keep, jobs=priority_order(cfg))
     loop_seconds = time.monotonic() - t0
     text = "\n".join(
         [
-            sim.summary(rows),
+            learning_curves.summary(rows),
             f"\nTarget = {target:.3f} (random's accuracy with 3,000 labels unless --target):" if target else "",
-            sim.summary(rows, target) if target else "",
+            learning_curves.summary(rows, target) if target else "",
             "\nSelf-training on the same loop-chosen labels (final budget), mean test accuracy:",
             *heads_table(rows),
             f"\nloop: {len(rows)} rounds in {loop_seconds:.0f}s; total {time.monotonic() - started:.0f}s",
         ]
     )
-    sim.plot(rows, out / "learning_curve.png")
+    learning_curves.plot(rows, out / "learning_curve.png")
     (out / "summary.txt").write_text(text + "\n")
     say(text)
     say(f"wrote {out}")

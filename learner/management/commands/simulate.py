@@ -10,6 +10,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from learner import simulation as sim
+from learner.core import learning_curves
 from learner.core.strategies import STRATEGIES
 
 
@@ -74,7 +75,7 @@ class Command(BaseCommand):
 
         def keep(row: dict[str, Any]) -> None:
             rows.append(row)
-            sim.write_csv(rows, out / "rounds.csv")  # after every round, so an interrupted run keeps its rows
+            learning_curves.write_csv(rows, out / "rounds.csv")  # after every round: a stopped run keeps its rows
 
         try:
             source = sim.source_project(items, name, progress=say)
@@ -83,8 +84,8 @@ class Command(BaseCommand):
             sim.simulate(source, cfg, progress=say, on_row=keep)
         except sim.SimulationError as exc:
             raise CommandError(str(exc)) from exc
-        text = sim.summary(rows, opts["target"])
-        sim.plot(rows, out / "learning_curve.png")
+        text = learning_curves.summary(rows, opts["target"])
+        learning_curves.plot(rows, out / "learning_curve.png")
         (out / "summary.txt").write_text(text + "\n")
         say(text)
         elapsed = time.monotonic() - started
