@@ -95,3 +95,42 @@ def test_a_crowd_member_sees_only_the_patches_they_voted_on(
     expect(osd).to_have_attribute("data-state", "loaded", timeout=20_000)
     expect(osd).to_have_attribute("data-labelled", "1")
     expect(page.get_by_role("link", name="Dashboard")).to_have_count(0)
+
+
+def test_an_expert_steps_through_patches_and_labels_them_with_the_keyboard(
+    page: Any, make_project: Any, make_member: Any, committed: Any
+) -> None:
+    seeded = make_project(queue=False)
+    project = seeded.project
+    expert = make_member(project, Role.EXPERT, username="e2e-viewer-keys")
+    reading_order = sorted(seeded.patches, key=lambda p: (p.y, p.x))
+    label_patches(committed, project, reading_order[:2], expert)  # the first two already have a label
+    with committed():
+        squamous = project.label_classes.get(name="squamous")
+
+    login(page, "e2e-viewer-keys", next_path=f"/projects/{project.pk}/viewer/")
+    osd = page.locator("#osd")
+    expect(osd).to_have_attribute("data-state", "loaded", timeout=20_000)
+    expect(osd).to_have_attribute("data-labelled", "2")
+    panel = page.locator("#patch-panel")
+
+    page.keyboard.press("Shift+N")  # the first patch without a consensus label
+    expect(panel.get_by_role("heading", name=f"Patch {reading_order[2].pk}")).to_be_visible()
+    page.keyboard.press("n")
+    expect(panel.get_by_role("heading", name=f"Patch {reading_order[3].pk}")).to_be_visible()
+    page.keyboard.press("p")
+    page.keyboard.press("p")
+    expect(panel.get_by_role("heading", name=f"Patch {reading_order[1].pk}")).to_be_visible()
+    page.keyboard.press("Shift+N")
+    target = reading_order[2]
+    expect(panel.get_by_role("heading", name=f"Patch {target.pk}")).to_be_visible()
+    expect(panel.get_by_role("button", name="squamous")).to_be_visible()
+
+    page.keyboard.press(squamous.hotkey)
+    expect(panel).to_contain_text("e2e-viewer-keys (expert): squamous")
+    expect(osd).to_have_attribute("data-labelled", "3")
+    with committed():
+        vote = Vote.objects.get(patch=target, annotator=expert, is_active=True)
+        assert vote.label == squamous
+    page.keyboard.press("Escape")
+    expect(panel).to_be_hidden()

@@ -9,6 +9,9 @@ const OSD = window.OpenSeadragon;
 const base = config.api;
 const slide = config.slide;
 const isExpert = config.role !== "crowd";
+const labelsByHotkey = new Map(config.labels.map((label) => [label.hotkey, label]));
+// The patch on show in the panel, for the keyboard: { patch, mine, message } (mine: my active vote).
+let shown = null;
 
 const ui = {
   osd: document.getElementById("osd"),
@@ -137,8 +140,77 @@ function voteList(votes) {
   );
 }
 
+async function labelPatch(layer, patch, label, mine, message) {
+  try {
+    if (mine) await api(`${base}votes/${mine.id}/correct/`, { method: "POST", body: { label: label.id } });
+    else await api(`${base}votes/`, { method: "POST", body: { patch: patch.id, label: label.id } });
+  } catch (error) {
+    message.className = "message error";
+    message.textContent = error.message;
+    return;
+  }
+  await loadOverlay(layer);
+  await showPatch(layer, layer.patches.find((p) => p.id === patch.id) || patch);
+}
+
+// Reading order (top to bottom, left to right), for stepping through patches with the keyboard.
+function readingOrder(patches) {
+  return [...patches].sort((a, b) => a.y - b.y || a.x - b.x);
+}
+
+function stepPatch(viewer, layer, direction, unlabelledOnly) {
+  const order = readingOrder(unlabelledOnly ? layer.patches.filter((p) => !p.label) : layer.patches);
+  if (!order.length) {
+    setStatus(unlabelledOnly ? "Every patch on this slide has a consensus label." : "This slide has no patches.");
+    return;
+  }
+  const current = layer.selected;
+  let index;
+  if (!current) index = direction > 0 ? 0 : order.length - 1;
+  else {
+    // The first patch after (or before) the selected one in reading order, wrapping around.
+    const after = (p) => p.y > current.y || (p.y === current.y && p.x > current.x);
+    const before = (p) => p.y < current.y || (p.y === current.y && p.x < current.x);
+    index = direction > 0 ? order.findIndex(after) : order.findLastIndex(before);
+    if (index < 0) index = direction > 0 ? 0 : order.length - 1;
+  }
+  const patch = order[index];
+  const item = viewer.world.getItemAt(0);
+  viewer.viewport.panTo(item.imageToViewportCoordinates(patch.x + patch.size / 2, patch.y + patch.size / 2));
+  showPatch(layer, patch);
+}
+
+function closePanel(layer) {
+  layer.selected = null;
+  shown = null;
+  layer.schedule();
+  ui.panel.hidden = true;
+}
+
+function isTyping(target) {
+  return target instanceof HTMLElement && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName));
+}
+
+function bindKeys(viewer, layer) {
+  document.addEventListener("keydown", (event) => {
+    if (event.repeat || event.altKey || event.ctrlKey || event.metaKey || isTyping(event.target)) return;
+    const key = event.key.toLowerCase();
+    if (key === "n" || key === "p") {
+      event.preventDefault();
+      stepPatch(viewer, layer, key === "n" ? 1 : -1, event.shiftKey);
+    } else if (event.key === "Escape" && layer.selected) {
+      event.preventDefault();
+      closePanel(layer);
+    } else if (isExpert && shown && labelsByHotkey.has(event.key)) {
+      event.preventDefault();
+      labelPatch(layer, shown.patch, labelsByHotkey.get(event.key), shown.mine, shown.message);
+    }
+  });
+}
+
 async function showPatch(layer, patch) {
   layer.selected = patch;
+  shown = null;
   layer.schedule();
   ui.panel.hidden = false;
   ui.panelTitle.textContent = `Patch ${patch.id}`;
@@ -147,9 +219,10 @@ async function showPatch(layer, patch) {
   try {
     detail = await api(`${base}patches/${patch.id}/`);
   } catch (error) {
-    ui.panelBody.replaceChildren(el("p", { class: "error", text: error.message }));
+    if (layer.selected === patch) ui.panelBody.replaceChildren(el("p", { class: "error", text: error.message }));
     return;
   }
+  if (layer.selected !== patch) return; // another patch was chosen meanwhile
   const consensus = detail.consensus;
   const mine = detail.votes.find((v) => v.is_active && v.annotator === document.body.dataset.user);
   const parts = [
@@ -171,22 +244,12 @@ async function showPatch(layer, patch) {
         type: "button",
         class: "label-button",
         style: `--label-colour: ${label.colour}`,
-        text: label.name,
-        onclick: async () => {
-          try {
-            if (mine) await api(`${base}votes/${mine.id}/correct/`, { method: "POST", body: { label: label.id } });
-            else await api(`${base}votes/`, { method: "POST", body: { patch: patch.id, label: label.id } });
-          } catch (error) {
-            message.className = "message error";
-            message.textContent = error.message;
-            return;
-          }
-          await loadOverlay(layer);
-          await showPatch(layer, layer.patches.find((p) => p.id === patch.id) || patch);
-        },
-      }),
+        "aria-keyshortcuts": label.hotkey,
+        onclick: () => labelPatch(layer, patch, label, mine, message),
+      }, el("kbd", { text: label.hotkey }), ` ${label.name}`),
     );
     parts.push(el("h3", { text: mine ? "Change your label" : "Label this patch" }), el("div", { class: "labels" }, buttons), message);
+    if (layer.selected === patch) shown = { patch, mine, message };
   } else {
     parts.push(el("p", { class: "note", text: "Label patches in the annotator; here you see your own votes." }));
   }
@@ -221,6 +284,7 @@ async function main() {
     const patch = layer.patchAt(event.position);
     if (patch) showPatch(layer, patch);
   });
+  bindKeys(viewer, layer);
   await loadOverlay(layer);
   // A finished round brings new labels and a new model: refresh what is shown.
   connectLive(config.ws, {
