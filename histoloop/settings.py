@@ -205,6 +205,7 @@ LEARNER = {
     "CACHE_DIR": os.environ.get("LEARNER_CACHE_DIR", str(BASE_DIR / "var" / "cache")),
     "DEVICE": os.environ.get("LEARNER_DEVICE", "auto"),
     "PRETRAINED": os.environ.get("LEARNER_PRETRAINED", "package"),
+    "MULTISCALE": env_bool("LEARNER_MULTISCALE", True),
 }
 ANNOTATIONS = {
     "LEASE_MINUTES": int(os.environ.get("LEASE_MINUTES", "10")),

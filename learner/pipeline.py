@@ -305,7 +305,7 @@ def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSetting
     y_all = np.array([pool.labels.get(int(pid), -1) for pid in pool.patch_ids], dtype=np.int64)
 
     reporter.stage("embed")
-    spec = BackboneSpec(name=project.backbone, weights=cfg.PRETRAINED)
+    spec = BackboneSpec(name=project.backbone, weights=cfg.PRETRAINED, multiscale=cfg.MULTISCALE)
     backbone = create_backbone(spec)
     size = project.patch_size if project.patch_size <= 256 else 224
     emb = embed(

@@ -251,7 +251,9 @@ def source_embeddings(source: SourceSet, progress: Progress | None = None) -> np
     cfg = learner_settings()
     by_id = Patch.objects.select_related("slide", "project").in_bulk(list(source.patch_ids))
     patches = [by_id[int(pid)] for pid in source.patch_ids]
-    backbone = create_backbone(BackboneSpec(name=source.project.backbone, weights=cfg.PRETRAINED))
+    backbone = create_backbone(
+        BackboneSpec(name=source.project.backbone, weights=cfg.PRETRAINED, multiscale=cfg.MULTISCALE)
+    )
     size = source.project.patch_size if source.project.patch_size <= 256 else 224
     last = [time.monotonic()]
 
@@ -610,7 +612,8 @@ _BACKBONES: dict[str, Any] = {}
 def _backbone_for(source: SourceSet) -> Any:
     key = source.project.backbone
     if key not in _BACKBONES:
-        _BACKBONES[key] = create_backbone(BackboneSpec(name=key, weights=learner_settings().PRETRAINED))
+        cfg = learner_settings()
+        _BACKBONES[key] = create_backbone(BackboneSpec(name=key, weights=cfg.PRETRAINED, multiscale=cfg.MULTISCALE))
     return _BACKBONES[key]
 
 

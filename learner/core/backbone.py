@@ -42,10 +42,69 @@ class Backbone:
     weights_id: str  # stable id of the weights actually loaded (content hash, "timm-<tag>" or "random")
     normalisation: Normalisation
     num_features: int
+    pooled_stages: tuple[int, ...] = ()  # stages appended to the final features (multiscale)
 
     @property
     def cache_id(self) -> str:
-        return f"{self.spec.name}-{self.weights_id}"
+        stages = f"-ms{''.join(str(i) for i in self.pooled_stages)}" if self.pooled_stages else ""
+        return f"{self.spec.name}-{self.weights_id}{stages}"
+
+
+class StagePooled(nn.Module):
+    """A timm CNN whose pooled features are the final ones followed by the global average of some of
+    its stages' outputs (multi-scale embeddings: mid-level texture beside the final features).
+
+    It answers `forward_features`/`forward_head` like a timm model, so code that pools a timm model's
+    features (embeddings.pooled_features) works on it unchanged."""
+
+    def __init__(self, model: nn.Module, stages: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.stages = tuple(sorted(stages))
+        self.pretrained_cfg = getattr(model, "pretrained_cfg", {})
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            self.num_features = int(self.forward_features(torch.zeros(1, 3, 64, 64)).shape[1])
+            model.train(was_training)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        blocks: Any = self.model.blocks
+        handles = [blocks[i].register_forward_hook(lambda _m, _inputs, out: captured.append(out)) for i in self.stages]
+        try:
+            model: Any = self.model
+            final = model.forward_head(model.forward_features(x), pre_logits=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.cat([final, *(out.mean((2, 3)) for out in captured)], dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+def multiscale_stages(model: nn.Module) -> tuple[int, ...]:
+    """The last three stages of a CNN with a `blocks` sequence whose outputs are feature maps; else ()."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) < 4:
+        return ()
+    stages = tuple(range(len(blocks) - 3, len(blocks)))
+    shapes: list[int] = []
+    handles = [blocks[i].register_forward_hook(lambda _m, _i, out: shapes.append(out.dim())) for i in stages]
+    try:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            model.forward_features(torch.zeros(1, 3, 64, 64))  # type: ignore[operator]
+            model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stages if shapes and all(d == 4 for d in shapes) else ()
 
 
 def packaged_weights_path(name: str) -> Path:
@@ -161,12 +220,16 @@ def create_model(spec: BackboneSpec | None = None, num_classes: int | None = Non
     normalisation = _normalisation_of(model)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
+    stages = multiscale_stages(model) if spec.multiscale and num_classes == 0 else ()
+    if stages:
+        model = StagePooled(model, stages)
     return Backbone(
         model=model,
         spec=spec,
         weights_id=weights_id,
         normalisation=normalisation,
         num_features=int(model.num_features),
+        pooled_stages=stages,
     )
 
 

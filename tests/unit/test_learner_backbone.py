@@ -13,6 +13,7 @@ from skimage import data
 from learner.core.backbone import create_backbone, create_model, match_state_dict, packaged_weights_path
 from learner.core.config import BackboneSpec
 from learner.core.data import normalise, to_tensor
+from learner.core.embeddings import pooled_features
 from learner.core.errors import LearnerError
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -87,3 +88,22 @@ def test_unknown_backbone_and_unpackaged_weights_are_refused() -> None:
         create_backbone(BackboneSpec(name="resnet9000"))
     with pytest.raises(LearnerError, match="No installable package ships weights for backbone 'resnet18'"):
         create_backbone(BackboneSpec(name="resnet18"))
+
+
+def test_multiscale_appends_the_last_three_stages_to_the_final_features() -> None:
+    plain, ms = create_backbone(), create_backbone(BackboneSpec(multiscale=True))
+    assert ms.pooled_stages == (4, 5, 6) and ms.cache_id != plain.cache_id
+    assert ms.num_features == 1280 + 112 + 192 + 320  # efficientnet-lite0's last three stages
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        a = pooled_features(plain.model.eval(), x)
+        b = pooled_features(ms.model.eval(), x)
+    assert b.shape == (2, ms.num_features)
+    torch.testing.assert_close(b[:, :1280], a)
+    assert b[:, 1280:].abs().sum() > 0
+
+
+def test_multiscale_leaves_architectures_without_stage_blocks_as_they_are() -> None:
+    resnet = create_backbone(BackboneSpec(name="resnet18", weights="none", multiscale=True))
+    assert resnet.pooled_stages == () and resnet.num_features == 512
+    assert resnet.cache_id == create_backbone(BackboneSpec(name="resnet18", weights="none")).cache_id

@@ -100,7 +100,7 @@ def test_head_model_saves_loads_and_predicts_from_images(head_run: dict, tmp_pat
     meta = save_model(path, clf, extra={"round": 3})
     assert json.loads(json.dumps(meta)) == meta
     assert meta["mode"] == "head" and meta["class_names"] == head_run["classes"]
-    assert meta["backbone"] == {"name": "tf_efficientnet_lite0", "weights": "package"}
+    assert meta["backbone"] == {"name": "tf_efficientnet_lite0", "weights": "package", "multiscale": False}
     assert meta["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
     assert read_metadata(path)["extra"] == {"n_train": 60, "round": 3}
     assert [p.name for p in path.parent.iterdir()] == ["v1.pt"]  # no temp file left behind
@@ -122,6 +122,27 @@ def test_grad_cam_gives_a_heatmap_for_one_patch(head_run: dict) -> None:
     assert cls == int(head_run["clf"].predict_proba(head_run["x_test"][:1]).argmax())
     with pytest.raises(LearnerError, match="target_class"):
         grad_cam(head_run["clf"], img, target_class=7)
+
+
+@needs_data
+def test_a_multiscale_head_predicts_the_same_from_images_after_loading_and_gives_a_grad_cam(
+    head_run: dict, tmp_path: Path
+) -> None:
+    ms = create_backbone(BackboneSpec(multiscale=True))
+    assert ms.num_features > head_run["x_train"].shape[1]
+    rows = [0, 1, 20, 21, 40, 41]  # two images of each class
+    paths = [head_run["test"][i][0] for i in rows]
+    x = embed(ms, image_files(paths), image_size=HEAD_SIZE, batch_size=6)
+    # The multiscale embedding starts with the plain one: the final features, then the stages' means.
+    np.testing.assert_allclose(x[:, : head_run["x_train"].shape[1]], head_run["x_test"][rows], atol=1e-4)
+    y = np.array([head_run["test"][i][1] for i in rows])
+    clf = train_head(x, y, head_run["classes"], ms, TrainConfig(), image_size=HEAD_SIZE)
+    save_model(tmp_path / "ms.pt", clf)
+    loaded = load_model(tmp_path / "ms.pt")
+    assert loaded.spec.multiscale and loaded.backbone().pooled_stages == (4, 5, 6)
+    np.testing.assert_allclose(loaded.predict_proba(image_files(paths[:2])), clf.predict_proba(x[:2]), atol=1e-4)
+    heat, _ = grad_cam(loaded, image_files(paths[:1])[0])
+    assert heat.shape == (HEAD_SIZE, HEAD_SIZE) and heat.std() > 0.01
 
 
 def test_head_needs_two_classes(backbone: Backbone) -> None:
