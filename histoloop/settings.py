@@ -206,6 +206,7 @@ LEARNER = {
     "DEVICE": os.environ.get("LEARNER_DEVICE", "auto"),
     "PRETRAINED": os.environ.get("LEARNER_PRETRAINED", "package"),
     "MULTISCALE": env_bool("LEARNER_MULTISCALE", True),
+    "SELF_TRAINING": env_bool("LEARNER_SELF_TRAINING", True),
 }
 ANNOTATIONS = {
     "LEASE_MINUTES": int(os.environ.get("LEASE_MINUTES", "10")),

@@ -19,6 +19,10 @@ class LearnerSettings:
     STALE_AFTER_SECONDS: int = 180  # a running round silent for this long has lost its worker
     EMBED_BATCH_SIZE: int = 32
     TTA: bool = False
+    # Head mode: one round of self-training on the unlabelled pool (pseudo-labels where the head's
+    # probability exceeds the threshold). bench_active_learning.py measures it against the plain head.
+    SELF_TRAINING: bool = True
+    SELF_TRAINING_THRESHOLD: float = 0.95
     # Head-mode embeddings also pool the backbone's last three stages (BackboneSpec.multiscale): +0.5 to 1
     # point of test accuracy on LC25000 at the same labels, at no extra forward cost (bench_active_learning).
     MULTISCALE: bool = True

@@ -31,7 +31,7 @@ from learner.core.embeddings import embed
 from learner.core.errors import Cancelled, LearnerError
 from learner.core.evaluation import evaluate
 from learner.core.strategies import cold_start, select_batch
-from learner.core.training import finetune, train_head
+from learner.core.training import finetune, self_train_head, train_head
 
 from .conf import LearnerSettings, learner_settings
 from .events import broadcast, round_payload
@@ -326,6 +326,18 @@ def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSetting
     n_classes_seen = len(np.unique(y_all[trainable])) if len(trainable) else 0
     config = TrainConfig(mode=project.train_mode, image_size=size, seed=project.seed + round_.number, device=cfg.DEVICE)
 
+    def fit_head(x: np.ndarray, y: np.ndarray, progress: Any = None) -> Classifier:
+        """The head-mode model: self-trained on the unlabelled pool (LEARNER SELF_TRAINING), else plain."""
+        if cfg.SELF_TRAINING:
+            return self_train_head(
+                x, y, emb[unlabelled], class_names, backbone, config, threshold=cfg.SELF_TRAINING_THRESHOLD,
+                image_size=size, tta=cfg.TTA, progress=progress, should_stop=reporter.should_stop,
+            )  # fmt: skip
+        return train_head(
+            x, y, class_names, backbone, config, image_size=size, tta=cfg.TTA, progress=progress,
+            should_stop=reporter.should_stop,
+        )  # fmt: skip
+
     if len(trainable) < cfg.MIN_LABELS or n_classes_seen < 2:
         # Cold start: no model worth trusting yet, so spread the first batch over the embedding space.
         reporter.stage("select")
@@ -382,17 +394,7 @@ def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSetting
         )
         clf = result.classifier
     else:
-        clf = train_head(
-            emb[train_idx],
-            y_all[train_idx],
-            class_names,
-            backbone,
-            config,
-            image_size=size,
-            tta=cfg.TTA,
-            progress=reporter.core_progress(),
-            should_stop=reporter.should_stop,
-        )
+        clf = fit_head(emb[train_idx], y_all[train_idx], progress=reporter.core_progress())
 
     reporter.stage("evaluate")
     metrics: dict[str, Any] = {
@@ -414,7 +416,7 @@ def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSetting
     if project.train_mode == "head" and len(val_idx) and not len(gold_val):
         # Deploy a head refitted on every label (seconds); the metrics above are the held-out estimate.
         # (Gold validation patches are never trained on, so that model is already the deployed one.)
-        clf = train_head(emb[labelled], y_all[labelled], class_names, backbone, config, image_size=size, tta=cfg.TTA)
+        clf = fit_head(emb[labelled], y_all[labelled])
         metrics["deployed"] = "refit on all labels"
 
     reporter.stage("score")

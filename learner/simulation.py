@@ -345,7 +345,7 @@ class Config:
     gold_per_group: int = 4
     random_fraction: float = 0.0  # the platform's in-batch random control; 0 keeps the arms pure
     write_scores: bool = False
-    extra_heads: bool = True  # also score a self-training head on the final labels (analysis only)
+    extra_heads: bool = True  # also score a plain head (no self-training) on the final labels (analysis)
     run_tag: str = ""
 
 
@@ -582,28 +582,18 @@ def test_metrics(y: np.ndarray, proba: np.ndarray, class_names: list[str]) -> di
     }
 
 
-def self_training(run: Run, rows: np.ndarray, y: np.ndarray) -> float:
-    """Test accuracy of a semi-supervised head on the same labels (analysis; the platform's head is the result).
-
-    The platform's head labels the whole pool; pool patches it is sure of (p > 0.95) join the labels
-    as pseudo-labels and the head is fitted again. No label beyond the loop's is used.
-    """
+def supervised_only(run: Run, rows: np.ndarray, y: np.ndarray) -> float:
+    """Test accuracy of a plain head on the same labels, without the platform's self-training on the
+    unlabelled pool (analysis: what self-training adds)."""
     from learner.core.config import TrainConfig
     from learner.core.training import train_head
 
     emb = run.source.embeddings
     assert emb is not None
-    backbone = _backbone_for(run.source)
-    names = run.source.class_names
-    config = TrainConfig(seed=run.split.seed)
-    head = train_head(emb[rows], y, names, backbone, config)
-    pool = run.split.pool_rows
-    proba = head.predict_proba(emb[pool])
-    sure = proba.max(1) > 0.95
-    x = np.concatenate([emb[rows], emb[pool[sure]]])
-    head = train_head(x, np.concatenate([y, proba[sure].argmax(1)]), names, backbone, config)
+    head = train_head(emb[rows], y, run.source.class_names, _backbone_for(run.source), TrainConfig(seed=run.split.seed))
     test = run.split.test_rows
-    return test_metrics(run.source.labels[test], head.predict_proba(emb[test]), names)["accuracy"]  # type: ignore[return-value]
+    proba = head.predict_proba(emb[test])
+    return test_metrics(run.source.labels[test], proba, run.source.class_names)["accuracy"]  # type: ignore[return-value]
 
 
 _BACKBONES: dict[str, Any] = {}
@@ -649,8 +639,8 @@ def round_row(
         "project": run.project.pk,
         "round_id": round_.pk,
     }
-    if heads and final:  # one fit on the whole pool: the final round only
-        row["acc_self_training"] = self_training(run, rows, y)
+    if heads and final:  # the final round only
+        row["acc_supervised_only"] = supervised_only(run, rows, y)
     return row
 
 

@@ -117,6 +117,43 @@ def train_head(
 # --- fine-tuning ---------------------------------------------------------------------------------------------------
 
 
+def self_train_head(
+    embeddings: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    unlabelled: np.ndarray,
+    class_names: Sequence[str],
+    backbone: Backbone,
+    config: TrainConfig | None = None,
+    *,
+    threshold: float = 0.95,
+    image_size: int | None = None,
+    tta: bool = False,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> Classifier:
+    """Self-training (one round of pseudo-labelling): fit the head on the labels, let it label the
+    unlabelled embeddings it is sure of (max probability > `threshold`), and fit again on both.
+
+    Uses the unlabelled pool the loop has anyway; no label beyond the given ones. The returned head's
+    `extra["pseudo_labels"]` says how many pool items joined."""
+    head = train_head(
+        embeddings, labels, class_names, backbone, config, image_size=image_size, tta=tta, should_stop=should_stop
+    )
+    unlabelled = np.asarray(unlabelled, dtype=np.float32)
+    if len(unlabelled) == 0:
+        head.extra["pseudo_labels"] = 0
+        return head
+    proba = head.predict_proba(unlabelled)
+    sure = proba.max(1) > threshold
+    x = np.concatenate([np.asarray(embeddings, dtype=np.float32), unlabelled[sure]])
+    y = np.concatenate([np.asarray(labels, dtype=np.int64), proba[sure].argmax(1)])
+    final = train_head(
+        x, y, class_names, backbone, config, image_size=image_size, tta=tta, progress=progress, should_stop=should_stop
+    )
+    final.extra.update(n_train=len(x) - int(sure.sum()), pseudo_labels=int(sure.sum()))
+    return final
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine decay to `min_ratio` at `total_steps` (pure; multiply the base lr)."""
     if total_steps <= 0:

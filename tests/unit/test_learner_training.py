@@ -20,7 +20,7 @@ from learner.core.embeddings import embed
 from learner.core.errors import Cancelled, LearnerError
 from learner.core.evaluation import evaluate
 from learner.core.gradcam import grad_cam
-from learner.core.training import EarlyStopping, class_weights, finetune, lr_factor, train_head
+from learner.core.training import EarlyStopping, class_weights, finetune, lr_factor, self_train_head, train_head
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "lc25000_lung"
@@ -247,3 +247,23 @@ def test_early_stopping_keeps_the_best_state_and_respects_patience() -> None:
 def test_class_weights_balance_the_counts() -> None:
     w = class_weights(np.array([0, 0, 0, 1]), 3)
     np.testing.assert_allclose(w, [4 / 6, 4 / 2, 0.0])
+
+
+def test_self_training_adds_the_pool_items_the_head_is_sure_of(backbone: Backbone) -> None:
+    rng = np.random.default_rng(3)
+    centres = np.array([[0.0] * 6, [3.0] * 6])
+    x = np.concatenate([rng.normal(c, 1.0, (4, 6)) for c in centres]).astype(np.float32)
+    y = np.repeat([0, 1], 4)
+    pool = np.concatenate([rng.normal(c, 1.0, (200, 6)) for c in centres]).astype(np.float32)
+    config = TrainConfig(head_c=1.0)
+    plain = train_head(x, y, ["a", "b"], backbone, config)
+    sure = int((plain.predict_proba(pool).max(1) > 0.9).sum())
+    assert 0 < sure < len(pool)
+    st = self_train_head(x, y, pool, ["a", "b"], backbone, config, threshold=0.9)
+    assert st.extra["pseudo_labels"] == sure and st.extra["n_train"] == len(x)
+    # The pseudo-labelled pool moves the head: it is surer of the pool than the plain head was.
+    assert (st.predict_proba(pool).max(1) > 0.9).sum() > sure
+    # Nothing is sure enough: the plain head, unchanged.
+    none = self_train_head(x, y, pool, ["a", "b"], backbone, config, threshold=1.0)
+    assert none.extra["pseudo_labels"] == 0
+    np.testing.assert_allclose(none.predict_proba(pool), plain.predict_proba(pool), atol=1e-6)

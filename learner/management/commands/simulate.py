@@ -50,7 +50,9 @@ class Command(BaseCommand):
         parser.add_argument("--target", type=float, help="Accuracy to count labels to (default: random's final).")
         parser.add_argument("--out", type=Path, help="Output folder (default bench-results/simulate-TAG).")
         parser.add_argument("--tag", help="Names this run's projects and users (default: a timestamp).")
-        parser.add_argument("--no-extra-heads", action="store_true", help="Skip the self-training analysis head.")
+        parser.add_argument(
+            "--no-extra-heads", action="store_true", help="Skip the plain-head (no self-training) analysis."
+        )
         parser.add_argument("--write-scores", action="store_true", help="Write PatchScores as the web rounds do.")
 
     def handle(self, *args: Any, **opts: Any) -> None:
