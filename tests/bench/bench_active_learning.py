@@ -31,7 +31,7 @@ from learner.conf import learner_settings  # noqa: E402
 from learner.core import learning_curves  # noqa: E402
 from learner.core.config import BackboneSpec, TrainConfig  # noqa: E402
 from learner.core.embeddings import EmbeddingCache, embed, embedding_model_id  # noqa: E402
-from learner.core.training import train_head  # noqa: E402
+from learner.core.training import self_train_head, train_head  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "lc25000_lung"
 BENCH_CACHE = REPO / "var" / "cache" / "bench"  # bench_learner.py's cache, keyed by path under DATA
@@ -77,7 +77,8 @@ def reuse_bench_cache(source: sim.SourceSet) -> int:
 
 
 def random_reference(source: sim.SourceSet, cfg: sim.Config, sizes: list[int]) -> dict[int, list[float]]:
-    """The platform's head on true labels of uniformly random pool images (no loop needed for random)."""
+    """The platform's head on true labels of uniformly random pool images (no loop needed for random):
+    self-trained on the rest of the pool when the platform's head is (LEARNER_SELF_TRAINING)."""
     emb = source.embeddings
     assert emb is not None
     backbone = sim._backbone_for(source)
@@ -90,7 +91,15 @@ def random_reference(source: sim.SourceSet, cfg: sim.Config, sizes: list[int]) -
             pick = np.random.default_rng(seed).choice(
                 split.pool_rows, size=min(size, len(split.pool_rows)), replace=False
             )
-            head = train_head(emb[pick], source.labels[pick], source.class_names, backbone, TrainConfig(seed=seed))
+            config = TrainConfig(seed=seed)
+            if learner_settings().SELF_TRAINING:
+                rest = np.setdiff1d(split.pool_rows, pick)
+                head = self_train_head(
+                    emb[pick], source.labels[pick], emb[rest], source.class_names, backbone, config,
+                    threshold=learner_settings().SELF_TRAINING_THRESHOLD,
+                )  # fmt: skip
+            else:
+                head = train_head(emb[pick], source.labels[pick], source.class_names, backbone, config)
             acc = float((head.predict_proba(emb[test]).argmax(1) == source.labels[test]).mean())
             out.setdefault(size if size in sizes else -1, []).append(acc)
     return out
