@@ -10,14 +10,17 @@ from rest_framework.permissions import BasePermission
 from .models import Membership, Project, Role
 
 
+def _role_without_membership(user: Any) -> str | None:
+    """Staff superusers act as admins in every project, member or not."""
+    return Role.ADMIN if getattr(user, "is_superuser", False) else None
+
+
 def membership_role(user: Any, project_id: int) -> str | None:
-    """The user's role in the project, or None. Staff superusers act as admins everywhere."""
+    """The user's role in the project, or None."""
     if not getattr(user, "is_authenticated", False):
         return None
     role = Membership.objects.filter(user=user, project_id=project_id).values_list("role", flat=True).first()
-    if role is None and getattr(user, "is_superuser", False):
-        return Role.ADMIN
-    return role
+    return role if role is not None else _role_without_membership(user)
 
 
 def project_for(user: Any, project_id: int, *, roles: tuple[str, ...] | None = None) -> tuple[Project, str]:
@@ -35,7 +38,7 @@ def project_for(user: Any, project_id: int, *, roles: tuple[str, ...] | None = N
     if membership is not None:
         project, role = membership.project, membership.role
     else:
-        role = membership_role(user, project_id)  # staff superusers without a membership
+        role = _role_without_membership(user)  # anonymous users are never superusers
         project = Project.objects.filter(pk=project_id).first() if role is not None else None
         if project is None:
             raise Http404("No such project.")

@@ -80,10 +80,6 @@ def _held(project: Project, user: Any, now: Any) -> Any:
     )
 
 
-def current_lease(project: Project, user: Any, now: Any = None) -> AnnotationTask | None:
-    return _held(project, user, now or timezone.now()).first()
-
-
 def held_leases(project: Project, user: Any, now: Any = None) -> list[AnnotationTask]:
     return list(_held(project, user, now or timezone.now()))
 
