@@ -7,7 +7,7 @@
 // is ready ahead, the vote is sent with "next": true and the page waits for it, as without prefetch.
 // With ?prefetch=0 the images are simply assigned to the visible <img> elements and we wait for the
 // vote (with "next": true) and then for the images to load: the baseline the benchmark compares against.
-import { api, el, pageConfig } from "./api.js";
+import { api, el, isTyping, pageConfig } from "./api.js";
 import { connectLive, statusBadge } from "./live.js";
 
 const config = pageConfig();
@@ -515,10 +515,6 @@ function refreshStats() {
       // Leave the last figures; the next vote tries again.
     }
   }, 250);
-}
-
-function isTyping(target) {
-  return target instanceof HTMLElement && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName));
 }
 
 document.addEventListener("keydown", (event) => {

@@ -73,3 +73,8 @@ export function el(tag, attrs = {}, ...children) {
   }
   return node;
 }
+
+// True while the user types in a form field, where single-key shortcuts must not fire.
+export function isTyping(target) {
+  return target instanceof HTMLElement && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName));
+}

@@ -1,5 +1,5 @@
 // Slide viewer: OpenSeadragon on the slide's tile pyramid, a scale bar, patch overlays, patch details.
-import { api, el, pageConfig } from "./api.js";
+import { api, el, isTyping, pageConfig } from "./api.js";
 import { connectLive } from "./live.js";
 import { PatchLayer } from "./patch-layer.js";
 import { attachScaleBar } from "./scalebar.js";
@@ -185,10 +185,6 @@ function closePanel(layer) {
   shown = null;
   layer.schedule();
   ui.panel.hidden = true;
-}
-
-function isTyping(target) {
-  return target instanceof HTMLElement && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName));
 }
 
 function bindKeys(viewer, layer) {
