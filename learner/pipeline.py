@@ -172,6 +172,32 @@ def snapshot(project: Project, class_names: list[str]) -> Pool:
     )
 
 
+def platform_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    unlabelled: np.ndarray,
+    class_names: list[str],
+    backbone: Any,
+    config: TrainConfig,
+    cfg: LearnerSettings,
+    *,
+    image_size: int | None = None,
+    progress: Any = None,
+    should_stop: Any = None,
+) -> Classifier:
+    """The head-mode model a round deploys: self-trained on the unlabelled embeddings when
+    LEARNER SELF_TRAINING is on, else the plain head on the labels."""
+    if cfg.SELF_TRAINING:
+        return self_train_head(
+            x, y, unlabelled, class_names, backbone, config, threshold=cfg.SELF_TRAINING_THRESHOLD,
+            image_size=image_size, tta=cfg.TTA, progress=progress, should_stop=should_stop,
+        )  # fmt: skip
+    return train_head(
+        x, y, class_names, backbone, config, image_size=image_size, tta=cfg.TTA, progress=progress,
+        should_stop=should_stop,
+    )  # fmt: skip
+
+
 def split_by_group(
     labelled: np.ndarray, groups: list[str], labels: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -327,15 +353,9 @@ def _execute(round_: TrainingRound, reporter: RoundReporter, cfg: LearnerSetting
     config = TrainConfig(mode=project.train_mode, image_size=size, seed=project.seed + round_.number, device=cfg.DEVICE)
 
     def fit_head(x: np.ndarray, y: np.ndarray, progress: Any = None) -> Classifier:
-        """The head-mode model: self-trained on the unlabelled pool (LEARNER SELF_TRAINING), else plain."""
-        if cfg.SELF_TRAINING:
-            return self_train_head(
-                x, y, emb[unlabelled], class_names, backbone, config, threshold=cfg.SELF_TRAINING_THRESHOLD,
-                image_size=size, tta=cfg.TTA, progress=progress, should_stop=reporter.should_stop,
-            )  # fmt: skip
-        return train_head(
-            x, y, class_names, backbone, config, image_size=size, tta=cfg.TTA, progress=progress,
-            should_stop=reporter.should_stop,
+        return platform_head(
+            x, y, emb[unlabelled], class_names, backbone, config, cfg,
+            image_size=size, progress=progress, should_stop=reporter.should_stop,
         )  # fmt: skip
 
     if len(trainable) < cfg.MIN_LABELS or n_classes_seen < 2:

@@ -26,12 +26,12 @@ import django  # noqa: E402
 
 django.setup()
 
+from learner import pipeline  # noqa: E402
 from learner import simulation as sim  # noqa: E402
 from learner.conf import learner_settings  # noqa: E402
 from learner.core import learning_curves  # noqa: E402
 from learner.core.config import BackboneSpec, TrainConfig  # noqa: E402
 from learner.core.embeddings import EmbeddingCache, embed, embedding_model_id  # noqa: E402
-from learner.core.training import self_train_head, train_head  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "lc25000_lung"
 BENCH_CACHE = REPO / "var" / "cache" / "bench"  # bench_learner.py's cache, keyed by path under DATA
@@ -46,7 +46,6 @@ def reuse_bench_cache(source: sim.SourceSet) -> int:
     (slide checksum + geometry). Same pixels, same backbone and size, so the same vectors; checked on
     a few images by embedding them through the round's code path first. Returns how many were copied."""
     from annotations.models import Patch
-    from learner import pipeline
     from learner.core.backbone import create_backbone
 
     cfg = learner_settings()
@@ -91,15 +90,11 @@ def random_reference(source: sim.SourceSet, cfg: sim.Config, sizes: list[int]) -
             pick = np.random.default_rng(seed).choice(
                 split.pool_rows, size=min(size, len(split.pool_rows)), replace=False
             )
-            config = TrainConfig(seed=seed)
-            if learner_settings().SELF_TRAINING:
-                rest = np.setdiff1d(split.pool_rows, pick)
-                head = self_train_head(
-                    emb[pick], source.labels[pick], emb[rest], source.class_names, backbone, config,
-                    threshold=learner_settings().SELF_TRAINING_THRESHOLD,
-                )  # fmt: skip
-            else:
-                head = train_head(emb[pick], source.labels[pick], source.class_names, backbone, config)
+            rest = np.setdiff1d(split.pool_rows, pick)
+            head = pipeline.platform_head(
+                emb[pick], source.labels[pick], emb[rest], source.class_names, backbone, TrainConfig(seed=seed),
+                learner_settings(),
+            )  # fmt: skip
             acc = float((head.predict_proba(emb[test]).argmax(1) == source.labels[test]).mean())
             out.setdefault(size if size in sizes else -1, []).append(acc)
     return out
