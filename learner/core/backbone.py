@@ -50,6 +50,17 @@ class Backbone:
         return f"{self.spec.name}-{self.weights_id}{stages}"
 
 
+def _probe(model: nn.Module, forward: Any) -> torch.Tensor:
+    """`forward` on one small blank image, `model` in eval mode meanwhile (its mode is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return forward(torch.zeros(1, 3, 64, 64))
+    finally:
+        model.train(was_training)
+
+
 class StagePooled(nn.Module):
     """A timm CNN whose pooled features are the final ones followed by the global average of some of
     its stages' outputs (multi-scale embeddings: mid-level texture beside the final features).
@@ -62,11 +73,7 @@ class StagePooled(nn.Module):
         self.model = model
         self.stages = tuple(sorted(stages))
         self.pretrained_cfg = getattr(model, "pretrained_cfg", {})
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            self.num_features = int(self.forward_features(torch.zeros(1, 3, 64, 64)).shape[1])
-            model.train(was_training)
+        self.num_features = int(_probe(model, self.forward_features).shape[1])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []
@@ -96,11 +103,7 @@ def multiscale_stages(model: nn.Module) -> tuple[int, ...]:
     shapes: list[int] = []
     handles = [blocks[i].register_forward_hook(lambda _m, _i, out: shapes.append(out.dim())) for i in stages]
     try:
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            model.forward_features(torch.zeros(1, 3, 64, 64))  # type: ignore[operator]
-            model.train(was_training)
+        _probe(model, model.forward_features)  # type: ignore[arg-type]
     finally:
         for handle in handles:
             handle.remove()
