@@ -17,7 +17,7 @@ from rest_framework.views import APIView
 
 from . import queue, voting
 from .models import Consensus, LabelClass, Membership, Patch, Project, Role, Vote
-from .permissions import project_for
+from .permissions import project_for, projects_with_roles
 from .serializers import (
     ConsensusSerializer,
     CorrectionInputSerializer,
@@ -54,12 +54,9 @@ class ProjectScoped(APIView):
 class ProjectListView(APIView):
     @extend_schema(responses=ProjectSerializer(many=True))
     def get(self, request: Request) -> Response:
-        roles = dict(Membership.objects.filter(user=request.user).values_list("project_id", "role"))
-        projects = Project.objects.filter(pk__in=roles).prefetch_related("label_classes")
-        if request.user.is_superuser:
-            projects = Project.objects.all().prefetch_related("label_classes")
-            roles = {p.pk: roles.get(p.pk, Role.ADMIN) for p in projects}
-        return Response(ProjectSerializer(projects, many=True, context={"roles": roles}).data)
+        rows = projects_with_roles(request.user)
+        roles = {project.pk: role for project, role in rows}
+        return Response(ProjectSerializer([p for p, _ in rows], many=True, context={"roles": roles}).data)
 
     @extend_schema(request=ProjectSerializer, responses=ProjectSerializer)
     def post(self, request: Request) -> Response:

@@ -1,4 +1,5 @@
-"""Reports over a project's labels: overlay, agreement, batch consensus, export and import."""
+"""Views over a project's labels as a whole: the slide overlay, the agreement report, batch consensus,
+label export and import."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from . import reports
+from . import agreement, consensus, label_files
 from .api import ADMIN_ONLY, EXPERTS, ProjectScoped
 from .models import Consensus, Patch, Role, Vote
 
@@ -63,7 +64,7 @@ class AgreementView(ProjectScoped):
     @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
-        return Response(reports.agreement_report(project))
+        return Response(agreement.agreement_report(project))
 
 
 class RecomputeConsensusView(ProjectScoped):
@@ -73,7 +74,7 @@ class RecomputeConsensusView(ProjectScoped):
     def post(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
         return Response(
-            {"recomputed": reports.recompute_project_consensus(project), "method": project.consensus_method}
+            {"recomputed": consensus.recompute_project_consensus(project), "method": project.consensus_method}
         )
 
 
@@ -93,17 +94,17 @@ class ExportView(ProjectScoped):
         if fmt == "geojson" and kind != "consensus":
             return Response({"detail": "GeoJSON exports consensus labels; use kind=consensus."}, status=400)
         slide_id = int(slide) if slide and slide.isdigit() else None
-        rows: Any = reports.vote_rows(project) if kind == "votes" else reports.consensus_rows(project, slide_id)
+        rows: Any = label_files.vote_rows(project) if kind == "votes" else label_files.consensus_rows(project, slide_id)
         stem = f"project-{project.pk}-{kind}"
         if fmt == "csv":
-            fields = reports.VOTE_FIELDS if kind == "votes" else reports.CONSENSUS_FIELDS
-            response = HttpResponse(reports.to_csv(rows, fields), content_type="text/csv; charset=utf-8")
+            fields = label_files.VOTE_FIELDS if kind == "votes" else label_files.CONSENSUS_FIELDS
+            response = HttpResponse(label_files.to_csv(rows, fields), content_type="text/csv; charset=utf-8")
             response["Content-Disposition"] = f'attachment; filename="{stem}.csv"'
         elif fmt == "json":
             response = HttpResponse(json.dumps(list(rows)), content_type="application/json")
             response["Content-Disposition"] = f'attachment; filename="{stem}.json"'
         else:
-            response = HttpResponse(json.dumps(reports.to_geojson(rows)), content_type="application/geo+json")
+            response = HttpResponse(json.dumps(label_files.to_geojson(rows)), content_type="application/geo+json")
             response["Content-Disposition"] = f'attachment; filename="{stem}.geojson"'
         return response
 
@@ -128,11 +129,11 @@ class ImportLabelsView(ProjectScoped):
         if upload.size > MAX_IMPORT_BYTES:
             return Response({"detail": "Label files over 50 MB are not accepted; split the file."}, status=413)
         try:
-            rows = reports.parse_labels(upload.read(), upload.name, request.data.get("slide"))
-            result = reports.import_expert_labels(project, request.user, role, rows)
-        except (reports.ImportError_, UnicodeDecodeError) as exc:
+            rows = label_files.parse_labels(upload.read(), upload.name, request.data.get("slide"))
+            result = label_files.import_expert_labels(project, request.user, role, rows)
+        except (label_files.LabelFileError, UnicodeDecodeError) as exc:
             return Response(
-                {"detail": str(exc) if isinstance(exc, reports.ImportError_) else "The file is not UTF-8 text."},
+                {"detail": str(exc) if isinstance(exc, label_files.LabelFileError) else "The file is not UTF-8 text."},
                 status=400,
             )
         return Response(result, status=201)

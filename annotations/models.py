@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
@@ -173,8 +175,17 @@ class Patch(models.Model):
         return f"patch {self.pk} of slide {self.slide_id} at ({self.x}, {self.y})"
 
 
+# Tasks someone may still work on; every query and index of live tasks uses this one list.
+LIVE_TASK_STATES = ["open", "leased"]
+
+
 class AnnotationTask(models.Model):
-    """One queue entry. A crowd task collects ``votes_needed`` votes, one person at a time."""
+    """One queue entry. A crowd task collects ``votes_needed`` votes, one person at a time.
+
+    Its state changes only through the methods below (lease, release, record or retract a vote).
+    A lease expires lazily: an expired one is simply available again (:meth:`available`), and the
+    next :meth:`lease` takes it over.
+    """
 
     class Kind(models.TextChoices):
         CROWD = "crowd", "Crowd"
@@ -210,7 +221,7 @@ class AnnotationTask(models.Model):
             # Leasing walks live tasks in priority order and stops at the first one the caller may take.
             models.Index(
                 fields=["project", "kind", "-priority", "id"],
-                condition=Q(state__in=["open", "leased"]),
+                condition=Q(state__in=LIVE_TASK_STATES),
                 name="task_live_by_priority",
             ),
             models.Index(fields=["lease_owner", "state"]),
@@ -218,13 +229,68 @@ class AnnotationTask(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["patch", "kind"],
-                condition=Q(state__in=["open", "leased"]) & ~Q(kind="gold"),
+                condition=Q(state__in=LIVE_TASK_STATES) & ~Q(kind="gold"),
                 name="task_one_live_per_patch_and_kind",
             )
         ]
 
     def __str__(self) -> str:
         return f"{self.kind} task for patch {self.patch_id} ({self.state})"
+
+    LEASE_FIELDS = ["state", "lease_owner", "lease_expires_at", "updated_at"]
+
+    @staticmethod
+    def live() -> Q:
+        """Open or leased (an expired lease included): the task may still get votes."""
+        return Q(state__in=LIVE_TASK_STATES)
+
+    @staticmethod
+    def available(now: Any) -> Q:
+        """Open, or leased with an expired lease: anyone allowed may lease it now."""
+        return Q(state=AnnotationTask.State.OPEN) | Q(state=AnnotationTask.State.LEASED, lease_expires_at__lt=now)
+
+    @staticmethod
+    def held_by(user: Any, now: Any) -> Q:
+        """Leased to ``user`` with the lease still running."""
+        return Q(lease_owner=user, state=AnnotationTask.State.LEASED, lease_expires_at__gte=now)
+
+    def lease_is_running(self, now: Any) -> bool:
+        """Leased, and the lease has not expired: the in-memory twin of ``~available(now)`` for a live task."""
+        return self.state == self.State.LEASED and self.lease_expires_at is not None and self.lease_expires_at >= now
+
+    def lease_is_held(self, user: Any, now: Any) -> bool:
+        """The in-memory twin of :meth:`held_by`."""
+        return self.lease_is_running(now) and self.lease_owner_id == getattr(user, "pk", user)
+
+    def lease_is_held_by_other(self, user: Any, now: Any) -> bool:
+        """Someone other than ``user`` holds a running lease on it."""
+        return self.lease_is_running(now) and self.lease_owner_id not in (None, getattr(user, "pk", user))
+
+    def lease(self, user: Any, expiry: Any, *, also_save: tuple[str, ...] = ()) -> None:
+        """Lease to ``user`` until ``expiry`` (taking over an expired lease). Saves the lease and the
+        fields named in ``also_save``; creates the task when it is new."""
+        self.state, self.lease_owner, self.lease_expires_at = self.State.LEASED, user, expiry
+        if self.pk is None:
+            self.save()
+        else:
+            self.save(update_fields=[*also_save, *self.LEASE_FIELDS])
+
+    def release(self) -> None:
+        """Skip: back to the pool; a private gold task is cancelled instead. Saves."""
+        self.state = self.State.CANCELLED if self.kind == self.Kind.GOLD else self.State.OPEN
+        self.lease_owner, self.lease_expires_at = None, None
+        self.save(update_fields=self.LEASE_FIELDS)
+
+    def record_vote(self) -> None:
+        """One more vote: the lease ends; done once it has all its votes, else open for the next person. Saves."""
+        self.votes_received += 1
+        self.lease_owner, self.lease_expires_at = None, None
+        self.state = self.State.DONE if self.votes_received >= self.votes_needed else self.State.OPEN
+        self.save(update_fields=["votes_received", *self.LEASE_FIELDS])
+
+    def retract_vote(self) -> None:
+        """A vote on it was undone: it needs one vote more. Does not save (the caller decides the lease)."""
+        self.votes_received = max(0, self.votes_received - 1)
 
 
 class TaskSkip(models.Model):

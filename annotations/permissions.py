@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import Http404
-from rest_framework.permissions import BasePermission
 
 from .models import Membership, Project, Role
 
@@ -47,5 +46,12 @@ def project_for(user: Any, project_id: int, *, roles: tuple[str, ...] | None = N
     return project, role
 
 
-class IsProjectMember(BasePermission):
-    message = "You are not a member of this project."
+def projects_with_roles(user: Any) -> list[tuple[Project, str]]:
+    """Every project the user may open, by name, with their role in it (label classes prefetched)."""
+    if not getattr(user, "is_authenticated", False):
+        return []
+    roles = dict(Membership.objects.filter(user=user).values_list("project_id", "role"))
+    projects = Project.objects.prefetch_related("label_classes").order_by("name")
+    if _role_without_membership(user) is None:
+        projects = projects.filter(pk__in=roles)
+    return [(p, roles.get(p.pk) or _role_without_membership(user) or "") for p in projects]

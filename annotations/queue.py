@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -54,7 +54,7 @@ def kinds_for_role(role: str) -> tuple[str, ...]:
 
 
 def _available(project: Project, now: Any) -> Q:
-    return Q(project=project) & (Q(state=State.OPEN) | Q(state=State.LEASED, lease_expires_at__lt=now))
+    return Q(project=project) & AnnotationTask.available(now)
 
 
 SKIP_MEMORY = timedelta(hours=1)
@@ -69,12 +69,14 @@ def _recently_skipped_by(user: Any, now: Any) -> Exists:
 
 
 MAX_LEASES = 2  # the task on screen and one ahead
+# A round's batch ranks above every earlier round's: priority = step x round number + rank.
+ROUND_PRIORITY_STEP = 10_000.0
 
 
 def _held(project: Project, user: Any, now: Any) -> Any:
     """The user's unexpired leases in this project, the one leased first first."""
     return (
-        AnnotationTask.objects.filter(project=project, lease_owner=user, state=State.LEASED, lease_expires_at__gte=now)
+        AnnotationTask.objects.filter(AnnotationTask.held_by(user, now), project=project)
         .select_related("patch", "patch__slide", "patch__project")
         .order_by("lease_expires_at", "id")
     )
@@ -108,16 +110,9 @@ def _lease_gold(project: Project, user: Any, now: Any) -> AnnotationTask | None:
     if not ids:
         return None
     patch_id = random.Random(f"{project.seed}:{user.pk}:{len(ids)}").choice(ids)
-    return AnnotationTask.objects.create(
-        project=project,
-        patch_id=patch_id,
-        kind=Kind.GOLD,
-        state=State.LEASED,
-        votes_needed=1,
-        lease_owner=user,
-        lease_expires_at=now + timedelta(minutes=project.lease_minutes),
-        priority=0,
-    )
+    task = AnnotationTask(project=project, patch_id=patch_id, kind=Kind.GOLD, votes_needed=1, priority=0)
+    task.lease(user, now + timedelta(minutes=project.lease_minutes))
+    return task
 
 
 def lease_next_task(project: Project, user: Any, role: str, *, fresh: bool = False) -> AnnotationTask | None:
@@ -158,10 +153,7 @@ def lease_next_task(project: Project, user: Any, role: str, *, fresh: bool = Fal
                 task = candidates.order_by("-priority", "id").first()
                 if task is None:
                     continue
-                task.state = State.LEASED
-                task.lease_owner = user
-                task.lease_expires_at = expiry
-                task.save(update_fields=["state", "lease_owner", "lease_expires_at", "updated_at"])
+                task.lease(user, expiry)
             return task
     return None
 
@@ -184,10 +176,7 @@ def release_task(project: Project, user: Any, task_id: int) -> AnnotationTask:
             raise QueueError("No such task in this project.")
         if task.lease_owner_id != user.pk or task.state != State.LEASED:
             raise LeaseError("You do not hold a lease on this task; ask for the next task instead.")
-        task.state = State.CANCELLED if task.kind == Kind.GOLD else State.OPEN
-        task.lease_owner = None
-        task.lease_expires_at = None
-        task.save(update_fields=["state", "lease_owner", "lease_expires_at", "updated_at"])
+        task.release()
         TaskSkip.objects.create(task=task, user=user)
     return task
 
@@ -237,7 +226,7 @@ def enqueue_patches(
     live = {
         t.patch_id: t
         for t in AnnotationTask.objects.filter(
-            project=project, kind=kind, state__in=[State.OPEN, State.LEASED], patch_id__in=list(priorities)
+            AnnotationTask.live(), project=project, kind=kind, patch_id__in=list(priorities)
         )
     }
     settled: set[int] = set()
@@ -249,10 +238,10 @@ def enqueue_patches(
         )
     to_update = []
     for patch_id, task in live.items():
-        task.priority = priorities[patch_id]
-        task.round_id = round_id or task.round_id
-        task.arm = arms.get(patch_id, task.arm)
-        to_update.append(task)
+        wanted = (priorities[patch_id], round_id or task.round_id, arms.get(patch_id, task.arm))
+        if wanted != (task.priority, task.round_id, task.arm):
+            task.priority, task.round_id, task.arm = wanted
+            to_update.append(task)
     AnnotationTask.objects.bulk_update(to_update, ["priority", "round", "arm"], batch_size=1000)
     new = [
         AnnotationTask(
@@ -268,7 +257,8 @@ def enqueue_patches(
         if pid not in live and pid not in settled
     ]
     try:
-        AnnotationTask.objects.bulk_create(new, batch_size=1000)
+        with transaction.atomic():  # a savepoint, so a conflict does not abort the caller's transaction
+            AnnotationTask.objects.bulk_create(new, batch_size=1000)
     except IntegrityError:
         # A concurrent enqueue created some of the same tasks; fall back to one at a time.
         created = 0
@@ -281,6 +271,36 @@ def enqueue_patches(
                 continue
         return created
     return len(new)
+
+
+def publish_round(
+    project: Project,
+    *,
+    round_id: int,
+    chosen: list[tuple[int, str]],
+    rest_priority: Mapping[int, float] | None = None,
+    round_number: int,
+) -> int:
+    """Put a round's choice at the top of the crowd queue; returns the number of tasks created.
+
+    ``chosen`` is (patch id, arm) in the strategy's order, best first. Its patches rank above every
+    earlier round's (``ROUND_PRIORITY_STEP`` x ``round_number`` + rank). With ``rest_priority`` (the new
+    model's uncertainty per patch), the open crowd tasks not chosen are re-ranked below the batch by
+    it (0 for patches it does not score). Runs inside the caller's transaction.
+    """
+    n = len(chosen)
+    base = ROUND_PRIORITY_STEP * round_number
+    priorities = {pid: base + (n - rank) for rank, (pid, _) in enumerate(chosen)}
+    if rest_priority is not None:
+        stale = list(
+            AnnotationTask.objects.filter(project=project, kind=Kind.CROWD, state=State.OPEN).exclude(
+                patch_id__in=priorities
+            )
+        )
+        for task in stale:
+            task.priority = rest_priority.get(task.patch_id, 0.0)
+        AnnotationTask.objects.bulk_update(stale, ["priority"], batch_size=2000)
+    return enqueue_patches(project, priorities, round_id=round_id, arms=dict(chosen))
 
 
 def build_initial_queue(project: Project) -> int:

@@ -1,4 +1,4 @@
-"""Casting, correcting and undoing votes, and keeping each patch's consensus current.
+"""Casting, correcting and undoing votes (each change recomputes the patch's consensus in annotations.consensus).
 
 Votes are append-only: a correction inserts a new vote that supersedes the old one (kept,
 inactive) and an undo retracts the vote (kept, inactive, ``retracted_at`` set). A partial
@@ -15,12 +15,11 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from .domain.consensus import ConsensusResult, VoteRecord, consensus_for_item
+from .consensus import recompute_consensus
 from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Role, Vote
 from .queue import QueueError
 
 Kind = AnnotationTask.Kind
-State = AnnotationTask.State
 
 UNDO_WINDOW = timedelta(minutes=30)
 
@@ -57,71 +56,6 @@ def _patch(project: Project, patch_id: Any) -> Patch:
         raise VoteError("That patch does not belong to this project.") from exc
 
 
-def consensus_options(project: Project) -> dict[str, Any]:
-    """The project's consensus settings, as the domain functions take them."""
-    return {
-        "method": project.consensus_method,
-        "votes_required": project.votes_required,
-        "expert_weight": project.expert_weight,
-        "contested_threshold": project.contested_threshold,
-    }
-
-
-def consensus_fields(result: ConsensusResult, label: LabelClass | None) -> dict[str, Any]:
-    """A domain result as the fields of a Consensus row."""
-    return {
-        "label": label,
-        "confidence": result.confidence,
-        "posterior": result.posterior,
-        "method": result.method,
-        "vote_count": result.vote_count,
-        "agreement": result.agreement,
-        "status": result.status,
-    }
-
-
-def recompute_consensus(project: Project, patch: Patch) -> Consensus:
-    """Recompute one patch's consensus from its active votes with the project's cheap method."""
-    votes = list(Vote.objects.filter(patch=patch, is_active=True).select_related("label"))
-    labels = list(LabelClass.objects.filter(project=project).order_by("order").values_list("name", flat=True))
-    records = [VoteRecord(item=patch.pk, annotator=v.annotator_id, label=v.label.name, role=v.role) for v in votes]
-    if not records:
-        # Every vote was retracted: the patch is back to pending with no label.
-        consensus, _ = Consensus.objects.update_or_create(
-            patch=patch,
-            defaults={
-                "project": project,
-                "label": None,
-                "confidence": 0.0,
-                "posterior": {},
-                "method": project.consensus_method,
-                "vote_count": 0,
-                "agreement": 0.0,
-                "status": Consensus.Status.PENDING,
-            },
-        )
-        return consensus
-    result = consensus_for_item(records, labels, **consensus_options(project))
-    label = LabelClass.objects.filter(project=project, name=result.label).first() if result.label else None
-    consensus, _ = Consensus.objects.update_or_create(
-        patch=patch, defaults={"project": project, **consensus_fields(result, label)}
-    )
-    if consensus.status == Consensus.Status.CONTESTED:
-        _queue_expert_review(project, patch)
-    return consensus
-
-
-def _queue_expert_review(project: Project, patch: Patch) -> None:
-    exists = AnnotationTask.objects.filter(patch=patch, kind=Kind.EXPERT, state__in=[State.OPEN, State.LEASED]).exists()
-    if exists:
-        return
-    try:
-        with transaction.atomic():
-            AnnotationTask.objects.create(project=project, patch=patch, kind=Kind.EXPERT, votes_needed=1, priority=1e6)
-    except IntegrityError:
-        pass  # a concurrent vote queued it first
-
-
 def cast_vote(
     project: Project,
     user: Any,
@@ -145,7 +79,7 @@ def cast_vote(
                 raise VoteError("No such task in this project.")
             if task.patch_id != patch.pk:
                 raise VoteError("The task is for a different patch.")
-            if task.lease_owner_id != user.pk or task.state != State.LEASED or task.lease_expires_at < now:
+            if not task.lease_is_held(user, now):
                 raise VoteConflict("Your lease on this task has expired or was never yours; ask for the next task.")
         elif role == Role.CROWD:
             raise VoteConflict("Crowd votes need a leased task: ask for the next task first.")
@@ -165,11 +99,7 @@ def cast_vote(
         except IntegrityError as exc:
             raise VoteConflict("You have already voted on this patch; undo or correct your vote instead.") from exc
         if task is not None:
-            task.votes_received += 1
-            task.lease_owner = None
-            task.lease_expires_at = None
-            task.state = State.DONE if task.votes_received >= task.votes_needed else State.OPEN
-            task.save(update_fields=["votes_received", "lease_owner", "lease_expires_at", "state", "updated_at"])
+            task.record_vote()
         consensus = recompute_consensus(project, patch)
     gold_answer = None
     if task is not None and task.kind == Kind.GOLD and project.training_mode:
@@ -206,22 +136,15 @@ def _give_back(project: Project, user: Any, vote: Vote, now: Any) -> AnnotationT
     """After a retraction: the task needs one vote more; lease it back to the voter unless someone
     else is labelling that patch right now (their lease is never taken away)."""
     task = AnnotationTask.objects.select_for_update().get(pk=vote.task_id)
-    task.votes_received = max(0, task.votes_received - 1)
+    task.retract_vote()
     expiry = now + timedelta(minutes=project.lease_minutes)
-    held_by_other = (
-        task.state == State.LEASED
-        and task.lease_owner_id not in (None, user.pk)
-        and task.lease_expires_at is not None
-        and task.lease_expires_at >= now
-    )
-    if held_by_other:
+    if task.lease_is_held_by_other(user, now):
         task.save(update_fields=["votes_received", "updated_at"])
         return None
     previous_state = task.state
-    task.state, task.lease_owner, task.lease_expires_at = State.LEASED, user, expiry
     try:
         with transaction.atomic():
-            task.save(update_fields=["votes_received", "state", "lease_owner", "lease_expires_at", "updated_at"])
+            task.lease(user, expiry, also_save=("votes_received",))
         return task
     except IntegrityError:
         pass
@@ -231,14 +154,13 @@ def _give_back(project: Project, user: Any, vote: Vote, now: Any) -> AnnotationT
     task.state = previous_state
     live = (
         AnnotationTask.objects.select_for_update()
-        .filter(patch_id=task.patch_id, kind=task.kind, state__in=[State.OPEN, State.LEASED])
+        .filter(AnnotationTask.live(), patch_id=task.patch_id, kind=task.kind)
         .exclude(pk=task.pk)
         .first()
     )
-    if live is None or (live.state == State.LEASED and live.lease_expires_at and live.lease_expires_at >= now):
+    if live is None or live.lease_is_running(now):
         return None
-    live.state, live.lease_owner, live.lease_expires_at = State.LEASED, user, expiry
-    live.save(update_fields=["state", "lease_owner", "lease_expires_at", "updated_at"])
+    live.lease(user, expiry)
     return live
 
 

@@ -11,8 +11,8 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import NoReverseMatch, reverse
 
-from annotations.models import Membership, Project, Role, Slide
-from annotations.permissions import project_for
+from annotations.models import Project, Role, Slide
+from annotations.permissions import project_for, projects_with_roles
 
 EXPERTS = (Role.ADMIN, Role.EXPERT)
 
@@ -55,14 +55,10 @@ def _page_config(project: Project, role: str, **extra: Any) -> dict[str, Any]:
 
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
-    memberships = list(Membership.objects.filter(user=request.user).select_related("project").order_by("project__name"))
-    rows = [{"project": m.project, "role": m.role, "is_expert": m.role in EXPERTS} for m in memberships]
-    if request.user.is_superuser:
-        member_of = {m.project_id for m in memberships}
-        rows += [
-            {"project": p, "role": Role.ADMIN, "is_expert": True}
-            for p in Project.objects.exclude(pk__in=member_of).order_by("name")
-        ]
+    rows = [
+        {"project": project, "role": role, "is_expert": role in EXPERTS}
+        for project, role in projects_with_roles(request.user)
+    ]
     return render(request, "frontend/home.html", {"rows": rows})
 
 

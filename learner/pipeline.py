@@ -21,7 +21,7 @@ from django.db import transaction
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
-from annotations import queue, reports, tiles
+from annotations import consensus, queue, tiles
 from annotations.models import AnnotationTask, Consensus, LabelClass, Patch, Project
 from learner.core.backbone import create_backbone
 from learner.core.classifier import Classifier, save_model
@@ -146,7 +146,7 @@ def snapshot(project: Project, class_names: list[str]) -> Pool:
 
     Votes cast after this point are used by the next round.
     """
-    reports.recompute_project_consensus(project)
+    consensus.recompute_project_consensus(project)
     latest_arm = AnnotationTask.objects.filter(patch=OuterRef("pk"), kind=AnnotationTask.Kind.CROWD).order_by("-id")
     patches = list(
         Patch.objects.filter(project=project, slide__status="ready")
@@ -516,9 +516,6 @@ def _publish(
     """Write everything the round produced at once, unless it was cancelled meanwhile."""
     if reporter.should_stop() or TrainingRound.objects.filter(pk=round_.pk, cancel_requested=True).exists():
         raise Cancelled("Cancelled before publishing.")
-    n = len(chosen)
-    base = 10_000.0 * round_.number
-    priorities = {pid: base + (n - rank) for rank, (pid, _) in enumerate(chosen)}
     arms = dict(chosen)
     with transaction.atomic():
         locked = TrainingRound.objects.select_for_update().get(pk=round_.pk)
@@ -553,22 +550,11 @@ def _publish(
                     ],
                     batch_size=2000,
                 )
-            # Tasks not chosen this round fall below the new batch, ordered by the new model's uncertainty.
-            uncertainty = {pid: _uncertainty(p) for pid, p in scores}
-            stale = list(
-                AnnotationTask.objects.filter(
-                    project=project, kind=AnnotationTask.Kind.CROWD, state=AnnotationTask.State.OPEN
-                ).exclude(patch_id__in=priorities)
-            )
-            for task in stale:
-                task.priority = uncertainty.get(task.patch_id, 0.0)
-            AnnotationTask.objects.bulk_update(stale, ["priority"], batch_size=2000)
-        queue.enqueue_patches(project, priorities, round_id=locked.pk, arms=arms)
-        for contested in Consensus.objects.filter(project=project, status=Consensus.Status.CONTESTED):
-            queue.enqueue_patches(
-                project, {contested.patch_id: 1e6}, kind=AnnotationTask.Kind.EXPERT, round_id=locked.pk
-            )
-        metrics["selected"] = {"n": n, "arms": _count(arms.values())}
+        # Tasks not chosen this round fall below the new batch, ordered by the new model's uncertainty.
+        rest = {pid: _uncertainty(p) for pid, p in scores} if model is not None else None
+        queue.publish_round(project, round_id=locked.pk, chosen=chosen, rest_priority=rest, round_number=locked.number)
+        consensus.send_contested_to_experts(project, round_id=locked.pk)
+        metrics["selected"] = {"n": len(chosen), "arms": _count(arms.values())}
         locked.state = State.SUCCEEDED
         locked.stage = State.SUCCEEDED
         locked.progress = 100.0

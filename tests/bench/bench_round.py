@@ -42,7 +42,7 @@ def main() -> int:
     django.setup()
     from django.core.management import call_command
 
-    from annotations import reports
+    from annotations import consensus
     from annotations.models import LabelClass, Vote
     from learner import simulation as sim
     from learner.core.backbone import create_backbone
@@ -84,7 +84,7 @@ def main() -> int:
                 for pid, row in labelled
             ]
         )
-        reports.recompute_project_consensus(project)
+        consensus.recompute_project_consensus(project)
         print(f"project {project.pk}: {len(row_of) - len(labelled)} pool patches, {len(labelled)} expert labels")
 
         round_ = TrainingRound.objects.create(project=project, number=1)

@@ -92,3 +92,24 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, message: s
             return value
         time.sleep(interval)
     pytest.fail(f"Timed out after {timeout:.0f}s waiting for {message}")
+
+
+@pytest.fixture
+def labelled():  # type: ignore[no-untyped-def]
+    """6 patches; an expert labels all; three crowd members label all, one of them always 'benign'."""
+    from annotations import voting
+    from annotations.models import Role, Vote
+    from tests.factories import PatchFactory, ProjectFactory, SlideFactory, member
+
+    project = ProjectFactory(votes_required=3, consensus_method="dawid_skene")
+    slide = SlideFactory(project=project, name="case-1.svs")
+    patches = PatchFactory.create_batch(6, slide=slide)
+    truth = ["adenocarcinoma", "benign", "squamous", "adenocarcinoma", "benign", "squamous"]
+    expert = member(project, Role.EXPERT, username="dr_expert")
+    good1, good2, lazy = (member(project, Role.CROWD, username=n) for n in ("ann", "bob", "lazy"))
+    for patch, label in zip(patches, truth, strict=True):
+        voting.cast_vote(project, expert, Role.EXPERT, patch_id=patch.pk, label=label)
+        for user, answer in ((good1, label), (good2, label), (lazy, "benign")):
+            answer_label = project.label_classes.get(name=answer)
+            Vote.objects.create(project=project, patch=patch, annotator=user, label=answer_label, role=Role.CROWD)
+    return project, patches, truth, expert

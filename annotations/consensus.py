@@ -1,0 +1,146 @@
+"""Each patch's consensus label, kept current from its votes, and the rule that sends disputes to experts.
+
+Two ways to compute it, one mapping to rows:
+
+- :func:`recompute_consensus` after every vote, correction or undo: one patch, the project's cheap
+  per-item method (the iterative methods fall back to a role-weighted vote per item).
+- :func:`recompute_project_consensus` in bulk (a round's snapshot, the admin's "recompute"): every
+  voted patch with the project's method, Dawid-Skene and GLAD included, seeded with the gold labels.
+
+Whenever a patch ends ``contested``, :func:`send_contested_to_experts` queues it for expert review;
+it is the only place that rule is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from django.db import transaction
+
+from . import queue
+from .domain.agreement import expert_labels
+from .domain.consensus import ConsensusResult, VoteRecord, batch_consensus, consensus_for_item
+from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Vote
+
+# Expert reviews sort above every crowd task (round priorities are 10,000 x round number + rank).
+EXPERT_REVIEW_PRIORITY = 1e6
+CONSENSUS_UPDATE_FIELDS = ["label", "confidence", "posterior", "method", "vote_count", "agreement", "status"]
+
+
+def label_names(project: Project) -> list[str]:
+    """The project's label names in display order (the class index order of every model)."""
+    return list(LabelClass.objects.filter(project=project).order_by("order").values_list("name", flat=True))
+
+
+def consensus_options(project: Project) -> dict[str, Any]:
+    """The project's consensus settings, as the domain functions take them."""
+    return {
+        "method": project.consensus_method,
+        "votes_required": project.votes_required,
+        "expert_weight": project.expert_weight,
+        "contested_threshold": project.contested_threshold,
+    }
+
+
+def consensus_fields(result: ConsensusResult, label: LabelClass | None) -> dict[str, Any]:
+    """A domain result as the fields of a Consensus row."""
+    return {
+        "label": label,
+        "confidence": result.confidence,
+        "posterior": result.posterior,
+        "method": result.method,
+        "vote_count": result.vote_count,
+        "agreement": result.agreement,
+        "status": result.status,
+    }
+
+
+def vote_records(project: Project) -> list[VoteRecord]:
+    """Every active vote of the project, as the domain functions take them."""
+    rows = Vote.objects.filter(project=project, is_active=True).values_list(
+        "patch_id", "annotator_id", "label__name", "role"
+    )
+    return [VoteRecord(item=p, annotator=a, label=lbl, role=r) for p, a, lbl, r in rows]
+
+
+def gold_labels(project: Project, records: list[VoteRecord] | None = None) -> dict[int, str]:
+    """Gold patches' expert labels (the expert decision on each gold patch)."""
+    records = vote_records(project) if records is None else records
+    experts = expert_labels(records, label_names(project))
+    gold_ids = set(Patch.objects.filter(project=project, is_gold=True).values_list("pk", flat=True))
+    return {int(item): label for item, label in experts.items() if item in gold_ids}
+
+
+def send_contested_to_experts(
+    project: Project, patch_ids: Iterable[int] | None = None, *, round_id: int | None = None
+) -> int:
+    """Queue an expert review for each contested patch (of ``patch_ids``, else of the project).
+
+    A patch with a live review keeps it (a round's call adopts it into the round). Returns the
+    number of reviews created.
+    """
+    contested = Consensus.objects.filter(project=project, status=Consensus.Status.CONTESTED)
+    if patch_ids is not None:
+        contested = contested.filter(patch_id__in=list(patch_ids))
+    priorities = dict.fromkeys(contested.values_list("patch_id", flat=True), EXPERT_REVIEW_PRIORITY)
+    return queue.enqueue_patches(project, priorities, kind=AnnotationTask.Kind.EXPERT, round_id=round_id)
+
+
+def recompute_consensus(project: Project, patch: Patch) -> Consensus:
+    """Recompute one patch's consensus from its active votes with the project's cheap method."""
+    votes = list(Vote.objects.filter(patch=patch, is_active=True).select_related("label"))
+    records = [VoteRecord(item=patch.pk, annotator=v.annotator_id, label=v.label.name, role=v.role) for v in votes]
+    if not records:
+        # Every vote was retracted: the patch is back to pending with no label.
+        consensus, _ = Consensus.objects.update_or_create(
+            patch=patch,
+            defaults={
+                "project": project,
+                "label": None,
+                "confidence": 0.0,
+                "posterior": {},
+                "method": project.consensus_method,
+                "vote_count": 0,
+                "agreement": 0.0,
+                "status": Consensus.Status.PENDING,
+            },
+        )
+        return consensus
+    result = consensus_for_item(records, label_names(project), **consensus_options(project))
+    label = LabelClass.objects.filter(project=project, name=result.label).first() if result.label else None
+    consensus, _ = Consensus.objects.update_or_create(
+        patch=patch, defaults={"project": project, **consensus_fields(result, label)}
+    )
+    if consensus.status == Consensus.Status.CONTESTED:
+        send_contested_to_experts(project, [patch.pk])
+    return consensus
+
+
+def recompute_project_consensus(project: Project) -> int:
+    """Batch consensus with the project's method (the iterative ones run here), seeded with gold.
+
+    Returns the number of consensus rows written.
+    """
+    records = vote_records(project)
+    if not records:
+        return 0
+    results = batch_consensus(
+        records,
+        label_names(project),
+        **consensus_options(project),
+        gold=gold_labels(project, records),
+        seed=project.seed,
+    )
+    by_name = {lc.name: lc for lc in LabelClass.objects.filter(project=project)}
+    existing = {c.patch_id: c for c in Consensus.objects.filter(project=project, patch_id__in=list(results))}
+    create, update = [], []
+    for item, result in results.items():
+        row = existing.get(int(item)) or Consensus(patch_id=int(item), project=project)
+        for field, value in consensus_fields(result, by_name.get(result.label or "")).items():
+            setattr(row, field, value)
+        (update if row.pk else create).append(row)
+    with transaction.atomic():
+        Consensus.objects.bulk_create(create, batch_size=1000)
+        Consensus.objects.bulk_update(update, CONSENSUS_UPDATE_FIELDS, batch_size=1000)
+    return len(results)
