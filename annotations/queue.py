@@ -86,7 +86,7 @@ def held_leases(project: Project, user: Any, now: Any = None) -> list[Annotation
     return list(_held(project, user, now or timezone.now()))
 
 
-def _wants_gold(project: Project, user: Any, ahead: int = 0) -> bool:
+def _wants_gold(project: Project, user: Any, ahead: int) -> bool:
     """A reproducible coin flip per (project, user, vote count) at the project's gold rate.
 
     ``ahead`` counts the leases already held, so a lease taken ahead gets the flip of the vote
@@ -301,12 +301,6 @@ def publish_round(
             task.priority = rest_priority.get(task.patch_id, 0.0)
         AnnotationTask.objects.bulk_update(stale, ["priority"], batch_size=2000)
     return enqueue_patches(project, priorities, round_id=round_id, arms=dict(chosen))
-
-
-def build_initial_queue(project: Project) -> int:
-    """Queue every patch of the project's ready slides in a seeded spread (no learner output yet)."""
-    rows = Patch.objects.filter(project=project, slide__status="ready").values_list("pk", "slide_id")
-    return enqueue_patches(project, seeded_spread(rows, project.seed))
 
 
 def queue_stats(project: Project) -> QueueStats:

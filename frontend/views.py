@@ -9,7 +9,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
-from django.urls import NoReverseMatch, reverse
+from django.urls import reverse
 
 from annotations.models import Project, Role, Slide
 from annotations.permissions import project_for, projects_with_roles
@@ -23,14 +23,6 @@ def _member_project(request: HttpRequest, project_id: int, roles: tuple[str, ...
     if roles is not None and role not in roles:
         raise PermissionDenied(f"Your role in this project ({role}) cannot open this page.")
     return project, role
-
-
-def _optional_url(name: str, **kwargs: Any) -> str | None:
-    """A URL another app may not have mounted yet (the page then hides the link)."""
-    try:
-        return reverse(name, kwargs=kwargs)
-    except NoReverseMatch:
-        return None
 
 
 def _page_config(project: Project, role: str, **extra: Any) -> dict[str, Any]:
@@ -97,7 +89,7 @@ def viewer(request: HttpRequest, project_id: int, slide_id: int | None = None) -
 @login_required
 def dashboard(request: HttpRequest, project_id: int) -> HttpResponse:
     project, role = _member_project(request, project_id, roles=EXPERTS)
-    upload_url = _optional_url("slide-upload-page", project_id=project.pk) if role == Role.ADMIN else None
+    upload_url = reverse("slide-upload-page", kwargs={"project_id": project.pk}) if role == Role.ADMIN else None
     config = _page_config(project, role, is_admin=role == Role.ADMIN)
     context = {"project": project, "role": role, "config": config, "upload_url": upload_url, "page": "dashboard"}
     return render(request, "frontend/dashboard.html", context)

@@ -199,7 +199,8 @@ CELERY_TASK_SOFT_TIME_LIMIT = int(os.environ.get("CELERY_TASK_SOFT_TIME_LIMIT", 
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
-# Namespaced app settings, read through learner.conf / annotations.conf dataclasses.
+# Namespaced app settings, read through the learner.conf dataclass. (How long a lease lasts is a
+# project setting, Project.lease_minutes, not a server one.)
 LEARNER = {
     "WEIGHTS_DIR": os.environ.get("LEARNER_WEIGHTS_DIR", str(BASE_DIR / "var" / "models")),
     "CACHE_DIR": os.environ.get("LEARNER_CACHE_DIR", str(BASE_DIR / "var" / "cache")),
@@ -207,9 +208,6 @@ LEARNER = {
     "PRETRAINED": os.environ.get("LEARNER_PRETRAINED", "package"),
     "MULTISCALE": env_bool("LEARNER_MULTISCALE", True),
     "SELF_TRAINING": env_bool("LEARNER_SELF_TRAINING", True),
-}
-ANNOTATIONS = {
-    "LEASE_MINUTES": int(os.environ.get("LEASE_MINUTES", "10")),
 }
 
 LOGGING = {

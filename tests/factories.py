@@ -6,6 +6,7 @@ import factory
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from annotations import queue
 from annotations.models import LabelClass, Membership, Patch, Project, Role, Slide
 
 DEFAULT_CLASSES = [("adenocarcinoma", "#d62728"), ("benign", "#2ca02c"), ("squamous", "#1f77b4")]
@@ -89,3 +90,9 @@ def member(project: Project, role: str = Role.CROWD, **kwargs: object) -> object
     user = UserFactory(**kwargs)
     Membership.objects.create(user=user, project=project, role=role)
     return user
+
+
+def queue_every_patch(project: Project) -> int:
+    """Queue every patch of the project's ready slides in a seeded spread (as ingest does per slide)."""
+    rows = Patch.objects.filter(project=project, slide__status="ready").values_list("pk", "slide_id")
+    return queue.enqueue_patches(project, queue.seeded_spread(rows, project.seed))

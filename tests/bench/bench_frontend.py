@@ -119,8 +119,7 @@ def main() -> int:
 
     from annotations import slides
     from annotations.models import Role, Vote
-    from annotations.queue import build_initial_queue
-    from tests.factories import ProjectFactory, member
+    from tests.factories import ProjectFactory, member, queue_every_patch
 
     call_command("migrate", verbosity=0)
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
@@ -132,7 +131,7 @@ def main() -> int:
     try:
         slide = slides.ingest(slides.add_slide_from_path(project, Path(args.slide), launch=False).pk)
         assert slide is not None and slide.status == "ready", slide and slide.error
-        n_tasks = build_initial_queue(project)
+        n_tasks = queue_every_patch(project)
         cookies = {}
         for mode, user in users.items():
             client = Client()

@@ -54,8 +54,8 @@ def setup(n_annotators: int, n_patches: int):  # type: ignore[no-untyped-def]
     from django.contrib.auth import get_user_model
     from rest_framework.authtoken.models import Token
 
-    from annotations import queue
     from annotations.models import LabelClass, Membership, Patch, Project, Slide
+    from tests.factories import queue_every_patch
 
     project = Project.objects.create(name=f"bench-queue-{os.getpid()}", votes_required=3, gold_rate=0.0)
     for i, name in enumerate(["adenocarcinoma", "benign", "squamous"]):
@@ -84,7 +84,7 @@ def setup(n_annotators: int, n_patches: int):  # type: ignore[no-untyped-def]
             for i in range(n_patches)
         ]
     )
-    queue.build_initial_queue(project)
+    queue_every_patch(project)
     User = get_user_model()
     users = [User.objects.create(username=f"bench-{os.getpid()}-{i}") for i in range(n_annotators + 1)]
     Membership.objects.bulk_create([Membership(user=u, project=project, role="crowd") for u in users])

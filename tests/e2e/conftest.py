@@ -156,9 +156,9 @@ def make_project(committed: Callable[[], AbstractContextManager[None]], template
                 for p in template_slide.patches.order_by("id")
             )
             if queue:
-                from annotations.queue import build_initial_queue
+                from tests.factories import queue_every_patch
 
-                build_initial_queue(project)
+                queue_every_patch(project)
             patches = list(slide.patches.order_by("id"))
         return Seeded(project=project, slide=slide, patches=patches)
 

@@ -145,10 +145,10 @@ def test_an_idle_annotator_gets_new_work_when_the_queue_refreshes_even_after_a_d
     expect(live).to_have_attribute("data-state", "reconnecting")
     expect(live).to_have_attribute("data-state", "open", timeout=10_000)
 
-    from annotations.queue import build_initial_queue
+    from tests.factories import queue_every_patch
 
     with committed():
-        build_initial_queue(seeded.project)
+        queue_every_patch(seeded.project)
     send_event(seeded.project.pk, {"type": "queue.refresh"})
     shown_patch(page)
     screenshot(page, "annotator-after-queue-refresh")

@@ -16,11 +16,11 @@ from channels.testing import WebsocketCommunicator
 from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
-from annotations import queue, slides
+from annotations import slides
 from annotations.models import Patch, Role
 from annotations.routing import websocket_urlpatterns
 from tests.conftest import SLIDES_DIR
-from tests.factories import ProjectFactory, member
+from tests.factories import ProjectFactory, member, queue_every_patch
 
 ALL = {"admin", "expert", "crowd"}
 EXPERTS = {"admin", "expert"}
@@ -90,7 +90,7 @@ def test_every_endpoint_answers_every_role_as_the_matrix_says() -> None:
     slides.ingest(slide.pk)
     slide = slides.add_slide_from_path(project, SLIDES_DIR / "cmu-1-small-region.svs", launch=False)
     slides.ingest(slide.pk)
-    queue.build_initial_queue(project)
+    queue_every_patch(project)
     patch = Patch.objects.filter(slide=slide).first()
     assert patch is not None
     round_ = TrainingRound.objects.create(project=project, number=1)

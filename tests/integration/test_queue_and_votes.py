@@ -10,7 +10,7 @@ from rest_framework.test import APIClient
 
 from annotations import queue
 from annotations.models import AnnotationTask, Consensus, Patch, Role, Vote
-from tests.factories import PatchFactory, ProjectFactory, SlideFactory, api_client, member
+from tests.factories import PatchFactory, ProjectFactory, SlideFactory, api_client, member, queue_every_patch
 
 pytestmark = pytest.mark.django_db
 
@@ -20,7 +20,7 @@ def project():  # type: ignore[no-untyped-def]
     project = ProjectFactory(votes_required=2, gold_rate=0.0)
     slide = SlideFactory(project=project)
     PatchFactory.create_batch(4, slide=slide)
-    queue.build_initial_queue(project)
+    queue_every_patch(project)
     return project
 
 

@@ -10,9 +10,8 @@ import pytest
 from django.db import connection
 from rest_framework.test import APIClient
 
-from annotations import queue
 from annotations.models import AnnotationTask, Role, Vote
-from tests.factories import PatchFactory, ProjectFactory, SlideFactory, member
+from tests.factories import PatchFactory, ProjectFactory, SlideFactory, member, queue_every_patch
 
 N_ANNOTATORS = 50
 N_PATCHES = 40
@@ -25,7 +24,7 @@ def test_fifty_concurrent_annotators_never_share_a_lease_nor_lose_or_duplicate_a
     slides = [SlideFactory(project=project) for _ in range(4)]
     for i in range(N_PATCHES):
         PatchFactory(slide=slides[i % 4])
-    queue.build_initial_queue(project)
+    queue_every_patch(project)
     users = [member(project, Role.CROWD) for _ in range(N_ANNOTATORS)]
 
     accepted: list[tuple[int, int, int]] = []  # (vote id, user id, patch id) for every 201
@@ -90,7 +89,7 @@ def test_annotators_asking_ahead_at_once_never_share_a_task_nor_exceed_two_lease
     project = ProjectFactory(votes_required=1, gold_rate=0.0)
     slide = SlideFactory(project=project)
     PatchFactory.create_batch(30, slide=slide)
-    queue.build_initial_queue(project)
+    queue_every_patch(project)
     users = [member(project, Role.CROWD) for _ in range(12)]
     got: list[tuple[int, int]] = []  # (user id, task id) for every lease returned
     errors: list[str] = []
