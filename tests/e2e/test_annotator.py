@@ -87,7 +87,7 @@ def test_a_gold_patch_in_training_mode_shows_the_expert_answer(
     with committed():
         benign = seeded.project.label_classes.get(name="benign")
         Vote.objects.create(project=seeded.project, patch=gold_patch, annotator=expert, label=benign, role=Role.EXPERT)
-        from annotations.voting import recompute_consensus
+        from annotations.consensus import recompute_consensus
 
         recompute_consensus(seeded.project, gold_patch)
         gold_patch.is_gold = True

@@ -8,7 +8,7 @@ import pytest
 from playwright.sync_api import expect
 
 from annotations.models import Role, Vote
-from annotations.voting import recompute_consensus
+from annotations.consensus import recompute_consensus
 
 from .conftest import login, screenshot, url_exists
 
