@@ -19,14 +19,23 @@ from . import queue, voting
 from .models import Consensus, LabelClass, Membership, Patch, Project, Role, Vote
 from .permissions import project_for, projects_with_roles
 from .serializers import (
+    MAX_ID,
     ConsensusSerializer,
     CorrectionInputSerializer,
+    CorrectionResultSerializer,
+    GoldInputSerializer,
     LabelClassSerializer,
     MembershipSerializer,
+    NextTaskSerializer,
+    PatchDetailSerializer,
     PatchSerializer,
     ProjectSerializer,
+    RoleInputSerializer,
+    SkipResultSerializer,
     TaskSerializer,
+    UndoResultSerializer,
     VoteInputSerializer,
+    VoteResultSerializer,
     VoteSerializer,
 )
 
@@ -36,6 +45,16 @@ EXPERTS = (Role.ADMIN, Role.EXPERT)
 
 def _error(exc: queue.QueueError) -> Response:
     return Response({"detail": str(exc)}, status=exc.status_code)
+
+
+def query_id(request: Request, name: str) -> int | None:
+    """An optional ``?name=<id>`` parameter: None when absent, ValidationError (400) unless an id."""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_ID:
+        raise ValidationError({name: f"Give the {name} as a whole number id, not {raw[:20]!r}."})
+    return int(raw)
 
 
 class ProjectScoped(APIView):
@@ -155,10 +174,9 @@ class MemberDetailView(ProjectScoped):
         membership = Membership.objects.filter(project=project, pk=member_id).first()
         if membership is None:
             return Response({"detail": "No such member in this project."}, status=404)
-        role = request.data.get("role")
-        if role not in Role.values:
-            raise ValidationError({"role": f"Use one of: {', '.join(Role.values)}."})
-        membership.role = role
+        data = RoleInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        membership.role = data.validated_data["role"]
         membership.save(update_fields=["role"])
         return Response(MembershipSerializer(membership).data)
 
@@ -184,17 +202,18 @@ class NextTaskView(ProjectScoped):
     @extend_schema(
         request=None,
         parameters=[OpenApiParameter("ahead", OpenApiTypes.BOOL, description="Also return a second lease.")],
-        responses={200: TaskSerializer, 204: None},
+        responses={200: NextTaskSerializer, 204: None},
     )
     def post(self, request: Request, project_id: int) -> Response:
         project, role = self.load(request, project_id)
         task = queue.lease_next_task(project, request.user, role)
         if task is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
-        body = TaskSerializer(task).data
+        shown = {"role": role}
+        body = TaskSerializer(task, context=shown).data
         if _truthy(request.query_params.get("ahead", "")):
             ahead = queue.lease_ahead(project, request.user, role, task)
-            body["ahead"] = TaskSerializer(ahead).data if ahead else None
+            body["ahead"] = TaskSerializer(ahead, context=shown).data if ahead else None
         return Response(body)
 
     get = post
@@ -203,7 +222,7 @@ class NextTaskView(ProjectScoped):
 class SkipTaskView(ProjectScoped):
     write_roles = None
 
-    @extend_schema(request=None, responses=TaskSerializer)
+    @extend_schema(request=None, responses=SkipResultSerializer)
     def post(self, request: Request, project_id: int, task_id: int) -> Response:
         project, _ = self.load(request, project_id)
         try:
@@ -216,18 +235,22 @@ class SkipTaskView(ProjectScoped):
 class VoteListView(ProjectScoped):
     write_roles = None
 
-    @extend_schema(responses=VoteSerializer(many=True))
+    @extend_schema(
+        parameters=[OpenApiParameter("patch", OpenApiTypes.INT, description="Only the votes on this patch.")],
+        responses=VoteSerializer(many=True),
+    )
     def get(self, request: Request, project_id: int) -> Response:
         """Experts and admins see every vote; crowd members see only their own."""
         project, role = self.load(request, project_id)
+        patch_id = query_id(request, "patch")
         votes = Vote.objects.filter(project=project).select_related("annotator", "label").order_by("-created_at")
         if role == Role.CROWD:
             votes = votes.filter(annotator=request.user)
-        if "patch" in request.query_params:
-            votes = votes.filter(patch_id=request.query_params["patch"])
+        if patch_id is not None:
+            votes = votes.filter(patch_id=patch_id)
         return Response(VoteSerializer(votes[:500], many=True).data)
 
-    @extend_schema(request=VoteInputSerializer, responses=VoteSerializer)
+    @extend_schema(request=VoteInputSerializer, responses={201: VoteResultSerializer})
     def post(self, request: Request, project_id: int) -> Response:
         project, role = self.load(request, project_id)
         data = VoteInputSerializer(data=request.data)
@@ -247,14 +270,15 @@ class VoteListView(ProjectScoped):
         body: dict[str, Any] = {"vote": VoteSerializer(outcome.vote).data}
         if role != Role.CROWD:
             body["consensus"] = ConsensusSerializer(outcome.consensus).data
-        if _truthy(request.data.get("next", "")):
+        shown = {"role": role}
+        if data.validated_data["next"]:
             # Saves the annotator a round trip: the next lease comes back with the vote.
             task = queue.lease_next_task(project, request.user, role)
-            body["next"] = TaskSerializer(task).data if task else None
-        if _truthy(request.data.get("ahead", "")):
+            body["next"] = TaskSerializer(task, context=shown).data if task else None
+        if data.validated_data["ahead"]:
             # The client already holds the task it shows next: lease one more to load ahead.
             ahead = queue.lease_next_task(project, request.user, role, fresh=True)
-            body["ahead"] = TaskSerializer(ahead).data if ahead else None
+            body["ahead"] = TaskSerializer(ahead, context=shown).data if ahead else None
         if outcome.gold_answer is not None:
             body["gold"] = {
                 "correct": outcome.gold_answer.pk == outcome.vote.label_id,
@@ -266,7 +290,7 @@ class VoteListView(ProjectScoped):
 class VoteCorrectView(ProjectScoped):
     write_roles = None
 
-    @extend_schema(request=CorrectionInputSerializer, responses=VoteSerializer)
+    @extend_schema(request=CorrectionInputSerializer, responses={201: CorrectionResultSerializer})
     def post(self, request: Request, project_id: int, vote_id: int) -> Response:
         project, role = self.load(request, project_id)
         data = CorrectionInputSerializer(data=request.data)
@@ -283,20 +307,20 @@ class VoteCorrectView(ProjectScoped):
 class UndoVoteView(ProjectScoped):
     write_roles = None
 
-    @extend_schema(request=None, responses=TaskSerializer)
+    @extend_schema(request=None, responses=UndoResultSerializer)
     def post(self, request: Request, project_id: int) -> Response:
-        project, _ = self.load(request, project_id)
+        project, role = self.load(request, project_id)
         try:
             task = voting.undo_last_vote(project, request.user)
         except queue.QueueError as exc:
             return _error(exc)
-        return Response({"task": TaskSerializer(task).data if task else None})
+        return Response({"task": TaskSerializer(task, context={"role": role}).data if task else None})
 
 
 class PatchDetailView(ProjectScoped):
     write_roles = None
 
-    @extend_schema(responses=PatchSerializer)
+    @extend_schema(responses=PatchDetailSerializer)
     def get(self, request: Request, project_id: int, patch_id: int) -> Response:
         """Blind labelling: crowd members see votes/consensus only for patches they voted on, and only
         their own votes."""
@@ -304,7 +328,7 @@ class PatchDetailView(ProjectScoped):
         patch = Patch.objects.filter(project=project, pk=patch_id).select_related("slide", "project").first()
         if patch is None:
             return Response({"detail": "No such patch in this project."}, status=404)
-        body: dict[str, Any] = {"patch": PatchSerializer(patch).data}
+        body: dict[str, Any] = {"patch": PatchSerializer(patch, context={"role": role}).data}
         votes = Vote.objects.filter(patch=patch).select_related("annotator", "label")
         consensus = Consensus.objects.filter(patch=patch).select_related("label").first()
         if role == Role.CROWD:
@@ -321,14 +345,16 @@ class PatchDetailView(ProjectScoped):
 class PatchGoldView(ProjectScoped):
     roles = ADMIN_ONLY
 
-    @extend_schema(request=None, responses=PatchSerializer)
+    @extend_schema(request=GoldInputSerializer, responses=PatchSerializer)
     def post(self, request: Request, project_id: int, patch_id: int) -> Response:
         """Mark an expert-labelled patch as gold (``{"gold": false}`` unmarks it)."""
         project, _ = self.load(request, project_id)
+        data = GoldInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
         patch = Patch.objects.filter(project=project, pk=patch_id).first()
         if patch is None:
             return Response({"detail": "No such patch in this project."}, status=404)
-        gold = bool(request.data.get("gold", True))
+        gold = data.validated_data["gold"]
         if gold and not Vote.objects.filter(patch=patch, is_active=True, role__in=EXPERTS).exists():
             return Response({"detail": "Only a patch with an expert label can be gold; label it first."}, status=409)
         patch.is_gold = gold

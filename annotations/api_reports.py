@@ -8,14 +8,15 @@ from typing import Any
 
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from . import agreement, consensus, label_files
-from .api import ADMIN_ONLY, EXPERTS, ProjectScoped
+from .api import ADMIN_ONLY, EXPERTS, ProjectScoped, query_id
 from .models import Consensus, Patch, Role, Vote
+from .serializers import LabelImportInputSerializer, LabelImportResultSerializer, OverlaySerializer
 
 MAX_IMPORT_BYTES = 50 * 1024**2
 
@@ -25,14 +26,17 @@ class OverlayView(ProjectScoped):
 
     write_roles = None
 
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        parameters=[OpenApiParameter("slide", OpenApiTypes.INT, required=True, description="The slide's id.")],
+        responses=OverlaySerializer,
+    )
     def get(self, request: Request, project_id: int) -> Response:
         project, role = self.load(request, project_id)
-        slide_id = request.query_params.get("slide")
-        if not (slide_id and slide_id.isdigit()):
+        slide_id = query_id(request, "slide")
+        if slide_id is None:
             return Response({"detail": "Give the slide id as ?slide=<id>."}, status=400)
-        patches = Patch.objects.filter(project=project, slide_id=int(slide_id))
-        consensus = Consensus.objects.filter(project=project, patch__slide_id=int(slide_id), label__isnull=False)
+        patches = Patch.objects.filter(project=project, slide_id=slide_id)
+        consensus = Consensus.objects.filter(project=project, patch__slide_id=slide_id, label__isnull=False)
         if role == Role.CROWD:
             voted = Vote.objects.filter(project=project, annotator=request.user, is_active=True)
             consensus = consensus.filter(patch_id__in=voted.values("patch_id"))
@@ -55,7 +59,7 @@ class OverlayView(ProjectScoped):
                     "is_gold": gold if role != Role.CROWD else False,
                 }
             )
-        return Response({"slide": int(slide_id), "patches": rows})
+        return Response({"slide": slide_id, "patches": rows})
 
 
 class AgreementView(ProjectScoped):
@@ -83,17 +87,27 @@ class ExportView(ProjectScoped):
 
     roles = EXPERTS
 
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("format", str, enum=["csv", "json", "geojson"], description="Default csv."),
+            OpenApiParameter("kind", str, enum=["votes", "consensus"], description="Default consensus."),
+            OpenApiParameter("slide", OpenApiTypes.INT, description="Consensus of one slide only."),
+        ],
+        responses={
+            (200, "text/csv"): OpenApiTypes.STR,
+            (200, "application/json"): OpenApiTypes.OBJECT,
+            (200, "application/geo+json"): OpenApiTypes.OBJECT,
+        },
+    )
     def get(self, request: Request, project_id: int) -> HttpResponse:
         project, _ = self.load(request, project_id)
         fmt = request.query_params.get("format", "csv")
         kind = request.query_params.get("kind", "consensus")
-        slide = request.query_params.get("slide")
+        slide_id = query_id(request, "slide")
         if fmt not in {"csv", "json", "geojson"} or kind not in {"votes", "consensus"}:
             return Response({"detail": "Use format=csv|json|geojson and kind=votes|consensus."}, status=400)
         if fmt == "geojson" and kind != "consensus":
             return Response({"detail": "GeoJSON exports consensus labels; use kind=consensus."}, status=400)
-        slide_id = int(slide) if slide and slide.isdigit() else None
         rows: Any = label_files.vote_rows(project) if kind == "votes" else label_files.consensus_rows(project, slide_id)
         stem = f"project-{project.pk}-{kind}"
         if fmt == "csv":
@@ -115,12 +129,7 @@ class ImportLabelsView(ProjectScoped):
     write_roles = EXPERTS
     parser_classes = [MultiPartParser]
 
-    @extend_schema(
-        request={
-            "multipart/form-data": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
-        }
-    )
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(request=LabelImportInputSerializer, responses={201: LabelImportResultSerializer})
     def post(self, request: Request, project_id: int) -> Response:
         project, role = self.load(request, project_id)
         upload = request.FILES.get("file")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -139,53 +140,93 @@ def to_geojson(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
 # --- import -----------------------------------------------------------------------------------------
 
 
-def _square(geometry: dict[str, Any]) -> tuple[int, int, int]:
+# Slide pixel coordinates: patch positions are PostgreSQL integers, so nothing larger can match.
+MAX_COORDINATE = 2**31 - 1
+
+
+def _coordinate(value: Any) -> float:
+    """A finite number in slide pixels (JSON booleans are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(value)
+    number = float(value)
+    if not math.isfinite(number) or abs(number) > MAX_COORDINATE:
+        raise ValueError(value)
+    return number
+
+
+def _square(geometry: Any) -> tuple[int, int, int]:
     try:
         ring = geometry["coordinates"][0]
-        xs = [float(p[0]) for p in ring]
-        ys = [float(p[1]) for p in ring]
+        xs = [_coordinate(p[0]) for p in ring]
+        ys = [_coordinate(p[1]) for p in ring]
+        if not xs:
+            raise ValueError("empty ring")
     except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise LabelFileError("Each feature needs a Polygon geometry in slide pixel coordinates.") from exc
+        raise LabelFileError(
+            "Each feature needs a Polygon geometry in slide pixel coordinates (finite numbers)."
+        ) from exc
     return round(min(xs)), round(min(ys)), round(max(max(xs) - min(xs), max(ys) - min(ys)))
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """A JSON object, or {} for a missing one; LabelFileError for anything else."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LabelFileError("Feature properties, classification and histoloop must be JSON objects.")
+    return value
+
+
+def _geojson_rows(text: str, filename: str, default_slide: str | None) -> list[tuple[str, int, int, str]]:
+    try:
+        data = json.loads(text)
+    except RecursionError as exc:
+        raise LabelFileError(f"{filename} is nested too deeply to be GeoJSON.") from exc
+    except ValueError as exc:
+        raise LabelFileError(f"{filename} is not valid JSON: {exc}.") from exc
+    features = data.get("features") if isinstance(data, dict) else data
+    if not isinstance(features, list):
+        raise LabelFileError("Expected a GeoJSON FeatureCollection (or a list of features).")
+    rows = []
+    for number, feature in enumerate(features, 1):
+        if not isinstance(feature, dict):
+            raise LabelFileError(f"Feature {number} is not a GeoJSON Feature object.")
+        props = _object(feature.get("properties"))
+        name = _object(props.get("classification")).get("name")
+        slide = _object(props.get("histoloop")).get("slide") or props.get("slide") or default_slide
+        if not (isinstance(name, str) and name and isinstance(slide, str) and slide):
+            raise LabelFileError(f"Feature {number} needs properties.classification.name and a slide name, both text.")
+        x, y, _ = _square(feature.get("geometry"))
+        rows.append((slide, x, y, name))
+    return rows
+
+
+def _csv_rows(text: str, default_slide: str | None) -> list[tuple[str, int, int, str]]:
+    reader = csv.DictReader(io.StringIO(text))
+    missing = {"x", "y", "label"} - set(reader.fieldnames or [])
+    if missing or ("slide" not in (reader.fieldnames or []) and not default_slide):
+        raise LabelFileError("The CSV needs columns slide, x, y and label.")
+    rows = []
+    for line in reader:
+        try:
+            x, y = int(_coordinate(line["x"])), int(_coordinate(line["y"]))
+        except (TypeError, ValueError) as exc:
+            raise LabelFileError(f"Row {reader.line_num}: x and y must be finite numbers.") from exc
+        label = (line.get("label") or "").strip()
+        slide = line.get("slide") or default_slide or ""
+        if not label or not slide:
+            raise LabelFileError(f"Row {reader.line_num}: every row needs a slide and a label.")
+        rows.append((slide, x, y, label))
+    return rows
 
 
 def parse_labels(content: bytes, filename: str, default_slide: str | None = None) -> list[tuple[str, int, int, str]]:
     """(slide name, x, y, label) rows from a QuPath GeoJSON or a CSV with slide,x,y,label columns."""
     text = content.decode("utf-8-sig", errors="strict")
-    rows: list[tuple[str, int, int, str]] = []
     if filename.lower().endswith((".geojson", ".json")):
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise LabelFileError(f"{filename} is not valid JSON: {exc}.") from exc
-        features = data.get("features") if isinstance(data, dict) else data
-        if not isinstance(features, list):
-            raise LabelFileError("Expected a GeoJSON FeatureCollection (or a list of features).")
-        for feature in features:
-            props = feature.get("properties") or {}
-            name = (props.get("classification") or {}).get("name")
-            slide = (props.get("histoloop") or {}).get("slide") or props.get("slide") or default_slide
-            if not name or not slide:
-                raise LabelFileError("Every feature needs properties.classification.name and a slide name.")
-            x, y, _ = _square(feature.get("geometry") or {})
-            rows.append((slide, x, y, name))
+        rows = _geojson_rows(text, filename, default_slide)
     elif filename.lower().endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text))
-        missing = {"x", "y", "label"} - set(reader.fieldnames or [])
-        if missing or ("slide" not in (reader.fieldnames or []) and not default_slide):
-            raise LabelFileError("The CSV needs columns slide, x, y and label.")
-        for line in reader:
-            try:
-                rows.append(
-                    (
-                        line.get("slide") or default_slide or "",
-                        int(float(line["x"])),
-                        int(float(line["y"])),
-                        line["label"],
-                    )
-                )
-            except (TypeError, ValueError) as exc:
-                raise LabelFileError(f"Row {reader.line_num}: x and y must be numbers.") from exc
+        rows = _csv_rows(text, default_slide)
     else:
         raise LabelFileError("Upload a .geojson, .json or .csv file.")
     if not rows:

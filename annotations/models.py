@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
+
+
+def no_control_characters(value: str) -> None:
+    """Names are shown in pages, exports and file names: no tabs, newlines or other control characters."""
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise ValidationError("Use printable characters only (no tabs, line breaks or control characters).")
+    if value != value.strip():
+        raise ValidationError("Remove the spaces at the start or end.")
+
+
+# Upper bounds a real project stays far below; they keep a typo from locking the queue for years.
+MAX_LEASE_MINUTES = 24 * 60
+MAX_VOTES_REQUIRED = 20
+MAX_BATCH_SIZE = 50_000
+MAX_DESCRIPTION_LENGTH = 10_000
 
 
 class Role(models.TextChoices):
@@ -38,19 +55,21 @@ class TrainMode(models.TextChoices):
 
 
 class Project(models.Model):
-    name = models.CharField(max_length=200, unique=True)
-    description = models.TextField(blank=True)
+    name = models.CharField(max_length=200, unique=True, validators=[no_control_characters])
+    description = models.TextField(blank=True, max_length=MAX_DESCRIPTION_LENGTH)
     patch_size = models.PositiveIntegerField(
         default=224, validators=[MinValueValidator(32), MaxValueValidator(2048)], help_text="Patch edge in pixels."
     )
     magnification = models.FloatField(
         default=20.0, validators=[MinValueValidator(0.5), MaxValueValidator(80)], help_text="Objective power."
     )
-    votes_required = models.PositiveSmallIntegerField(default=3, validators=[MinValueValidator(1)])
+    votes_required = models.PositiveSmallIntegerField(
+        default=3, validators=[MinValueValidator(1), MaxValueValidator(MAX_VOTES_REQUIRED)]
+    )
     consensus_method = models.CharField(
         max_length=32, choices=ConsensusMethod.choices, default=ConsensusMethod.DAWID_SKENE
     )
-    expert_weight = models.FloatField(default=3.0, validators=[MinValueValidator(1.0)])
+    expert_weight = models.FloatField(default=3.0, validators=[MinValueValidator(1.0), MaxValueValidator(100.0)])
     contested_threshold = models.FloatField(
         default=0.34,
         validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
@@ -58,11 +77,15 @@ class Project(models.Model):
     )
     gold_rate = models.FloatField(default=0.1, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)])
     training_mode = models.BooleanField(default=False, help_text="Show the expert answer after a gold vote.")
-    lease_minutes = models.PositiveIntegerField(default=10, validators=[MinValueValidator(1)])
+    lease_minutes = models.PositiveIntegerField(
+        default=10, validators=[MinValueValidator(1), MaxValueValidator(MAX_LEASE_MINUTES)]
+    )
     query_strategy = models.CharField(max_length=32, choices=QueryStrategy.choices, default=QueryStrategy.MARGIN)
-    batch_size = models.PositiveIntegerField(default=100, validators=[MinValueValidator(1)])
+    batch_size = models.PositiveIntegerField(
+        default=100, validators=[MinValueValidator(1), MaxValueValidator(MAX_BATCH_SIZE)]
+    )
     random_fraction = models.FloatField(default=0.1, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)])
-    backbone = models.CharField(max_length=100, default="tf_efficientnet_lite0")
+    backbone = models.CharField(max_length=100, default="tf_efficientnet_lite0", validators=[no_control_characters])
     train_mode = models.CharField(max_length=16, choices=TrainMode.choices, default=TrainMode.HEAD)
     seed = models.IntegerField(default=0)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
@@ -77,7 +100,7 @@ class Project(models.Model):
 
 class LabelClass(models.Model):
     project = models.ForeignKey(Project, related_name="label_classes", on_delete=models.CASCADE)
-    name = models.CharField(max_length=100)
+    name = models.CharField(max_length=100, validators=[no_control_characters])
     colour = models.CharField(
         max_length=7, default="#1f77b4", validators=[RegexValidator(r"^#[0-9a-fA-F]{6}$", "Use #rrggbb.")]
     )

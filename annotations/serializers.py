@@ -3,10 +3,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.urls import reverse
 from rest_framework import serializers
 
-from .models import AnnotationTask, Consensus, LabelClass, Membership, Patch, Project, Vote
+from .models import AnnotationTask, Consensus, LabelClass, Membership, Patch, Project, Role, Vote
 
 
 class LabelClassSerializer(serializers.ModelSerializer):
@@ -93,6 +92,13 @@ class PatchSerializer(serializers.ModelSerializer):
             "context_url",
         ]
 
+    def to_representation(self, patch: Patch) -> dict[str, Any]:
+        data = super().to_representation(patch)
+        if self.context.get("role") == Role.CROWD:
+            # Blind checks: a student cannot tell a gold patch from real work.
+            data["is_gold"] = False
+        return data
+
     def get_image_url(self, patch: Patch) -> str:
         return f"/api/v1/patches/{patch.pk}/image.jpeg"
 
@@ -102,7 +108,16 @@ class PatchSerializer(serializers.ModelSerializer):
 
 
 class TaskSerializer(serializers.ModelSerializer):
+    """A task as its annotator sees it. Pass ``context={"role": ...}``: to the crowd a gold check
+    looks like any crowd task (kind, priority and arm would give it away)."""
+
     patch = PatchSerializer(read_only=True)
+
+    def to_representation(self, task: AnnotationTask) -> dict[str, Any]:
+        data = super().to_representation(task)
+        if self.context.get("role") == Role.CROWD and task.kind == AnnotationTask.Kind.GOLD:
+            data.update(kind=AnnotationTask.Kind.CROWD, priority=0.0, arm="")
+        return data
 
     class Meta:
         model = AnnotationTask
@@ -141,11 +156,14 @@ class VoteSerializer(serializers.ModelSerializer):
         ]
 
 
+MAX_ID = 2**63 - 1  # PostgreSQL bigint: no row has a larger id, and the query would fail on one
+
+
 class VoteInputSerializer(serializers.Serializer):
-    patch = serializers.IntegerField()
-    label = serializers.CharField(help_text="Label id or name.")
-    task = serializers.IntegerField(required=False, allow_null=True)
-    time_spent_ms = serializers.IntegerField(required=False, default=0, min_value=0)
+    patch = serializers.IntegerField(min_value=1, max_value=MAX_ID)
+    label = serializers.CharField(max_length=100, help_text="Label id or name.")
+    task = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=MAX_ID)
+    time_spent_ms = serializers.IntegerField(required=False, default=0, min_value=0, max_value=MAX_ID)
     next = serializers.BooleanField(required=False, default=False, help_text="Also lease and return the next task.")
     ahead = serializers.BooleanField(
         required=False,
@@ -154,8 +172,25 @@ class VoteInputSerializer(serializers.Serializer):
     )
 
 
+class GoldInputSerializer(serializers.Serializer):
+    gold = serializers.BooleanField(default=True, help_text="false unmarks the patch.")
+
+
+class RoleInputSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=Role.choices)
+
+
+class SkipResultSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    state = serializers.ChoiceField(choices=AnnotationTask.State.choices)
+
+
+class UndoResultSerializer(serializers.Serializer):
+    task = TaskSerializer(allow_null=True, help_text="The task to show again, or null.")
+
+
 class CorrectionInputSerializer(serializers.Serializer):
-    label = serializers.CharField(help_text="Label id or name.")
+    label = serializers.CharField(max_length=100, help_text="Label id or name.")
 
 
 class ConsensusSerializer(serializers.ModelSerializer):
@@ -176,5 +211,58 @@ class ConsensusSerializer(serializers.ModelSerializer):
         ]
 
 
-def task_links(task: AnnotationTask) -> dict[str, str]:
-    return {"skip": reverse("task-skip", kwargs={"project_id": task.project_id, "task_id": task.pk})}
+class PatchDetailSerializer(serializers.Serializer):
+    """A patch with what the caller may see of its votes and consensus (crowd: only their own)."""
+
+    patch = PatchSerializer()
+    votes = VoteSerializer(many=True)
+    consensus = ConsensusSerializer(allow_null=True)
+
+
+class VoteResultSerializer(serializers.Serializer):
+    vote = VoteSerializer()
+    consensus = ConsensusSerializer(required=False, help_text="Experts and admins only.")
+    next = TaskSerializer(required=False, allow_null=True, help_text="With next=true: the next lease.")
+    ahead = TaskSerializer(required=False, allow_null=True, help_text="With ahead=true: one more lease.")
+    gold = serializers.DictField(required=False, help_text="Training mode, after a gold check: the answer.")
+
+
+class CorrectionResultSerializer(serializers.Serializer):
+    vote = VoteSerializer()
+
+
+class NextTaskSerializer(TaskSerializer):
+    """The schema of next-task's answer (the view adds ``ahead`` to a TaskSerializer's data)."""
+
+    ahead = TaskSerializer(required=False, allow_null=True, read_only=True, help_text="With ?ahead=1.")
+
+    class Meta(TaskSerializer.Meta):
+        fields = [*TaskSerializer.Meta.fields, "ahead"]
+
+
+class OverlayPatchSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    x = serializers.IntegerField()
+    y = serializers.IntegerField()
+    size = serializers.IntegerField()
+    label = serializers.CharField(allow_null=True)
+    colour = serializers.CharField(allow_null=True)
+    status = serializers.CharField(allow_null=True)
+    is_gold = serializers.BooleanField()
+
+
+class OverlaySerializer(serializers.Serializer):
+    """One slide's patch grid with consensus labels (crowd: only patches they voted on)."""
+
+    slide = serializers.IntegerField()
+    patches = OverlayPatchSerializer(many=True)
+
+
+class LabelImportInputSerializer(serializers.Serializer):
+    file = serializers.FileField(help_text="A QuPath GeoJSON (.geojson/.json) or a CSV with slide,x,y,label.")
+    slide = serializers.CharField(required=False, help_text="Slide name for rows that name none.")
+
+
+class LabelImportResultSerializer(serializers.Serializer):
+    imported = serializers.IntegerField()
+    unchanged = serializers.IntegerField()

@@ -41,8 +41,11 @@ class VoteOutcome:
 
 
 def _label(project: Project, label: Any) -> LabelClass:
+    """A label of the project by id (ASCII digits) or by name; VoteError naming the choices if none."""
     query = LabelClass.objects.filter(project=project)
-    found = query.filter(pk=label).first() if str(label).isdigit() else query.filter(name=label).first()
+    text = str(label)
+    by_id = text.isascii() and text.isdigit() and int(text) <= 2**63 - 1
+    found = query.filter(pk=int(text)).first() if by_id else query.filter(name=text).first()
     if found is None:
         names = ", ".join(query.values_list("name", flat=True))
         raise VoteError(f"Unknown label {label!r} for this project; use one of: {names}.")

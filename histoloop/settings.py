@@ -159,7 +159,12 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "histoloop.schema.AutoSchema",
+    "DEFAULT_PARSER_CLASSES": [
+        "histoloop.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 100,
     # `?format=` is ours (export formats), not DRF's renderer override.
@@ -170,6 +175,11 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Slides, patches, the annotation queue, votes, consensus and training rounds.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_NAME_OVERRIDES": {
+        "TaskStateEnum": "annotations.models.AnnotationTask.State",
+        "RoundStateEnum": "learner.models.TrainingRound.State",
+        "ConsensusMethodEnum": "annotations.models.ConsensusMethod",
+    },
 }
 
 CHANNEL_LAYERS = {

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from annotations.models import Role, Vote
 from annotations.consensus import recompute_consensus
+from annotations.models import Role, Vote
 
 from .conftest import login, screenshot
 

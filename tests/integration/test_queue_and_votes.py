@@ -212,7 +212,9 @@ def test_gold_patches_are_mixed_into_the_crowd_queue_and_training_mode_shows_the
     assert admin.post(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/gold/").status_code == 200
     student = api_client(member(project, Role.CROWD))
     task = lease(student, project)
-    assert task["kind"] == "gold" and task["patch"]["id"] == patch.pk
+    # A gold check looks like any crowd task to the student (blind), but it is one.
+    assert task["kind"] == "crowd" and task["patch"]["id"] == patch.pk
+    assert AnnotationTask.objects.get(pk=task["id"]).kind == AnnotationTask.Kind.GOLD
     body = vote(student, project, task, "benign").json()
     assert body["gold"] == {"correct": False, "expert_label": "squamous"}
 
@@ -370,8 +372,9 @@ def test_an_ahead_lease_never_shares_a_patch_with_a_held_gold_task(project) -> N
     assert admin.post(f"/api/v1/projects/{project.pk}/patches/{gold.pk}/gold/").status_code == 200
     student = api_client(member(project, Role.CROWD))
     body = lease_with_ahead(student, project)
-    assert body["kind"] == "gold" and body["patch"]["id"] == gold.pk
-    assert body["ahead"]["kind"] == "crowd" and body["ahead"]["patch"]["id"] != gold.pk
+    assert AnnotationTask.objects.get(pk=body["id"]).kind == AnnotationTask.Kind.GOLD and body["patch"]["id"] == gold.pk
+    assert AnnotationTask.objects.get(pk=body["ahead"]["id"]).kind == AnnotationTask.Kind.CROWD
+    assert body["ahead"]["patch"]["id"] != gold.pk
 
 
 def test_undo_never_takes_a_lease_away_from_someone_else(project) -> None:  # type: ignore[no-untyped-def]

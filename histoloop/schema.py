@@ -1,0 +1,53 @@
+"""The OpenAPI schema class: it documents the error answers every operation can give.
+
+Every refusal is ``{"detail": "..."}`` (a 400 from field validation names each bad field instead),
+so a client generated from the schema knows them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
+from rest_framework import serializers
+
+
+class ErrorSerializer(serializers.Serializer):
+    """What every refusal looks like: a sentence saying what was wrong and what to do."""
+
+    detail = serializers.CharField()
+    code = serializers.CharField(required=False)
+
+
+class BadRequestSerializer(serializers.Serializer):
+    """A 400: ``detail`` for the request as a whole, or each invalid field with its messages."""
+
+    detail = serializers.CharField(required=False)
+
+
+# Answers any operation may give besides its own: who may not, what does not exist, what was bad.
+COMMON_ERRORS: dict[str, tuple[type[serializers.Serializer], str]] = {
+    "400": (BadRequestSerializer, "The request was malformed or a value was invalid; the body says which."),
+    "403": (ErrorSerializer, "Not signed in, or your role in this project may not do this."),
+    "404": (ErrorSerializer, "No such object, or it belongs to a project you are not a member of."),
+}
+WRITE_ERRORS: dict[str, tuple[type[serializers.Serializer], str]] = {
+    "409": (ErrorSerializer, "The request conflicts with the current state (e.g. a second vote, an expired lease)."),
+    "413": (ErrorSerializer, "The body is larger than this endpoint accepts."),
+}
+
+
+class AutoSchema(SpectacularAutoSchema):
+    def _get_response_bodies(self, direction: str = "response") -> dict[str, Any]:  # type: ignore[override]
+        responses = super()._get_response_bodies(direction)  # type: ignore[arg-type]
+        if direction != "response":
+            return responses
+        errors = dict(COMMON_ERRORS)
+        if self.method in ("POST", "PUT", "PATCH", "DELETE"):
+            errors.update(WRITE_ERRORS)
+        for code, (serializer, description) in errors.items():
+            if code not in responses:
+                body = self._get_response_for_code(serializer, code, direction=direction)  # type: ignore[arg-type]
+                body["description"] = description
+                responses[code] = body
+        return responses
