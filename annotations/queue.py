@@ -69,8 +69,8 @@ def _recently_skipped_by(user: Any, now: Any) -> Exists:
 
 
 MAX_LEASES = 2  # the task on screen and one ahead
-# A round's batch ranks above every earlier round's: priority = step x round number + rank.
-ROUND_PRIORITY_STEP = 10_000.0
+# A round's batch ranks above every earlier round's: priority = step x round number + a rank fraction.
+ROUND_PRIORITY_STEP = 10.0
 
 
 def _held(project: Project, user: Any, now: Any) -> Any:
@@ -185,7 +185,8 @@ def seeded_spread(patches: Iterable[tuple[int, int]], seed: int) -> dict[int, fl
     """Priorities for a cold queue: a seeded random order that alternates between slides.
 
     ``patches`` are (patch_id, slide_id). Each slide's patches are shuffled, then slides are
-    visited round-robin (in a shuffled order), so the first tasks cover many slides.
+    visited round-robin (in a shuffled order), so the first tasks cover many slides. Priorities lie
+    in (0, 1], below every round's (see ``publish_round``), whatever the number of patches.
     """
     rng = random.Random(seed)
     by_slide: dict[int, list[int]] = defaultdict(list)
@@ -203,7 +204,7 @@ def seeded_spread(patches: Iterable[tuple[int, int]], seed: int) -> dict[int, fl
                 order.append(by_slide[slide_id][depth])
         depth += 1
     total = len(order)
-    return {patch_id: float(total - rank) for rank, patch_id in enumerate(order)}
+    return {patch_id: (total - rank) / total for rank, patch_id in enumerate(order)}
 
 
 def enqueue_patches(
@@ -280,27 +281,52 @@ def publish_round(
     chosen: list[tuple[int, str]],
     rest_priority: Mapping[int, float] | None = None,
     round_number: int,
+    tail: int | None = None,
 ) -> int:
     """Put a round's choice at the top of the crowd queue; returns the number of tasks created.
 
-    ``chosen`` is (patch id, arm) in the strategy's order, best first. Its patches rank above every
-    earlier round's (``ROUND_PRIORITY_STEP`` x ``round_number`` + rank). With ``rest_priority`` (the new
-    model's uncertainty per patch), the open crowd tasks not chosen are re-ranked below the batch by
-    it (0 for patches it does not score). Runs inside the caller's transaction.
+    ``chosen`` is (patch id, arm) in the strategy's order, best first: its patches rank above every
+    earlier round's. With ``rest_priority`` (the new model's uncertainty per patch), the ``tail``
+    (default: as many as were chosen) most uncertain other open crowd tasks come next, above what
+    earlier rounds left. Everything else keeps its place.
+
+    It writes O(batch) rows, never the whole queue: the caller's transaction then holds row locks on
+    at most ``len(chosen) + tail`` tasks, for the moment between these writes and its commit, and
+    annotators leasing meanwhile get the next unlocked task (SKIP LOCKED) instead of waiting or
+    finding the queue empty.
     """
     n = len(chosen)
     base = ROUND_PRIORITY_STEP * round_number
-    priorities = {pid: base + (n - rank) for rank, (pid, _) in enumerate(chosen)}
-    if rest_priority is not None:
-        stale = list(
-            AnnotationTask.objects.filter(project=project, kind=Kind.CROWD, state=State.OPEN).exclude(
-                patch_id__in=priorities
-            )
-        )
-        for task in stale:
-            task.priority = rest_priority.get(task.patch_id, 0.0)
-        AnnotationTask.objects.bulk_update(stale, ["priority"], batch_size=2000)
+    # The batch in (base, base + 1], the tail in (base - 1, base]; earlier rounds stay at or below
+    # base - STEP + 1. Ranks are fractions, so a batch of any size fits in its band.
+    priorities = {pid: base + (n - rank) / max(n, 1) for rank, (pid, _) in enumerate(chosen)}
+    if rest_priority:
+        # The tail only moves up: its tasks stay in the round (and arm) that queued them.
+        size = n if tail is None else tail
+        moved = _uncertain_tail(project, rest_priority, exclude=priorities, size=size)
+        enqueue_patches(project, {pid: base - 1 + min(max(score, 0.0), 1.0) * 0.999 for pid, score in moved})
     return enqueue_patches(project, priorities, round_id=round_id, arms=dict(chosen))
+
+
+def _uncertain_tail(
+    project: Project, scores: Mapping[int, float], *, exclude: Mapping[int, float], size: int, chunk: int = 5000
+) -> list[tuple[int, float]]:
+    """The ``size`` patches with the highest scores that have an open crowd task, best first."""
+    if size <= 0:
+        return []
+    ranked = sorted((pid for pid in scores if pid not in exclude), key=lambda pid: -scores[pid])
+    found: list[tuple[int, float]] = []
+    for start in range(0, len(ranked), chunk):
+        part = ranked[start : start + chunk]
+        open_ids = set(
+            AnnotationTask.objects.filter(
+                project=project, kind=Kind.CROWD, state=State.OPEN, patch_id__in=part
+            ).values_list("patch_id", flat=True)
+        )
+        found.extend((pid, scores[pid]) for pid in part if pid in open_ids)
+        if len(found) >= size:
+            break
+    return found[:size]
 
 
 def queue_stats(project: Project) -> QueueStats:
