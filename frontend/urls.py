@@ -1,5 +1,7 @@
 from django.urls import path
 
+from annotations.slides import views as slide_views
+
 from . import views
 
 urlpatterns = [
@@ -8,4 +10,6 @@ urlpatterns = [
     path("projects/<int:project_id>/viewer/", views.viewer, name="viewer"),
     path("projects/<int:project_id>/viewer/<int:slide_id>/", views.viewer, name="viewer-slide"),
     path("projects/<int:project_id>/dashboard/", views.dashboard, name="dashboard"),
+    # The upload view shares its streaming upload handler with the slide API, so it lives beside it.
+    path("projects/<int:project_id>/slides/upload/", slide_views.slide_upload_page, name="slide-upload-page"),
 ]

@@ -199,6 +199,7 @@ CELERY_RESULT_BACKEND = REDIS_URL
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_TASK_ROUTES = {
     "learner.tasks.*": {"queue": "gpu"},
+    # annotations.tasks.ingest_slide is in annotations/slides/tasks.py (it kept its name when it moved).
     "annotations.tasks.*": {"queue": "cpu"},
 }
 CELERY_TASK_ACKS_LATE = True

@@ -159,7 +159,7 @@ class GradCamView(ProjectScoped):
 
     @extend_schema(responses={(200, "image/png"): OpenApiTypes.BINARY})
     def get(self, request: Request, project_id: int, patch_id: int) -> HttpResponse:
-        from annotations.tiles import read_patch
+        from annotations.slides.tiles import read_patch
 
         from .core.errors import LearnerError
         from .core.gradcam import grad_cam

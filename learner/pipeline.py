@@ -21,8 +21,9 @@ from django.db import transaction
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
-from annotations import consensus, queue, tiles
+from annotations import consensus, queue
 from annotations.models import AnnotationTask, Consensus, LabelClass, Patch, Project
+from annotations.slides import tiles
 from learner.core.backbone import create_backbone
 from learner.core.classifier import Classifier, save_model
 from learner.core.config import BackboneSpec, TrainConfig

@@ -25,8 +25,9 @@ from django.db import transaction
 from PIL import Image
 from sklearn.metrics import f1_score
 
-from annotations import queue, slides, voting
+from annotations import queue, voting
 from annotations.models import AnnotationTask, Consensus, LabelClass, Membership, Patch, Project, Role, Slide
+from annotations.slides import ingest as slides
 from learner import pipeline, services
 from learner.conf import learner_settings
 from learner.core.backbone import create_backbone

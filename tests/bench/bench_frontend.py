@@ -117,8 +117,8 @@ def main() -> int:
     from django.test import Client
     from playwright.sync_api import sync_playwright
 
-    from annotations import slides
     from annotations.models import Role, Vote
+    from annotations.slides import ingest
     from tests.factories import ProjectFactory, member, queue_every_patch
 
     call_command("migrate", verbosity=0)
@@ -129,7 +129,7 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
     log = media / "server.log"
     try:
-        slide = slides.ingest(slides.add_slide_from_path(project, Path(args.slide), launch=False).pk)
+        slide = ingest.ingest(ingest.add_slide_from_path(project, Path(args.slide), launch=False).pk)
         assert slide is not None and slide.status == "ready", slide and slide.error
         n_tasks = queue_every_patch(project)
         cookies = {}

@@ -129,8 +129,8 @@ def main() -> int:
     from django.core.management import call_command
     from django.test import Client
 
-    from annotations import slides, tiles
     from annotations.models import Project, Role
+    from annotations.slides import ingest, tiles
     from tests.factories import ProjectFactory, member
 
     call_command("migrate", verbosity=0)
@@ -139,8 +139,8 @@ def main() -> int:
     user = member(project, Role.CROWD, username=f"bench-viewer-{os.getpid()}-{int(time.time())}")
     log = media / "server.log"
     try:
-        slide = slides.add_slide_from_path(project, slide_file, launch=False)
-        slide = slides.ingest(slide.pk)
+        slide = ingest.add_slide_from_path(project, slide_file, launch=False)
+        slide = ingest.ingest(slide.pk)
         assert slide is not None and slide.status == "ready", slide and slide.error
         client = Client()
         client.force_login(user)

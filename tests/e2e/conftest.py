@@ -100,13 +100,13 @@ def committed(django_db_setup: None, django_db_blocker: Any) -> Callable[[], Abs
 @pytest.fixture(scope="session")
 def template_slide(committed: Callable[[], AbstractContextManager[None]]) -> Any:
     """cmu-1-small-region.svs ingested once through the real slide service (metadata, tissue, grid)."""
-    from annotations import slides
+    from annotations.slides import ingest
     from tests.factories import ProjectFactory
 
     with committed():
         project = ProjectFactory(name="e2e slide template")
-        slide = slides.add_slide_from_path(project, SLIDE_FILE, launch=False)
-        slide = slides.ingest(slide.pk)
+        slide = ingest.add_slide_from_path(project, SLIDE_FILE, launch=False)
+        slide = ingest.ingest(slide.pk)
         assert slide is not None and slide.status == "ready", slide and slide.error
         assert slide.patches.exists(), "the test slide produced no patches"
     return slide

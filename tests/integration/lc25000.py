@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from annotations import slides
 from annotations.models import Project, Slide
+from annotations.slides import ingest
 from tests.conftest import LC25000_DIR
 
 CLASS_NAMES = {"lung_aca": "adenocarcinoma", "lung_n": "benign", "lung_scc": "squamous"}
@@ -41,8 +41,8 @@ def add_lc25000_slides(project: Project, rows: list[dict[str, str]]) -> list[Sli
     """Add and ingest (in this process) one slide per image; returns the ready slides."""
     out = []
     for row in rows:
-        slide = slides.add_slide_from_path(project, image_path(row), group=row["group_id"], launch=False)
-        slides.ingest(slide.pk)
+        slide = ingest.add_slide_from_path(project, image_path(row), group=row["group_id"], launch=False)
+        ingest.ingest(slide.pk)
         slide.refresh_from_db()
         assert slide.status == Slide.Status.READY, slide.error
         out.append(slide)

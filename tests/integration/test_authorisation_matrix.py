@@ -16,9 +16,9 @@ from channels.testing import WebsocketCommunicator
 from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
-from annotations import slides
 from annotations.models import Patch, Role
 from annotations.routing import websocket_urlpatterns
+from annotations.slides import ingest
 from tests.conftest import SLIDES_DIR
 from tests.factories import ProjectFactory, member, queue_every_patch
 
@@ -86,10 +86,10 @@ def test_every_endpoint_answers_every_role_as_the_matrix_says() -> None:
     from learner.models import TrainingRound
 
     project = ProjectFactory()
-    slide = slides.add_slide_from_path(project, SLIDES_DIR / "small.svs", launch=False)
-    slides.ingest(slide.pk)
-    slide = slides.add_slide_from_path(project, SLIDES_DIR / "cmu-1-small-region.svs", launch=False)
-    slides.ingest(slide.pk)
+    slide = ingest.add_slide_from_path(project, SLIDES_DIR / "small.svs", launch=False)
+    ingest.ingest(slide.pk)
+    slide = ingest.add_slide_from_path(project, SLIDES_DIR / "cmu-1-small-region.svs", launch=False)
+    ingest.ingest(slide.pk)
     queue_every_patch(project)
     patch = Patch.objects.filter(slide=slide).first()
     assert patch is not None

@@ -239,16 +239,16 @@ def test_a_label_with_votes_cannot_be_deleted_but_its_project_can(project) -> No
 
 
 def test_an_ingested_slide_puts_its_patches_in_the_crowd_queue() -> None:
-    from annotations import slides
+    from annotations.slides import ingest
     from tests.conftest import SLIDES_DIR
 
     project = ProjectFactory()
-    slide = slides.add_slide_from_path(project, SLIDES_DIR / "cmu-1-small-region.svs", launch=False)
-    slides.ingest(slide.pk)
+    slide = ingest.add_slide_from_path(project, SLIDES_DIR / "cmu-1-small-region.svs", launch=False)
+    ingest.ingest(slide.pk)
     patches = set(Patch.objects.filter(slide=slide).values_list("pk", flat=True))
     queued = set(AnnotationTask.objects.filter(project=project, kind="crowd").values_list("patch_id", flat=True))
     assert patches and queued == patches
-    slides.ingest(slide.pk)  # re-running ingest does not queue anything twice
+    ingest.ingest(slide.pk)  # re-running ingest does not queue anything twice
     assert AnnotationTask.objects.filter(project=project).count() == len(patches)
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
-from annotations import tasks
 from annotations.models import Slide
+from annotations.slides import tasks
 from tests.factories import ProjectFactory
 
-from . import test_slide_support as support
-from .test_slide_support import CMU, assert_no_stray_media, media_files, shared_slide
+from . import test_slides_support as support
+from .test_slides_support import CMU, assert_no_stray_media, media_files, shared_slide
 
 pytestmark = pytest.mark.django_db
 

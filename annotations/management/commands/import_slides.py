@@ -8,8 +8,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from annotations import slides
 from annotations.models import Project, Slide
+from annotations.slides import ingest
 
 
 def find_project(value: str) -> Project:
@@ -60,14 +60,14 @@ class Command(BaseCommand):
         for path in files:
             try:
                 if not path.resolve().is_relative_to(root.resolve()):
-                    raise slides.SlideRejected(f"'{path.name}' links outside the import directory; it was skipped.")
-                slide = slides.add_slide_from_path(project, path, group=options["group"], launch=not options["now"])
-            except slides.SlideRejected as exc:
+                    raise ingest.SlideRejected(f"'{path.name}' links outside the import directory; it was skipped.")
+                slide = ingest.add_slide_from_path(project, path, group=options["group"], launch=not options["now"])
+            except ingest.SlideRejected as exc:
                 refused += 1
                 self.stderr.write(f"Refused {path.name}: {exc.message}")
                 continue
             if options["now"]:
-                slide = slides.ingest(slide.pk) or slide
+                slide = ingest.ingest(slide.pk) or slide
                 self._report(slide)
                 if slide.status == Slide.Status.FAILED:
                     refused += 1

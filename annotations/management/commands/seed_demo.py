@@ -19,7 +19,7 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from annotations.models import LabelClass, Membership, Project, Role
-from annotations.slides import SlideRejected, add_slide_from_path
+from annotations.slides.ingest import SlideRejected, add_slide_from_path
 
 DEMO_PROJECT = "Demo: skin H&E (CMU-1)"
 CLASSES = [

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from annotations import slides, tasks
 from annotations.models import Patch, Slide
+from annotations.slides import ingest, tasks
 from tests.conftest import LC25000_DIR
 from tests.factories import ProjectFactory
 
-from . import test_slide_support as support
-from .test_slide_support import CMU, TCGA, assert_no_stray_media, ingest_file, media_files, shared_slide
+from . import test_slides_support as support
+from .test_slides_support import CMU, TCGA, assert_no_stray_media, ingest_file, media_files, shared_slide
 
 pytestmark = pytest.mark.django_db
 
@@ -45,8 +45,8 @@ FIXTURES = [
 
 def test_it_explains_that_a_dicom_file_without_the_pyramid_cannot_stand_alone(media, project):  # type: ignore[no-untyped-def]
     # boxes_1.dcm is the second file of a DICOM-WSI pair; OpenSlide finds no pyramid in it alone.
-    with pytest.raises(slides.SlideRejected) as caught:
-        slides.add_slide_from_path(project, shared_slide("boxes_1.dcm"))
+    with pytest.raises(ingest.SlideRejected) as caught:
+        ingest.add_slide_from_path(project, shared_slide("boxes_1.dcm"))
     assert caught.value.code == "unreadable"
     assert "a DICOM file must hold the whole-slide image pyramid" in caught.value.message
     assert Slide.objects.count() == 0
@@ -126,7 +126,7 @@ def test_re_running_after_a_patch_size_change_rebuilds_the_grid(media, project):
     project.patch_size = 448
     project.save()
 
-    slides.ingest(slide.pk)
+    ingest.ingest(slide.pk)
 
     sizes = set(slide.patches.values_list("size", flat=True))
     assert sizes == {448}
@@ -137,10 +137,6 @@ def test_it_records_the_slide_in_its_own_directory(media, project):  # type: ign
     slide = ingest_file(project, shared_slide("small.svs"))
     assert slide.file.name == f"slides/{project.pk}/{slide.pk}/small.svs"
     assert slide.thumbnail.name == f"thumbnails/{project.pk}/{slide.pk}.jpeg"
-
-
-def test_the_task_ignores_a_slide_that_no_longer_exists(media):  # type: ignore[no-untyped-def]
-    assert tasks.ingest_slide(987654321) == "missing"
 
 
 # Bad input through the service (the CLI and the API use the same calls).
@@ -169,8 +165,8 @@ def _write(path: Path, data: bytes) -> Path:
 )
 def test_it_refuses_bad_files_with_a_sentence_and_keeps_nothing(media, project, tmp_path, make, code, words):  # type: ignore[no-untyped-def]
     path = make(tmp_path)
-    with pytest.raises(slides.SlideRejected) as caught:
-        slides.add_slide_from_path(project, path)
+    with pytest.raises(ingest.SlideRejected) as caught:
+        ingest.add_slide_from_path(project, path)
     assert caught.value.code == code
     assert words in caught.value.message
     assert caught.value.message.endswith(".")
@@ -180,8 +176,8 @@ def test_it_refuses_bad_files_with_a_sentence_and_keeps_nothing(media, project, 
 
 def test_it_refuses_a_file_over_the_size_limit(media, project, settings):  # type: ignore[no-untyped-def]
     settings.MAX_UPLOAD_BYTES = 1000
-    with pytest.raises(slides.SlideRejected) as caught:
-        slides.add_slide_from_path(project, shared_slide("small_vectra.qptiff"))
+    with pytest.raises(ingest.SlideRejected) as caught:
+        ingest.add_slide_from_path(project, shared_slide("small_vectra.qptiff"))
     assert caught.value.status == 413
     assert "larger than the 1000 bytes limit" in caught.value.message
     assert Slide.objects.count() == 0
@@ -190,17 +186,17 @@ def test_it_refuses_a_file_over_the_size_limit(media, project, settings):  # typ
 
 def test_it_stops_streaming_once_the_limit_is_passed(media, project, settings):  # type: ignore[no-untyped-def]
     settings.MAX_UPLOAD_BYTES = 10_000
-    incoming = slides.IncomingFile("big.svs")
-    with pytest.raises(slides.SlideRejected):
+    incoming = ingest.IncomingFile("big.svs")
+    with pytest.raises(ingest.SlideRejected):
         incoming.write_all(iter([b"x" * 6000, b"x" * 6000, b"never read"]))
     assert not incoming.path.exists()
     assert media_files() == set()
 
 
 def test_it_refuses_the_same_file_twice_naming_the_existing_slide(media, project):  # type: ignore[no-untyped-def]
-    first = slides.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
-    with pytest.raises(slides.SlideRejected) as caught:
-        slides.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
+    first = ingest.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
+    with pytest.raises(ingest.SlideRejected) as caught:
+        ingest.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
     assert caught.value.status == 409
     assert f"already in this project as slide 'small.svs' (id {first.pk})" in caught.value.message
     assert Slide.objects.count() == 1
@@ -208,16 +204,16 @@ def test_it_refuses_the_same_file_twice_naming_the_existing_slide(media, project
 
 
 def test_the_same_file_may_go_into_another_project_or_again_after_a_failure(media, project):  # type: ignore[no-untyped-def]
-    first = slides.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
-    slides.add_slide_from_path(ProjectFactory(), shared_slide("small.svs"), launch=False)
-    slides.fail_slide(first, "Broken on purpose.")
-    again = slides.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
+    first = ingest.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
+    ingest.add_slide_from_path(ProjectFactory(), shared_slide("small.svs"), launch=False)
+    ingest.fail_slide(first, "Broken on purpose.")
+    again = ingest.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
     assert again.pk != first.pk
     assert_no_stray_media()
 
 
 def test_a_slide_that_breaks_during_processing_ends_failed_and_leaves_nothing(media, project):  # type: ignore[no-untyped-def]
-    slide = slides.add_slide_from_path(project, shared_slide(CMU), launch=False)
+    slide = ingest.add_slide_from_path(project, shared_slide(CMU), launch=False)
     Path(slide.file.path).write_bytes(b"overwritten by a disk fault")
 
     assert tasks.ingest_slide(slide.pk) == "failed"
@@ -232,9 +228,9 @@ def test_a_slide_that_breaks_during_processing_ends_failed_and_leaves_nothing(me
 
 
 def test_a_slide_whose_file_vanished_fails_with_a_reason(media, project):  # type: ignore[no-untyped-def]
-    slide = slides.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
+    slide = ingest.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
     shutil.rmtree(Path(slide.file.path).parent)
-    slides.ingest(slide.pk)
+    ingest.ingest(slide.pk)
     slide.refresh_from_db()
     assert slide.status == Slide.Status.FAILED
     assert "missing from storage" in slide.error
@@ -244,7 +240,7 @@ def test_adding_a_slide_queues_the_ingest_after_commit(media, project, django_ca
     queued: list[int] = []
     monkeypatch.setattr(tasks.ingest_slide, "delay", queued.append)
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        slide = slides.add_slide_from_path(project, shared_slide("small.svs"))
+        slide = ingest.add_slide_from_path(project, shared_slide("small.svs"))
     assert queued == []
     assert len(callbacks) == 1
     callbacks[0]()
@@ -256,8 +252,8 @@ def test_a_broker_outage_fails_the_slide_with_a_reason(media, project, monkeypat
         raise ConnectionError("redis is down")
 
     monkeypatch.setattr(tasks.ingest_slide, "delay", unavailable)
-    slide = slides.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
-    slides.queue_ingest(slide.pk)
+    slide = ingest.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
+    ingest.queue_ingest(slide.pk)
     slide.refresh_from_db()
     assert slide.status == Slide.Status.FAILED
     assert "could not be queued" in slide.error

@@ -38,12 +38,12 @@ from large_image.constants import TILE_FORMAT_NUMPY
 from large_image.exceptions import TileSourceError, TileSourceXYZRangeError
 from PIL import Image
 
-from .domain.tissue import as_rgb
+from annotations.domain.tissue import as_rgb
 
 if TYPE_CHECKING:
     from large_image.tilesource import TileSource
 
-    from .models import Patch
+    from annotations.models import Patch
 
 JPEG_QUALITY = 90
 THUMBNAIL_SIZE = 512

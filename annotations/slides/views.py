@@ -1,24 +1,20 @@
-"""Slide upload, listing and the image endpoints (tiles, thumbnail, region, patch image).
+"""The slide endpoints: upload (REST and the browser page), listing, detail, the tile source and
+the image endpoints (tiles, thumbnail, region, patch image). Routes: :mod:`annotations.slides.urls`
+(under /api/v1/) and frontend/urls.py (the upload page).
 
 The image endpoints are plain async Django views rather than DRF views: a viewer asks for dozens
 of tiles per second, so they avoid DRF's per-request machinery and, after the first request of a
-credential for a slide, the database too. Who may see which slide is remembered per credential
-(session cookie or API token) for ``ACCESS_TTL_SECONDS``; removing a member therefore takes up to
-that long to stop their tile requests. Pixel work runs in a thread so the event loop keeps serving.
+credential for a slide, the database too (see :mod:`annotations.slides.access`). Pixel work runs
+in a thread so the event loop keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.files.uploadedfile import UploadedFile
@@ -34,20 +30,20 @@ from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_safe
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework.authtoken.models import Token
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.generics import GenericAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import slides, tiles
-from .models import Patch, Role, Slide
-from .permissions import project_for
-from .slide_serializers import SlideSerializer
+from annotations.models import Patch, Role, Slide
+from annotations.permissions import project_for
+
+from . import ingest, tiles
+from .access import Refused, SlideAccess, authorise, patch_for, slide_access
+from .serializers import SlideSerializer
 
 CACHE_CONTROL = "private, max-age=31536000, immutable"
-ACCESS_TTL_SECONDS = 30.0
 DEFAULT_REGION_SIZE = 1024
 # Multipart framing and small form fields on top of the file itself.
 UPLOAD_OVERHEAD_BYTES = 1024 * 1024
@@ -59,7 +55,7 @@ UPLOAD_OVERHEAD_BYTES = 1024 * 1024
 class IncomingUpload(UploadedFile):
     """request.FILES["file"]: the IncomingFile already on disk under MEDIA_ROOT/incoming/."""
 
-    def __init__(self, incoming: slides.IncomingFile, content_type: str | None) -> None:
+    def __init__(self, incoming: ingest.IncomingFile, content_type: str | None) -> None:
         super().__init__(file=None, name=incoming.name, content_type=content_type, size=incoming.size)
         self.incoming = incoming
 
@@ -73,9 +69,9 @@ class SlideUploadHandler(FileUploadHandler):
 
     def __init__(self, request: HttpRequest) -> None:
         super().__init__(request)
-        self.incoming: slides.IncomingFile | None = None
+        self.incoming: ingest.IncomingFile | None = None
 
-    def _reject(self, error: slides.SlideRejected) -> None:
+    def _reject(self, error: ingest.SlideRejected) -> None:
         self.request.slide_upload_error = error  # type: ignore[union-attr]
         if self.incoming is not None:
             self.incoming.discard()
@@ -85,7 +81,7 @@ class SlideUploadHandler(FileUploadHandler):
         self, input_data: Any, META: dict, content_length: int, boundary: Any, encoding: Any = None
     ):
         if content_length and content_length > settings.MAX_UPLOAD_BYTES + UPLOAD_OVERHEAD_BYTES:
-            self._reject(slides.too_large())
+            self._reject(ingest.too_large())
             return QueryDict(), MultiValueDict()  # refuse without reading the body
         return None
 
@@ -94,8 +90,8 @@ class SlideUploadHandler(FileUploadHandler):
         if field_name != "file" or self.incoming is not None:
             raise SkipFile()
         try:
-            self.incoming = slides.IncomingFile(file_name)
-        except slides.SlideRejected as exc:
+            self.incoming = ingest.IncomingFile(file_name)
+        except ingest.SlideRejected as exc:
             self._reject(exc)
             raise SkipFile() from exc
         raise StopFutureHandlers()
@@ -105,7 +101,7 @@ class SlideUploadHandler(FileUploadHandler):
             return None
         try:
             self.incoming.write(raw_data)
-        except slides.SlideRejected as exc:
+        except ingest.SlideRejected as exc:
             self.incoming = None  # write() already deleted it
             self._reject(exc)
             raise StopUpload(connection_reset=False) from exc
@@ -131,21 +127,21 @@ def receive_upload(request: HttpRequest | Request, project: Any, user: Any) -> S
             upload.incoming.discard()
         raise error
     if upload is None:
-        raise slides.SlideRejected("Choose a slide file to upload (form field 'file').", code="missing")
+        raise ingest.SlideRejected("Choose a slide file to upload (form field 'file').", code="missing")
     if isinstance(upload, IncomingUpload):
         incoming = upload.incoming
     else:  # another upload handler ran (e.g. a test client setting its own): copy it in chunks
-        incoming = slides.IncomingFile(upload.name or "")
+        incoming = ingest.IncomingFile(upload.name or "")
         try:
             incoming.write_all(upload.chunks())
         except BaseException:
             incoming.discard()
             raise
     group = str(request.POST.get("group", "") if isinstance(request, HttpRequest) else request.data.get("group", ""))
-    return slides.add_slide(project, incoming, user=user, group=group)
+    return ingest.add_slide(project, incoming, user=user, group=group)
 
 
-def _rejected(exc: slides.SlideRejected) -> Response:
+def _rejected(exc: ingest.SlideRejected) -> Response:
     return Response({"detail": exc.message, "code": exc.code}, status=exc.status)
 
 
@@ -171,7 +167,7 @@ class SlideListView(GenericAPIView):
         project, _ = project_for(request.user, project_id, roles=(Role.ADMIN,))
         try:
             slide = receive_upload(request, project, request.user)
-        except slides.SlideRejected as exc:
+        except ingest.SlideRejected as exc:
             return _rejected(exc)
         return Response(SlideSerializer(slide).data, status=201)
 
@@ -187,11 +183,11 @@ class SlideDetailView(APIView):
 
 
 class TileSourceView(APIView):
-    """What an OpenSeadragon custom tile source needs; see annotations.tiles for the scheme."""
+    """What an OpenSeadragon custom tile source needs; see annotations.slides.tiles for the scheme."""
 
     @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, slide_id: int) -> Response:
-        access = slides.slide_access(request.user, slide_id)
+        access = slide_access(request.user, slide_id)
         try:
             info = tiles.tilesource_info(access.path)
         except tiles.SlideReadError as exc:
@@ -211,85 +207,6 @@ class TileSourceView(APIView):
 
 
 # Image endpoints.
-
-
-class _AccessCache:
-    """Bounded LRU of (credential, kind, id) -> access, each entry valid for ``ttl`` seconds."""
-
-    def __init__(self, ttl: float = ACCESS_TTL_SECONDS, size: int = 10_000) -> None:
-        self.ttl = ttl
-        self.size = size
-        self._entries: OrderedDict[tuple, tuple[float, Any]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @extend_schema(responses=OpenApiTypes.OBJECT)
-    def get(self, key: tuple) -> Any:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or entry[0] < time.monotonic():
-                return None
-            self._entries.move_to_end(key)
-            return entry[1]
-
-    @extend_schema(responses=OpenApiTypes.OBJECT)
-    def put(self, key: tuple, value: Any) -> None:
-        with self._lock:
-            self._entries[key] = (time.monotonic() + self.ttl, value)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-access_cache = _AccessCache()
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.response = JsonResponse({"detail": detail}, status=status)
-
-
-def _credential(request: HttpRequest) -> str | None:
-    header = request.headers.get("Authorization", "")
-    if header[:6].lower() == "token ":
-        raw = "t:" + header[6:].strip()
-    elif request.COOKIES.get(settings.SESSION_COOKIE_NAME):
-        raw = "s:" + request.COOKIES[settings.SESSION_COOKIE_NAME]
-    else:
-        return None
-    return hashlib.sha256(raw.encode()).hexdigest()
-
-
-async def _user(request: HttpRequest) -> Any | None:
-    header = request.headers.get("Authorization", "")
-    if header[:6].lower() == "token ":
-        token = await Token.objects.select_related("user").filter(key=header[6:].strip()).afirst()
-        return token.user if token is not None and token.user.is_active else None
-    user = await request.auser()
-    return user if user.is_authenticated else None
-
-
-async def _authorise(request: HttpRequest, kind: str, object_id: int, resolve: Callable[[Any, int], Any]) -> Any:
-    credential = _credential(request)
-    if credential is None:
-        raise _Refused(403, "Authentication credentials were not provided.")
-    key = (credential, kind, object_id)
-    cached = access_cache.get(key)
-    if cached is not None:
-        return cached
-    user = await _user(request)
-    if user is None:
-        raise _Refused(403, "Authentication credentials were not provided.")
-    try:
-        value = await sync_to_async(resolve)(user, object_id)
-    except Http404 as exc:
-        raise _Refused(404, str(exc) or "Not found.") from exc
-    access_cache.put(key, value)
-    return value
 
 
 def _not_modified(request: HttpRequest, tag: str) -> bool:
@@ -337,7 +254,7 @@ def _guarded(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..., Awai
     async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         try:
             return await view(request, *args, **kwargs)
-        except _Refused as exc:
+        except Refused as exc:
             return exc.response
 
     wrapper.__name__ = view.__name__
@@ -347,14 +264,14 @@ def _guarded(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..., Awai
 
 @_guarded
 async def tile(request: HttpRequest, slide_id: int, z: int, x: int, y: int) -> HttpResponse:
-    access: slides.SlideAccess = await _authorise(request, "slide", slide_id, slides.slide_access)
+    access: SlideAccess = await authorise(request, "slide", slide_id, slide_access)
     tag = tiles.etag(access.checksum, "tile", z, x, y)
     return await _serve(request, tag, lambda: tiles.tile_jpeg(access.path, z, x, y))
 
 
 @_guarded
 async def thumbnail(request: HttpRequest, slide_id: int) -> HttpResponse:
-    access: slides.SlideAccess = await _authorise(request, "slide", slide_id, slides.slide_access)
+    access: SlideAccess = await authorise(request, "slide", slide_id, slide_access)
     tag = tiles.etag(access.checksum, "thumbnail", tiles.THUMBNAIL_SIZE)
     stored = Path(settings.MEDIA_ROOT) / "thumbnails" / str(access.project_id) / f"{access.slide_id}.jpeg"
 
@@ -384,7 +301,7 @@ def _int_param(request: HttpRequest, name: str, *, default: int | None = None, l
 @_guarded
 async def region(request: HttpRequest, slide_id: int) -> HttpResponse:
     """``?left=&top=&width=&height=`` in level-0 pixels, ``max_size`` (1-4096, default 1024) in output pixels."""
-    access: slides.SlideAccess = await _authorise(request, "slide", slide_id, slides.slide_access)
+    access: SlideAccess = await authorise(request, "slide", slide_id, slide_access)
     limit = 10**7
     try:
         left = _int_param(request, "left", low=0, high=limit)
@@ -402,7 +319,7 @@ async def region(request: HttpRequest, slide_id: int) -> HttpResponse:
 @_guarded
 async def patch_image(request: HttpRequest, patch_id: int) -> HttpResponse:
     """The patch at the project's patch_size; ``?context=`` adds a margin (fraction of the patch if < 1, else px)."""
-    patch: Patch = await _authorise(request, "patch", patch_id, slides.patch_for)
+    patch: Patch = await authorise(request, "patch", patch_id, patch_for)
     raw = request.GET.get("context", "0") or "0"
     try:
         context = float(raw)
@@ -415,7 +332,7 @@ async def patch_image(request: HttpRequest, patch_id: int) -> HttpResponse:
     return await _serve(request, tag, lambda: tiles.patch_jpeg(patch, margin))
 
 
-# The browser upload page (not under /api/v1/; see page_urlpatterns in slide_urls).
+# The browser upload page (not under /api/v1/: its route is in frontend/urls.py, with the other pages).
 
 
 @csrf_exempt
@@ -436,17 +353,17 @@ def _slide_upload_page(request: HttpRequest, project_id: int) -> HttpResponse:
     context: dict[str, Any] = {
         "project": project,
         "api_url": reverse("slide-list", kwargs={"project_id": project.pk}),
-        "max_upload": slides.human_bytes(settings.MAX_UPLOAD_BYTES),
+        "max_upload": ingest.human_bytes(settings.MAX_UPLOAD_BYTES),
         "max_upload_bytes": settings.MAX_UPLOAD_BYTES,
-        "formats": slides.supported_formats(),
-        "accept": ",".join(slides.SUPPORTED_EXTENSIONS),
+        "formats": ingest.supported_formats(),
+        "accept": ",".join(ingest.SUPPORTED_EXTENSIONS),
         "slides": project.slides.order_by("-id")[:50],
     }
     status = 200
     if request.method == "POST":
         try:
             slide = receive_upload(request, project, request.user)
-        except slides.SlideRejected as exc:
+        except ingest.SlideRejected as exc:
             context["error"] = exc.message
             status = exc.status
         else:

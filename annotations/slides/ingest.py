@@ -1,11 +1,14 @@
-"""Adding slides to a project and processing them into a patch grid.
+"""Adding slides to a project and processing them into a patch grid: this module owns the name and
+format checks, the streaming upload, the file inspection, the slide row's creation and the ingest
+task's body.
 
 Three ways in, one path through: the REST upload, the browser upload page and
 ``manage.py import_slides`` all stream the file into an :class:`IncomingFile` (a temporary file
 under ``MEDIA_ROOT/incoming/``, counted against ``settings.MAX_UPLOAD_BYTES`` and hashed as it
 arrives) and hand it to :func:`add_slide`, which refuses bad input with a :class:`SlideRejected`
 sentence before any row exists, or stores the file at ``slides/<project>/<slide>/<name>``, creates
-the ``processing`` row and queues ``annotations.tasks.ingest_slide`` after commit.
+the ``processing`` row and queues the ``annotations.tasks.ingest_slide`` task
+(:mod:`annotations.slides.tasks`) after commit.
 
 :func:`ingest` (the task's body) reads metadata, makes the thumbnail, detects tissue and writes
 the patch grid. It is idempotent: a re-run replaces the thumbnail and brings the patch rows to the
@@ -31,13 +34,13 @@ from django.conf import settings
 from django.core.exceptions import SuspiciousFileOperation
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
-from django.http import Http404
 from django.utils.text import get_valid_filename
 
+from annotations import queue
+from annotations.domain import tissue
+from annotations.models import Patch, Project, Slide
+
 from . import tiles
-from .domain import tissue
-from .models import Patch, Project, Slide
-from .permissions import membership_role
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +350,7 @@ def add_slide_from_path(project: Project, path: Path, **kwargs: Any) -> Slide:
 
 
 def queue_ingest(slide_id: int) -> None:
-    from .tasks import ingest_slide
+    from .tasks import ingest_slide  # here, not at the top: the task module imports this one
 
     try:
         ingest_slide.delay(slide_id)
@@ -460,8 +463,6 @@ def _save(slide: Slide, result: IngestResult) -> Slide:
 
 def _queue_patches(slide: Slide, project: Project) -> None:
     """Put the slide's patches in the crowd queue (a seeded spread; rounds re-rank them later)."""
-    from . import queue
-
     rows = Patch.objects.filter(slide=slide).values_list("pk", "slide_id")
     queue.enqueue_patches(project, queue.seeded_spread(rows, project.seed + slide.pk))
 
@@ -533,39 +534,3 @@ def _write_media(name: str, content: bytes) -> None:
 def _remove_dir(directory: Path | None) -> None:
     if directory is not None and directory.is_dir():
         shutil.rmtree(directory, ignore_errors=True)
-
-
-# Authorisation for the image endpoints: one query for the row, one for the membership.
-
-
-@dataclass(frozen=True)
-class SlideAccess:
-    slide_id: int
-    project_id: int
-    path: str
-    checksum: str
-
-
-def slide_access(user: Any, slide_id: int) -> SlideAccess:
-    """The slide's file, for a member of its project; Http404 for anyone else or a slide without a file."""
-    row = Slide.objects.filter(pk=slide_id).values("project_id", "file", "checksum", "status").first()
-    if row is None or membership_role(user, row["project_id"]) is None:
-        raise Http404("No such slide.")
-    if row["status"] == Slide.Status.FAILED or not row["file"]:
-        raise Http404("This slide has no image; it failed to process.")
-    return SlideAccess(
-        slide_id=slide_id,
-        project_id=row["project_id"],
-        path=str(Path(settings.MEDIA_ROOT) / row["file"]),
-        checksum=row["checksum"],
-    )
-
-
-def patch_for(user: Any, patch_id: int) -> Patch:
-    """A patch (with slide and project loaded) for a member of its project; Http404 otherwise."""
-    patch = Patch.objects.select_related("slide", "project").filter(pk=patch_id).first()
-    if patch is None or membership_role(user, patch.project_id) is None:
-        raise Http404("No such patch.")
-    if patch.slide.status == Slide.Status.FAILED or not patch.slide.file:
-        raise Http404("This patch's slide has no image.")
-    return patch

@@ -1,11 +1,11 @@
-"""Read-only representations of slides (uploads are multipart and go through annotations.slides)."""
+"""Read-only representations of slides (uploads are multipart and go through annotations.slides.ingest)."""
 
 from __future__ import annotations
 
 from django.urls import reverse
 from rest_framework import serializers
 
-from .models import Slide
+from annotations.models import Slide
 
 
 class SlideSerializer(serializers.ModelSerializer):

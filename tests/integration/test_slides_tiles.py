@@ -1,70 +1,23 @@
-"""Tiles, tile source, thumbnail, region and patch images: pixels, caching headers, authorisation."""
+"""Tiles, tile source, thumbnail, region and patch images: pixels and caching headers (who may see
+them: test_slides_access.py)."""
 
 from __future__ import annotations
 
-import io
-import shutil
-from collections.abc import Iterator
-from types import SimpleNamespace
-
 import pytest
-from django.test import Client, override_settings
 from PIL import Image
-from rest_framework.authtoken.models import Token
 
-from annotations import slides, tiles
-from annotations.models import Patch, Role
-from tests.factories import ProjectFactory, member
+from annotations.models import Patch
+from annotations.slides import tiles
 
-from . import test_slide_support as support
-from .test_slide_support import CMU, FAST_HASHERS, TCGA, ingest_file, shared_slide
+from . import test_slides_support as support
+from .test_slides_support import CMU, ingest_file, jpeg, shared_slide
 
 pytestmark = pytest.mark.django_db
 
 # Fixtures shared with the other slide test modules.
 _fresh_access_cache = support._fresh_access_cache
 media = support.media
-
-
-@pytest.fixture(scope="module")
-def world(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[SimpleNamespace]:  # type: ignore[no-untyped-def]
-    """One ingested TCGA slide shared by the module (ingesting it takes a second or two)."""
-    root = tmp_path_factory.mktemp("tiles-media")
-    with override_settings(MEDIA_ROOT=root, PASSWORD_HASHERS=FAST_HASHERS):
-        with django_db_blocker.unblock():
-            project = ProjectFactory(patch_size=224, magnification=20.0)
-            slide = ingest_file(project, shared_slide(TCGA))
-            viewer = member(project, Role.CROWD)
-        yield SimpleNamespace(project=project, slide=slide, viewer=viewer)
-        with django_db_blocker.unblock():
-            project.delete()
-            viewer.delete()
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def project(world):  # type: ignore[no-untyped-def]
-    return world.project
-
-
-@pytest.fixture
-def tcga(world):  # type: ignore[no-untyped-def]
-    return world.slide
-
-
-@pytest.fixture
-def viewer(world):  # type: ignore[no-untyped-def]
-    client = Client()
-    client.force_login(world.viewer)
-    return client
-
-
-def jpeg(response) -> Image.Image:  # type: ignore[no-untyped-def]
-    assert response.status_code == 200, response.content[:200]
-    assert response["Content-Type"] == "image/jpeg"
-    image = Image.open(io.BytesIO(response.content))
-    assert image.format == "JPEG"
-    return image
+world, project, tcga, viewer = support.world, support.project, support.tcga, support.viewer
 
 
 def test_the_tile_source_describes_the_pyramid_for_openseadragon(tcga, viewer):  # type: ignore[no-untyped-def]
@@ -107,45 +60,6 @@ def test_tiles_outside_the_pyramid_are_404(tcga, viewer, tile):  # type: ignore[
     response = viewer.get(f"/api/v1/slides/{tcga.pk}/tiles/{tile}.jpeg")
     assert response.status_code == 404
     assert "There is no tile" in response.json()["detail"]
-
-
-def test_only_members_of_the_slides_project_see_its_images(tcga, project):  # type: ignore[no-untyped-def]
-    urls = [
-        f"/api/v1/slides/{tcga.pk}/tiles/0/0/0.jpeg",
-        f"/api/v1/slides/{tcga.pk}/thumbnail.jpeg",
-        f"/api/v1/slides/{tcga.pk}/region.jpeg?left=0&top=0&width=100&height=100",
-        f"/api/v1/slides/{tcga.pk}/tilesource",
-        f"/api/v1/patches/{tcga.patches.first().pk}/image.jpeg",
-    ]
-    outsider = Client()
-    outsider.force_login(member(ProjectFactory(), Role.ADMIN))
-    anonymous = Client()
-    for url in urls:
-        assert outsider.get(url).status_code == 404, url
-        assert anonymous.get(url).status_code in (401, 403), url
-    assert outsider.get("/api/v1/slides/987654321/tiles/0/0/0.jpeg").status_code == 404
-
-
-def test_a_removed_member_loses_access_once_the_cache_entry_expires(tcga, project):  # type: ignore[no-untyped-def]
-    from annotations import slide_views
-    from annotations.models import Membership
-
-    user = member(project, Role.CROWD)
-    client = Client()
-    client.force_login(user)
-    url = f"/api/v1/slides/{tcga.pk}/tiles/0/0/0.jpeg"
-    assert client.get(url).status_code == 200
-    Membership.objects.filter(user=user).delete()
-    slide_views.access_cache.clear()  # what ACCESS_TTL_SECONDS does on its own
-    assert client.get(url).status_code == 404
-
-
-def test_an_api_token_works_for_tiles(tcga, project):  # type: ignore[no-untyped-def]
-    token = Token.objects.create(user=member(project, Role.EXPERT))
-    client = Client(HTTP_AUTHORIZATION=f"Token {token.key}")
-    jpeg(client.get(f"/api/v1/slides/{tcga.pk}/tiles/1/0/0.jpeg"))
-    wrong = Client(HTTP_AUTHORIZATION="Token not-a-real-token")
-    assert wrong.get(f"/api/v1/slides/{tcga.pk}/tiles/1/0/0.jpeg").status_code == 403
 
 
 def test_tiles_are_read_only(tcga, viewer):  # type: ignore[no-untyped-def]
@@ -249,13 +163,6 @@ def test_every_format_serves_tiles_at_every_level(media, project, viewer, name, 
         image = jpeg(viewer.get(f"/api/v1/slides/{slide.pk}/tiles/{z}/0/0.jpeg"))
         assert image.size[0] <= tile[0] and image.size[1] <= tile[1]
     jpeg(viewer.get(f"/api/v1/slides/{slide.pk}/thumbnail.jpeg"))
-
-
-def test_a_failed_slide_has_no_images(media, project, viewer):  # type: ignore[no-untyped-def]
-    slide = slides.add_slide_from_path(project, shared_slide("small.svs"), launch=False)
-    slides.fail_slide(slide, "Broken on purpose.")
-    assert viewer.get(f"/api/v1/slides/{slide.pk}/tiles/0/0/0.jpeg").status_code == 404
-    assert viewer.get(f"/api/v1/slides/{slide.pk}/tilesource").status_code == 404
 
 
 def test_sources_come_from_large_images_cache_not_reopened_per_request(tcga):  # type: ignore[no-untyped-def]

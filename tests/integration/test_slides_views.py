@@ -1,31 +1,25 @@
-"""Adding and listing slides over REST and through the browser upload page."""
+"""Adding and listing slides over REST and through the browser upload page (the image endpoints are
+tested with their pixels in test_slides_tiles.py, and for who may see them in test_slides_access.py)."""
 
 from __future__ import annotations
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
-from django.urls import include, path
 from rest_framework.test import APIClient
 
-from annotations import slide_urls, slides
 from annotations.models import Role, Slide
+from annotations.slides import ingest
 from tests.factories import ProjectFactory, member
 
-from . import test_slide_support as support
-from .test_slide_support import CMU, assert_no_stray_media, media_files, shared_slide
+from . import test_slides_support as support
+from .test_slides_support import CMU, assert_no_stray_media, media_files, shared_slide
 
 pytestmark = pytest.mark.django_db
 
 # Fixtures shared with the other slide test modules.
 _fresh_access_cache = support._fresh_access_cache
 media = support.media
-
-# The upload page lives outside /api/v1/; these tests mount it the way histoloop/urls.py should.
-urlpatterns = [
-    path("api/v1/", include("annotations.slide_urls")),
-    path("", include(slide_urls.page_urlpatterns)),
-]
 
 
 @pytest.fixture
@@ -51,7 +45,7 @@ def upload(client, project, name: str, content: bytes, **extra):  # type: ignore
 def test_an_admin_adds_a_slide_and_its_ingest_is_queued_after_commit(
     media, project, admin, django_capture_on_commit_callbacks, monkeypatch
 ):  # type: ignore[no-untyped-def]
-    from annotations import tasks
+    from annotations.slides import tasks
 
     queued: list[int] = []
     monkeypatch.setattr(tasks.ingest_slide, "delay", queued.append)
@@ -144,7 +138,7 @@ def test_only_project_admins_may_add_slides(media, project):  # type: ignore[no-
 
 def test_members_list_slides_in_a_constant_number_of_queries(media, project, admin, django_assert_max_num_queries):  # type: ignore[no-untyped-def]
     for name in ("small.svs", "boxes_0.dcm", "small_HE_levels.tiff"):
-        slides.ingest(slides.add_slide_from_path(project, shared_slide(name), launch=False).pk)
+        ingest.ingest(ingest.add_slide_from_path(project, shared_slide(name), launch=False).pk)
     crowd = APIClient()
     crowd.force_authenticate(member(project, Role.CROWD))
     with django_assert_max_num_queries(4):
@@ -163,7 +157,6 @@ def test_members_list_slides_in_a_constant_number_of_queries(media, project, adm
 # The browser upload page.
 
 
-@pytest.mark.urls(__name__)
 def test_the_upload_page_shows_a_form_to_admins(media, project):  # type: ignore[no-untyped-def]
     client = Client()
     client.force_login(member(project, Role.ADMIN))
@@ -174,7 +167,6 @@ def test_the_upload_page_shows_a_form_to_admins(media, project):  # type: ignore
     assert f"/api/v1/projects/{project.pk}/slides/" in html
 
 
-@pytest.mark.urls(__name__)
 def test_the_upload_page_adds_a_slide_without_javascript(media, project, settings):  # type: ignore[no-untyped-def]
     client = Client(enforce_csrf_checks=True)
     client.force_login(member(project, Role.ADMIN))
@@ -197,7 +189,6 @@ def test_the_upload_page_adds_a_slide_without_javascript(media, project, setting
     assert_no_stray_media()
 
 
-@pytest.mark.urls(__name__)
 def test_the_upload_page_refuses_bad_files_and_oversized_ones(media, project, settings):  # type: ignore[no-untyped-def]
     client = Client()
     client.force_login(member(project, Role.ADMIN))
@@ -213,7 +204,6 @@ def test_the_upload_page_refuses_bad_files_and_oversized_ones(media, project, se
     assert media_files() == set()
 
 
-@pytest.mark.urls(__name__)
 def test_the_upload_page_is_for_project_admins_only(media, project):  # type: ignore[no-untyped-def]
     url = f"/projects/{project.pk}/slides/upload/"
     anonymous = Client().get(url)

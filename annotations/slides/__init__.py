@@ -1,0 +1,10 @@
+"""Slides, from the uploaded file to the pixels a viewer sees. A subpackage of the annotations app
+(the models stay in annotations/models.py):
+
+- ``ingest``: name and format checks, the streaming upload, file inspection, ``add_slide`` and the
+  ingest task's body (metadata, thumbnail, tissue, patch grid).
+- ``tasks``: the ``annotations.tasks.ingest_slide`` Celery task (``cpu`` queue).
+- ``tiles``: reading pixels: tile sources, tiles, thumbnails, regions, patches.
+- ``access``: who may see a slide's or patch's pixels, and the per-credential cache of it.
+- ``views``, ``urls``, ``serializers``: the HTTP endpoints (the upload page's route is in frontend/urls.py).
+"""
