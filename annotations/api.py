@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Count, Q
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -15,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import queue, voting
+from . import queue, stats, voting
 from .models import Consensus, LabelClass, Membership, Patch, Project, Role, Vote
 from .permissions import project_for, projects_with_roles
 from .serializers import (
@@ -363,32 +362,21 @@ class PatchGoldView(ProjectScoped):
 
 
 class ProjectStatsView(ProjectScoped):
+    """The caller's own counts (live) and the project's (cached for a few seconds; see annotations.stats)."""
+
     write_roles = None
 
     @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, project_id: int) -> Response:
         project, role = self.load(request, project_id)
-        stats = queue.queue_stats(project)
         today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
         mine = Vote.objects.filter(project=project, annotator=request.user, is_active=True)
         body: dict[str, Any] = {
             "role": role,
-            "queue": stats.__dict__,
+            "queue": stats.queue_counts(project),
             "my_votes_today": mine.filter(created_at__gte=today).count(),
             "my_votes_total": mine.count(),
         }
         if role != Role.CROWD:
-            body["consensus"] = dict(
-                Consensus.objects.filter(project=project).values_list("status").annotate(n=Count("id"))
-            )
-            body["patches"] = Patch.objects.filter(project=project).count()
-            body["votes"] = Vote.objects.filter(project=project, is_active=True).count()
-            body["annotators"] = (
-                Vote.objects.filter(project=project, is_active=True).values("annotator").distinct().count()
-            )
-            body["labelled"] = (
-                Consensus.objects.filter(project=project, label__isnull=False)
-                .filter(~Q(status=Consensus.Status.PENDING))
-                .count()
-            )
+            body.update(stats.label_counts(project))
         return Response(body)

@@ -182,6 +182,16 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
+# Shared by every server process: the dashboard's cached counters (annotations.stats).
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "histoloop",
+        "OPTIONS": {"socket_timeout": 5},
+    }
+}
+
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
