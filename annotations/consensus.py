@@ -133,14 +133,37 @@ def recompute_project_consensus(project: Project) -> int:
         seed=project.seed,
     )
     by_name = {lc.name: lc for lc in LabelClass.objects.filter(project=project)}
-    existing = {c.patch_id: c for c in Consensus.objects.filter(project=project, patch_id__in=list(results))}
+    existing = {
+        c.patch_id: c
+        for c in Consensus.objects.filter(project=project)
+        .only("id", "patch_id", *CONSENSUS_UPDATE_FIELDS)
+        .iterator(chunk_size=10_000)
+    }
     create, update = [], []
     for item, result in results.items():
-        row = existing.get(int(item)) or Consensus(patch_id=int(item), project=project)
-        for field, value in consensus_fields(result, by_name.get(result.label or "")).items():
-            setattr(row, field, value)
-        (update if row.pk else create).append(row)
+        row = existing.get(int(item))
+        fields = consensus_fields(result, by_name.get(result.label or ""))
+        if row is None:
+            create.append(Consensus(patch_id=int(item), project=project, **fields))
+        elif _changed(row, fields):
+            for field, value in fields.items():
+                setattr(row, field, value)
+            update.append(row)
+    # Only what changed is written: at a million patches most consensus rows are the same as before.
     with transaction.atomic():
         Consensus.objects.bulk_create(create, batch_size=1000)
         Consensus.objects.bulk_update(update, CONSENSUS_UPDATE_FIELDS, batch_size=1000)
     return len(results)
+
+
+def _changed(row: Consensus, fields: dict[str, Any]) -> bool:
+    for field, value in fields.items():
+        if field == "label":
+            if row.label_id != (value.pk if value is not None else None):
+                return True
+        elif field in ("confidence", "agreement"):
+            if abs(getattr(row, field) - value) > 1e-9:
+                return True
+        elif getattr(row, field) != value:
+            return True
+    return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from annotations import consensus
 from annotations.models import Consensus, Role
 from tests.factories import api_client, member
 
@@ -18,3 +19,24 @@ def test_batch_consensus_runs_dawid_skene_and_writes_every_patch(labelled) -> No
     rows = {c.patch_id: c for c in Consensus.objects.filter(project=project)}
     assert [rows[p.pk].label.name for p in patches] == truth
     assert {c.method for c in rows.values()} == {"dawid_skene"}
+
+
+def test_batch_consensus_rewrites_only_the_rows_that_changed(labelled) -> None:  # type: ignore[no-untyped-def]
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from annotations.models import Vote
+
+    project, patches, truth, _ = labelled
+    assert consensus.recompute_project_consensus(project) == 6
+    with CaptureQueriesContext(connection) as queries:
+        assert consensus.recompute_project_consensus(project) == 6
+    assert not [q for q in queries.captured_queries if q["sql"].startswith(("UPDATE", "INSERT"))]
+    # One patch's votes change: exactly that row is rewritten.
+    Vote.objects.filter(patch=patches[1], role=Role.CROWD).update(label=project.label_classes.get(name="squamous"))
+    with CaptureQueriesContext(connection) as queries:
+        consensus.recompute_project_consensus(project)
+    updates = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+    assert len(updates) == 1 and updates[0].count("WHEN") >= 1
+    changed = Consensus.objects.get(patch=patches[1])
+    assert changed.label is not None
