@@ -27,7 +27,7 @@ def test_batch_consensus_rewrites_only_the_rows_that_changed(labelled) -> None: 
 
     from annotations.models import Vote
 
-    project, patches, truth, _ = labelled
+    project, patches, *_ = labelled
     assert consensus.recompute_project_consensus(project) == 6
     with CaptureQueriesContext(connection) as queries:
         assert consensus.recompute_project_consensus(project) == 6
