@@ -83,38 +83,50 @@ def send_contested_to_experts(
     contested = Consensus.objects.filter(project=project, status=Consensus.Status.CONTESTED)
     if patch_ids is not None:
         contested = contested.filter(patch_id__in=list(patch_ids))
-    priorities = dict.fromkeys(contested.values_list("patch_id", flat=True), EXPERT_REVIEW_PRIORITY)
+    return _queue_reviews(project, contested.values_list("patch_id", flat=True), round_id=round_id)
+
+
+def _queue_reviews(project: Project, patch_ids: Iterable[int], *, round_id: int | None = None) -> int:
+    priorities = dict.fromkeys(patch_ids, EXPERT_REVIEW_PRIORITY)
     return queue.enqueue_patches(project, priorities, kind=AnnotationTask.Kind.EXPERT, round_id=round_id)
 
 
-def recompute_consensus(project: Project, patch: Patch) -> Consensus:
-    """Recompute one patch's consensus from its active votes with the project's cheap method."""
-    votes = list(Vote.objects.filter(patch=patch, is_active=True).select_related("label"))
-    records = [VoteRecord(item=patch.pk, annotator=v.annotator_id, label=v.label.name, role=v.role) for v in votes]
-    if not records:
+def recompute_consensus(project: Project, patch: Patch | int, labels: list[LabelClass] | None = None) -> Consensus:
+    """Recompute one patch's consensus from its active votes with the project's cheap method.
+
+    ``labels`` (the project's, in display order) saves the caller's query when it has them. The row
+    is written with one upsert.
+    """
+    patch_id = patch.pk if isinstance(patch, Patch) else int(patch)
+    labels = list(LabelClass.objects.filter(project=project).order_by("order")) if labels is None else labels
+    votes = Vote.objects.filter(patch_id=patch_id, is_active=True).values_list("annotator_id", "label_id", "role")
+    name_of = {lc.pk: lc.name for lc in labels}
+    records = [VoteRecord(item=patch_id, annotator=a, label=name_of[lbl], role=r) for a, lbl, r in votes]
+    if records:
+        result = consensus_for_item(records, [lc.name for lc in labels], **consensus_options(project))
+        label = next((lc for lc in labels if lc.name == result.label), None) if result.label else None
+        fields = consensus_fields(result, label)
+    else:
         # Every vote was retracted: the patch is back to pending with no label.
-        consensus, _ = Consensus.objects.update_or_create(
-            patch=patch,
-            defaults={
-                "project": project,
-                "label": None,
-                "confidence": 0.0,
-                "posterior": {},
-                "method": project.consensus_method,
-                "vote_count": 0,
-                "agreement": 0.0,
-                "status": Consensus.Status.PENDING,
-            },
-        )
-        return consensus
-    result = consensus_for_item(records, label_names(project), **consensus_options(project))
-    label = LabelClass.objects.filter(project=project, name=result.label).first() if result.label else None
-    consensus, _ = Consensus.objects.update_or_create(
-        patch=patch, defaults={"project": project, **consensus_fields(result, label)}
+        fields = {
+            "label": None,
+            "confidence": 0.0,
+            "posterior": {},
+            "method": project.consensus_method,
+            "vote_count": 0,
+            "agreement": 0.0,
+            "status": Consensus.Status.PENDING,
+        }
+    row = Consensus(patch_id=patch_id, project=project, **fields)
+    Consensus.objects.bulk_create(
+        [row],
+        update_conflicts=True,
+        unique_fields=["patch"],
+        update_fields=[*CONSENSUS_UPDATE_FIELDS, "project", "updated_at"],
     )
-    if consensus.status == Consensus.Status.CONTESTED:
-        send_contested_to_experts(project, [patch.pk])
-    return consensus
+    if row.status == Consensus.Status.CONTESTED:
+        _queue_reviews(project, [patch_id])
+    return row
 
 
 def recompute_project_consensus(project: Project) -> int:

@@ -40,23 +40,31 @@ class VoteOutcome:
     gold_answer: LabelClass | None  # only in training mode, after a gold vote
 
 
-def _label(project: Project, label: Any) -> LabelClass:
-    """A label of the project by id (ASCII digits) or by name; VoteError naming the choices if none."""
-    query = LabelClass.objects.filter(project=project)
+def _labels(project: Project) -> list[LabelClass]:
+    """The project's labels in display order: one query serves the lookup and the consensus."""
+    return list(LabelClass.objects.filter(project=project).order_by("order"))
+
+
+def _label(labels: list[LabelClass], label: Any) -> LabelClass:
+    """A label by id (ASCII digits) or by name; VoteError naming the choices if none."""
     text = str(label)
-    by_id = text.isascii() and text.isdigit() and int(text) <= 2**63 - 1
-    found = query.filter(pk=int(text)).first() if by_id else query.filter(name=text).first()
+    by_id = text.isascii() and text.isdigit()
+    found = next((lc for lc in labels if (lc.pk == int(text) if by_id else lc.name == text)), None)
     if found is None:
-        names = ", ".join(query.values_list("name", flat=True))
+        names = ", ".join(lc.name for lc in labels)
         raise VoteError(f"Unknown label {label!r} for this project; use one of: {names}.")
     return found
 
 
-def _patch(project: Project, patch_id: Any) -> Patch:
+def _patch_id(project: Project, patch_id: Any) -> int:
+    """The id of a patch of the project; VoteError for anything else."""
     try:
-        return Patch.objects.get(project=project, pk=int(patch_id))
-    except (Patch.DoesNotExist, TypeError, ValueError) as exc:
+        pid = int(patch_id)
+    except (TypeError, ValueError) as exc:
         raise VoteError("That patch does not belong to this project.") from exc
+    if not (0 < pid <= 2**63 - 1 and Patch.objects.filter(project=project, pk=pid).exists()):
+        raise VoteError("That patch does not belong to this project.")
+    return pid
 
 
 def cast_vote(
@@ -71,8 +79,8 @@ def cast_vote(
 ) -> VoteOutcome:
     """Record a vote. Crowd members need a live lease on the task; experts and admins may vote
     on any patch of the project (from the viewer) with or without a task."""
-    label_obj = _label(project, label)
-    patch = _patch(project, patch_id)
+    labels = _labels(project)
+    label_obj = _label(labels, label)
     now = timezone.now()
     with transaction.atomic():
         task = None
@@ -80,19 +88,22 @@ def cast_vote(
             task = AnnotationTask.objects.select_for_update().filter(project=project, pk=task_id).first()
             if task is None:
                 raise VoteError("No such task in this project.")
-            if task.patch_id != patch.pk:
+            if str(task.patch_id) != str(patch_id):
                 raise VoteError("The task is for a different patch.")
             if not task.lease_is_held(user, now):
                 raise VoteConflict("Your lease on this task has expired or was never yours; ask for the next task.")
+            pid = task.patch_id  # the task's patch is the project's (checked when it was queued)
         elif role == Role.CROWD:
             raise VoteConflict("Crowd votes need a leased task: ask for the next task first.")
-        if Vote.objects.filter(patch=patch, annotator=user, is_active=True).exists():
-            raise VoteConflict("You have already voted on this patch; undo or correct your vote instead.")
+        else:
+            pid = _patch_id(project, patch_id)
         try:
+            # The partial unique index (one active vote per patch and annotator) refuses a second vote,
+            # even from two requests racing.
             with transaction.atomic():
                 vote = Vote.objects.create(
                     project=project,
-                    patch=patch,
+                    patch_id=pid,
                     annotator=user,
                     label=label_obj,
                     role=role,
@@ -103,7 +114,7 @@ def cast_vote(
             raise VoteConflict("You have already voted on this patch; undo or correct your vote instead.") from exc
         if task is not None:
             task.record_vote()
-        consensus = recompute_consensus(project, patch)
+        consensus = recompute_consensus(project, pid, labels)
     gold_answer = None
     if task is not None and task.kind == Kind.GOLD and project.training_mode:
         gold_answer = consensus.label
@@ -112,7 +123,8 @@ def cast_vote(
 
 def correct_vote(project: Project, user: Any, role: str, *, vote_id: Any, label: Any) -> VoteOutcome:
     """Replace one's own active vote with a new one (the old one stays, inactive)."""
-    label_obj = _label(project, label)
+    labels = _labels(project)
+    label_obj = _label(labels, label)
     with transaction.atomic():
         old = (
             Vote.objects.select_for_update().filter(project=project, pk=vote_id, annotator=user, is_active=True).first()
@@ -123,15 +135,15 @@ def correct_vote(project: Project, user: Any, role: str, *, vote_id: Any, label:
         old.save(update_fields=["is_active"])
         vote = Vote.objects.create(
             project=project,
-            patch=old.patch,
+            patch_id=old.patch_id,
             annotator=user,
             label=label_obj,
             role=role,
-            task=old.task,
+            task_id=old.task_id,
             time_spent_ms=old.time_spent_ms,
             supersedes=old,
         )
-        consensus = recompute_consensus(project, old.patch)
+        consensus = recompute_consensus(project, old.patch_id, labels)
     return VoteOutcome(vote=vote, task=old.task, consensus=consensus, gold_answer=None)
 
 
@@ -186,5 +198,5 @@ def undo_last_vote(project: Project, user: Any) -> AnnotationTask | None:
         vote.retracted_at = now
         vote.save(update_fields=["is_active", "retracted_at"])
         task = _give_back(project, user, vote, now) if vote.task_id is not None else None
-        recompute_consensus(project, vote.patch)
+        recompute_consensus(project, vote.patch_id)
     return task
