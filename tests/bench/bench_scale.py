@@ -1,0 +1,422 @@
+"""The queue and a round at real size: a million patches over a hundred slides.
+
+    .venv/bin/python tests/bench/bench_scale.py [--patches 1000000] [--slides 100] [--sizes 10000,100000]
+        [--annotators 20] [--pairs 300] [--no-round] [--keep]
+
+Uses the PostgreSQL server of DATABASE_URL (embedded when unset) but a database of its own,
+``bench_scale_<pid>``, created, migrated and dropped at the end (``--keep`` leaves it), so nothing
+touches your data and a million rows are removed in one ``DROP DATABASE``.
+
+Rows are real rows of the platform's tables, written with set-based SQL (``INSERT ... SELECT
+generate_series``) for speed: slides, patches, one open crowd task per patch, crowd votes on 1% of
+the patches (three students each) and those tasks done. No pixels are read.
+
+Measured, in-process (the platform's own functions, one database connection per thread):
+- for each size in ``--sizes`` and ``--patches``: lease + vote by one crowd member (median, p95,
+  max over ``--pairs``) and ``queue.queue_stats`` (the dashboard's counts, uncached) and
+  ``stats.queue_counts`` (what the dashboard reads: cached);
+- unless ``--no-round``: one head-mode round (``pipeline.run_round``, the Celery task's body) on
+  the largest project with synthetic cached embeddings, while ``--annotators`` threads lease and
+  vote the whole time: every stage's time, the round's peak RSS, rows written per table, and the
+  annotators' lease latency and empty answers before, during and after the round.
+
+The last line is one JSON object with the figures the scale issue asks for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from histoloop import embedded  # noqa: E402
+
+VOTE_SHARE = 0.01
+VOTES_PER_PATCH = 3
+N_STUDENTS = 30
+LABELS = [("adenocarcinoma", "#d62728"), ("benign", "#2ca02c"), ("squamous", "#1f77b4")]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """Milliseconds: median, p95, max."""
+    if not values:
+        return {"n": 0, "median_ms": float("nan"), "p95_ms": float("nan"), "max_ms": float("nan")}
+    return {
+        "n": len(values),
+        "median_ms": statistics.median(values) * 1000,
+        "p95_ms": percentile(values, 95) * 1000,
+        "max_ms": max(values) * 1000,
+    }
+
+
+def show(name: str, values: list[float]) -> dict[str, float]:
+    row = summary(values)
+    print(
+        f"  {name:<40} n={row['n']:<5} median {row['median_ms']:8.2f} ms  p95 {row['p95_ms']:8.2f} ms"
+        f"  max {row['max_ms']:8.2f} ms",
+        flush=True,
+    )
+    return row
+
+
+# --- a database of its own ----------------------------------------------------------------------------
+
+
+@contextmanager
+def scratch_database(keep: bool) -> Iterator[str]:
+    """CREATE DATABASE on the server of DATABASE_URL; yields its URL; DROP DATABASE afterwards."""
+    import psycopg
+
+    server = os.environ["DATABASE_URL"]
+    name = f"bench_scale_{os.getpid()}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(server)._replace(path="/" + name))
+    finally:
+        if keep:
+            print(f"kept database {name}")
+        else:
+            from django.db import connections
+
+            connections.close_all()
+            with psycopg.connect(server, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --- building a project ---------------------------------------------------------------------------------
+
+
+def build_project(n_patches: int, n_slides: int, tag: str) -> Any:
+    """A project of ``n_patches`` patches over ``n_slides`` slides, queued, 1% voted on by the crowd."""
+    from django.contrib.auth import get_user_model
+    from django.db import connection, transaction
+
+    from annotations.models import LabelClass, Membership, Project, Slide
+
+    started = time.perf_counter()
+    with transaction.atomic():
+        project = Project.objects.create(name=f"scale-{tag}", votes_required=VOTES_PER_PATCH, gold_rate=0.0)
+        for order, (name, colour) in enumerate(LABELS):
+            LabelClass.objects.create(project=project, name=name, colour=colour, hotkey=str(order + 1), order=order)
+        slides = Slide.objects.bulk_create(
+            [
+                Slide(
+                    project=project,
+                    name=f"slide-{i:04d}.svs",
+                    status=Slide.Status.READY,
+                    width=150_000,
+                    height=100_000,
+                    levels=10,
+                    mpp=0.5,
+                    magnification=20.0,
+                    checksum=f"{tag}-{i:04d}".ljust(64, "0"),
+                    group=f"case-{i // 2}",
+                )
+                for i in range(n_slides)
+            ]
+        )
+        User = get_user_model()
+        students = User.objects.bulk_create([User(username=f"{tag}-student-{i}") for i in range(N_STUDENTS)])
+        Membership.objects.bulk_create([Membership(user=u, project=project, role="crowd") for u in students])
+        slide_ids = [s.pk for s in slides]
+        student_ids = [u.pk for u in students]
+        label_ids = list(LabelClass.objects.filter(project=project).order_by("order").values_list("pk", flat=True))
+        with connection.cursor() as cursor:
+            # Each slide gets a grid of 224 px patches, 400 to a row: (slide, x, y) is unique.
+            cursor.execute(
+                """
+                INSERT INTO annotations_patch
+                    (project_id, slide_id, x, y, size, magnification, tissue_fraction, is_gold, created_at)
+                SELECT %(p)s, (%(slides)s::bigint[])[1 + g %% %(s)s], ((g / %(s)s) %% 400) * 224,
+                       ((g / %(s)s) / 400) * 224, 224, 20.0, 0.9, false, now()
+                FROM generate_series(0, %(n)s - 1) AS g
+                """,
+                {"p": project.pk, "slides": slide_ids, "s": n_slides, "n": n_patches},
+            )
+            # One open crowd task per patch, in a random order (what ingest's seeded spread gives).
+            cursor.execute(
+                """
+                INSERT INTO annotations_annotationtask
+                    (project_id, patch_id, kind, priority, arm, state, votes_needed, votes_received,
+                     created_at, updated_at)
+                SELECT %(p)s, id, 'crowd', random(), '', 'open', %(k)s, 0, now(), now()
+                FROM annotations_patch WHERE project_id = %(p)s
+                """,
+                {"p": project.pk, "k": VOTES_PER_PATCH},
+            )
+            # 1% of the patches: three students' votes each, mostly agreeing; their tasks are done.
+            cursor.execute(
+                """
+                CREATE TEMP TABLE voted ON COMMIT DROP AS
+                SELECT id AS patch_id, (id %% 3) AS truth FROM annotations_patch
+                WHERE project_id = %(p)s AND (hashint8(id) %% 100000) < %(share)s * 100000
+                """,
+                {"p": project.pk, "share": VOTE_SHARE},
+            )
+            cursor.execute(
+                """
+                INSERT INTO annotations_vote
+                    (project_id, patch_id, annotator_id, label_id, role, time_spent_ms, is_active, created_at)
+                SELECT %(p)s, v.patch_id, (%(students)s::bigint[])[1 + (v.patch_id + r) %% %(u)s],
+                       (%(labels)s::bigint[])[1 + CASE WHEN random() < 0.85 THEN v.truth
+                                                       ELSE (v.truth + 1) %% 3 END],
+                       'crowd', 2000, true, now()
+                FROM voted v CROSS JOIN generate_series(0, %(k)s - 1) AS r
+                """,
+                {"p": project.pk, "students": student_ids, "u": N_STUDENTS, "labels": label_ids, "k": VOTES_PER_PATCH},
+            )
+            cursor.execute(
+                """
+                UPDATE annotations_annotationtask t SET state = 'done', votes_received = %(k)s
+                FROM voted v WHERE t.patch_id = v.patch_id AND t.project_id = %(p)s
+                """,
+                {"p": project.pk, "k": VOTES_PER_PATCH},
+            )
+            cursor.execute("SELECT count(*) FROM annotations_vote WHERE project_id = %s", [project.pk])
+            n_votes = cursor.fetchone()[0]
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE annotations_patch, annotations_annotationtask, annotations_vote")
+    print(
+        f"built {tag}: {n_patches:,} patches on {n_slides} slides, {n_votes:,} crowd votes "
+        f"in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    project.students = students  # type: ignore[attr-defined]
+    return project
+
+
+# --- measurements ---------------------------------------------------------------------------------------
+
+
+def lease_and_vote(project: Any, user: Any) -> tuple[float, bool]:
+    """One annotator step in-process: lease, then vote. (seconds, whether a task came back)."""
+    from annotations import queue, voting
+
+    started = time.perf_counter()
+    task = queue.lease_next_task(project, user, "crowd")
+    if task is None:
+        return time.perf_counter() - started, False
+    voting.cast_vote(project, user, "crowd", patch_id=task.patch_id, label="benign", task_id=task.pk)
+    return time.perf_counter() - started, True
+
+
+def queue_figures(project: Any, pairs: int) -> dict[str, Any]:
+    from django.contrib.auth import get_user_model
+
+    from annotations import queue, stats
+    from annotations.models import Membership
+
+    user = get_user_model().objects.create(username=f"scale-probe-{project.pk}")
+    Membership.objects.create(user=user, project=project, role="crowd")
+    lease_and_vote(project, user)  # warm
+    times = [lease_and_vote(project, user)[0] for _ in range(pairs)]
+    raw, cached = [], []
+    for _ in range(20):
+        started = time.perf_counter()
+        queue.queue_stats(project)
+        raw.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        stats.queue_counts(project)
+        cached.append(time.perf_counter() - started)
+    return {
+        "lease_vote": show("lease + vote, one crowd member", times),
+        "queue_stats": show("queue_stats (uncached)", raw),
+        "queue_counts": show("stats.queue_counts (dashboard, cached)", cached),
+    }
+
+
+class Annotators:
+    """``n`` threads leasing and voting as students, recording each lease's latency and empty answers."""
+
+    def __init__(self, project: Any, n: int) -> None:
+        self.project = project
+        self.students = project.students[:n]
+        self.phase = "before"
+        self.lease: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+        self.empty: dict[str, int] = {"before": 0, "during": 0, "after": 0}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._work, args=(u,), daemon=True) for u in self.students]
+
+    def _work(self, user: Any) -> None:
+        from django.db import connection
+
+        from annotations import queue, voting
+
+        try:
+            while not self._stop.is_set():
+                phase = self.phase
+                started = time.perf_counter()
+                task = queue.lease_next_task(self.project, user, "crowd")
+                self.lease[phase].append(time.perf_counter() - started)
+                if task is None:
+                    self.empty[phase] += 1
+                    time.sleep(0.05)
+                    continue
+                voting.cast_vote(self.project, user, "crowd", patch_id=task.patch_id, label="benign", task_id=task.pk)
+                time.sleep(0.02)  # a fast student: ~30 votes a minute each
+        except Exception as exc:  # pragma: no cover - reported
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            connection.close()
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def table_counts() -> dict[str, int]:
+    from django.db import connection
+
+    tables = [
+        "annotations_annotationtask",
+        "annotations_consensus",
+        "learner_modelversion",
+        "learner_patchscore",
+        "learner_trainininground",
+    ]
+    counts = {}
+    with connection.cursor() as cursor:
+        for table in tables:
+            cursor.execute("SELECT to_regclass(%s)", [table])
+            if cursor.fetchone()[0] is None:
+                continue
+            cursor.execute(f"SELECT count(*) FROM {table}")  # noqa: S608 - fixed names
+            counts[table] = cursor.fetchone()[0]
+    return counts
+
+
+def round_under_load(project: Any, annotators: int, seed_embeddings: Callable[[Any], None]) -> dict[str, Any]:
+    """One head-mode round while annotators work: stage times, RSS, rows written, lease latency."""
+    from learner import pipeline, services
+
+    seed_embeddings(project)
+    crowd = Annotators(project, annotators)
+    crowd.start()
+    time.sleep(5)
+    before_rows = table_counts()
+    rss_before = peak_rss_mb()
+    crowd.phase = "during"
+    round_ = services.start_round(project, launch=False)
+    started = time.perf_counter()
+    round_ = pipeline.run_round(round_.pk)
+    seconds = time.perf_counter() - started
+    crowd.phase = "after"
+    time.sleep(5)
+    crowd.stop()
+    after_rows = table_counts()
+    written = {t: after_rows.get(t, 0) - before_rows.get(t, 0) for t in after_rows}
+    print(f"round {round_.number}: {round_.state} in {seconds:.1f} s {round_.error}", flush=True)
+    for stage, value in (round_.timings or {}).items():
+        print(f"  stage {stage:<10} {value:8.2f} s")
+    print(f"  rows written: {written}")
+    phases = {phase: show(f"annotator lease, {phase} the round", values) for phase, values in crowd.lease.items()}
+    print(f"  empty leases: {crowd.empty}; annotator errors: {crowd.errors[:3]}")
+    return {
+        "state": round_.state,
+        "error": round_.error,
+        "round_seconds": seconds,
+        "timings": round_.timings,
+        "round_peak_rss_mb": max(peak_rss_mb(), rss_before),
+        "rows_written": written,
+        "lease": phases,
+        "empty": crowd.empty,
+        "batch_size": project.batch_size,
+    }
+
+
+def no_embeddings(project: Any) -> None:
+    raise SystemExit(
+        "bench_scale: no synthetic embedding store yet; run with --no-round (see the scale issue, part 1)."
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--patches", type=int, default=1_000_000)
+    parser.add_argument("--slides", type=int, default=100)
+    parser.add_argument("--sizes", default="10000,100000", help="smaller projects measured for flatness")
+    parser.add_argument("--annotators", type=int, default=20)
+    parser.add_argument("--pairs", type=int, default=300)
+    parser.add_argument("--no-round", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch database")
+    args = parser.parse_args()
+
+    embedded.ensure_environment()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
+    os.environ.setdefault("DEBUG", "0")
+    with scratch_database(args.keep) as url:
+        os.environ["DATABASE_URL"] = url
+        os.environ["DATABASE_POOL"] = "0"  # threads each keep their own connection
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
+        print(f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, database {url.rsplit('/', 1)[-1]}")
+        sizes = [int(s) for s in args.sizes.split(",") if s] + [args.patches]
+        figures: dict[int, dict[str, Any]] = {}
+        largest = None
+        for size in sizes:
+            project = build_project(size, min(args.slides, max(1, size // 1000)), f"p{size}")
+            print(f"-- {size:,} patches")
+            figures[size] = queue_figures(project, args.pairs)
+            largest = project
+        base = figures[sizes[0]]["lease_vote"]["p95_ms"]
+        top = figures[args.patches]["lease_vote"]["p95_ms"]
+        print(f"lease + vote p95 at {args.patches:,} vs {sizes[0]:,}: {top / base:.2f}x (goal: flat, <= 20 ms)")
+        result: dict[str, Any] = {
+            "patches": args.patches,
+            "lease_vote_p95_ms_1m": top,
+            "queue_stats_ms_1m": figures[args.patches]["queue_stats"]["median_ms"],
+            "queue_counts_ms_1m": figures[args.patches]["queue_counts"]["median_ms"],
+            "lease_vote_p95_ms_by_size": {str(s): figures[s]["lease_vote"]["p95_ms"] for s in sizes},
+        }
+        if not args.no_round and largest is not None:
+            seed = getattr(sys.modules[__name__], "seed_embeddings", no_embeddings)
+            measured = round_under_load(largest, args.annotators, seed)
+            result.update(
+                round_seconds=measured["round_seconds"],
+                round_peak_rss_mb=measured["round_peak_rss_mb"],
+                lease_p95_ms_during_round=measured["lease"]["during"]["p95_ms"],
+                empty_leases_during_round=measured["empty"]["during"],
+                rows_written_per_round=sum(measured["rows_written"].values()),
+                round_state=measured["state"],
+            )
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
