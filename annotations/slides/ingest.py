@@ -6,14 +6,27 @@ Three ways in, one path through: the REST upload, the browser upload page and
 ``manage.py import_slides`` all stream the file into an :class:`IncomingFile` (a temporary file
 under ``MEDIA_ROOT/incoming/``, counted against ``settings.MAX_UPLOAD_BYTES`` and hashed as it
 arrives) and hand it to :func:`add_slide`, which refuses bad input with a :class:`SlideRejected`
-sentence before any row exists, or stores the file at ``slides/<project>/<slide>/<name>``, creates
-the ``processing`` row and queues the ``annotations.tasks.ingest_slide`` task
+sentence before any row exists, or stores the file at ``slides/<project>/<slide>-<token>/<name>``,
+creates the ``processing`` row and queues the ``annotations.tasks.ingest_slide`` task
 (:mod:`annotations.slides.tasks`) after commit.
 
 :func:`ingest` (the task's body) reads metadata, makes the thumbnail, detects tissue and writes
 the patch grid. It is idempotent: a re-run replaces the thumbnail and brings the patch rows to the
 current grid (unchanged patches keep their ids, votes and tasks). A slide that cannot be processed
 ends ``failed`` with a reason, and its file, thumbnail and patches are removed.
+
+Media paths: a slide's file is ``slides/<project>/<slide>-<token>/<name>`` and its thumbnail
+``thumbnails/<project>/<slide>-<token>.jpeg``, each token a fresh uuid4 hex. The ids are there for
+a person reading the folder; the token is there because ids are not unique outside one database:
+two databases on one MEDIA_ROOT (the tests and the demo, a restored backup beside a new install)
+both have a slide 1 of project 1. The row stores the whole path (``Slide.file.name``,
+``Slide.thumbnail.name``) and everything that reads or deletes media uses the stored path, never
+one rebuilt from ids. Removal (:func:`release_media`) deletes only the files the row referred to,
+and each only when no other slide row refers to it too (simulation pools and e2e projects clone
+rows over the same files); a folder goes only when it is the row's own tokened folder and is then
+empty. Rows stored in the earlier id-only layout (``slides/<project>/<slide>/<name>``,
+``thumbnails/<project>/<slide>.jpeg``) keep working: they serve from their stored paths, and
+removal deletes their referenced files but never their folders.
 """
 
 from __future__ import annotations
@@ -21,12 +34,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
+import re
 import tempfile
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -34,6 +48,7 @@ from django.conf import settings
 from django.core.exceptions import SuspiciousFileOperation
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils.text import get_valid_filename
 
 from annotations import queue
@@ -50,6 +65,11 @@ SUPPORTED_EXTENSIONS = (
 TIFF_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".ptif", ".qptiff", ".ndpi", ".scn", ".bif"})
 CHUNK_BYTES = 1024 * 1024
 INCOMING_DIR = "incoming"
+SLIDES_DIR = "slides"
+THUMBNAILS_DIR = "thumbnails"
+_UUID_HEX = "[0-9a-f]{32}"
+_OWN_FOLDER = re.compile(rf"{SLIDES_DIR}/(\d+)/(\d+)-{_UUID_HEX}")
+_OWN_THUMBNAIL = re.compile(rf"{THUMBNAILS_DIR}/(\d+)/(\d+)-{_UUID_HEX}\.jpeg")
 MIN_TISSUE_FRACTION = tissue.DEFAULT_MIN_FRACTION
 
 
@@ -287,6 +307,27 @@ def _duplicate(name: str, existing: Slide) -> SlideRejected:
     )
 
 
+def media_token() -> str:
+    """What makes a media path unique beyond this database (a slide's ids are not)."""
+    return uuid.uuid4().hex
+
+
+def slide_file_name(project_id: int, slide_id: int, name: str) -> str:
+    """A new, unique path (relative to MEDIA_ROOT) for a slide's file, in a folder of its own."""
+    return f"{SLIDES_DIR}/{project_id}/{slide_id}-{media_token()}/{name}"
+
+
+def thumbnail_file_name(project_id: int, slide_id: int) -> str:
+    """A new, unique path (relative to MEDIA_ROOT) for a slide's thumbnail."""
+    return f"{THUMBNAILS_DIR}/{project_id}/{slide_id}-{media_token()}.jpeg"
+
+
+def _made_for(pattern: re.Pattern[str], path: str, slide: Slide) -> bool:
+    """Whether ``path`` is in the tokened layout and names this slide's own ids (not a clone's source)."""
+    match = pattern.fullmatch(path)
+    return match is not None and (int(match[1]), int(match[2])) == (slide.project_id, slide.pk)
+
+
 def add_slide(
     project: Project,
     incoming: IncomingFile,
@@ -299,7 +340,7 @@ def add_slide(
 
     Takes ownership of ``incoming``: it is either moved into the slide store or deleted.
     """
-    destination: Path | None = None
+    relative = ""
     with incoming:
         incoming.close()
         if incoming.size == 0:
@@ -326,21 +367,20 @@ def add_slide(
                     group=group[:200],
                     created_by=user if getattr(user, "is_authenticated", False) else None,
                 )
-                relative = f"slides/{project.pk}/{slide.pk}/{incoming.name}"
-                destination = Path(settings.MEDIA_ROOT) / relative
-                incoming.keep_as(destination)
+                relative = slide_file_name(project.pk, slide.pk, incoming.name)
+                incoming.keep_as(Path(settings.MEDIA_ROOT) / relative)
                 slide.file.name = relative
                 slide.save(update_fields=["file"])
                 if launch:
                     transaction.on_commit(partial(queue_ingest, slide.pk), robust=True)
         except IntegrityError as exc:
-            _remove_dir(destination.parent if destination else None)
+            _discard_new_file(relative)
             existing = existing_copy(project, incoming.checksum)
             if existing is None:
                 raise
             raise _duplicate(incoming.name, existing) from exc
         except BaseException:
-            _remove_dir(destination.parent if destination else None)
+            _discard_new_file(relative)
             raise
     return slide
 
@@ -430,14 +470,25 @@ def _analyse(slide: Slide) -> IngestResult:
 
 
 def _save(slide: Slide, result: IngestResult) -> Slide:
-    thumbnail_name = f"thumbnails/{slide.project_id}/{slide.pk}.jpeg"
+    # A re-run rewrites the row's own tokened thumbnail in place; a row without one (new, in the
+    # id-only layout, or a clone pointing at its source's) gets a fresh name, so no other row's file
+    # is overwritten.
+    current = slide.thumbnail.name or ""
+    thumbnail_name = (
+        current if _made_for(_OWN_THUMBNAIL, current, slide) else thumbnail_file_name(slide.project_id, slide.pk)
+    )
     _write_media(thumbnail_name, result.thumbnail)
     project = slide.project
+    replaced = ""
     try:
         with transaction.atomic():
             slide = Slide.objects.select_for_update().select_related("project").get(pk=slide.pk)
             if slide.status == Slide.Status.FAILED:
+                # Failed meanwhile: fail_slide released what the row had; the file just written is no row's.
+                release_media(slide, [thumbnail_name])
                 return slide
+            if slide.thumbnail.name != thumbnail_name:
+                replaced = slide.thumbnail.name
             facts = result.facts
             slide.width, slide.height, slide.levels = facts.width, facts.height, facts.levels
             slide.mpp, slide.magnification = facts.mpp, facts.magnification
@@ -457,7 +508,10 @@ def _save(slide: Slide, result: IngestResult) -> Slide:
             if existing is not None and existing.pk != slide.pk
             else f"'{slide.name}' could not be saved."
         )
-        return fail_slide(slide, reason)
+        failed = fail_slide(slide, reason)
+        release_media(failed, [thumbnail_name])
+        return failed
+    release_media(slide, [replaced])
     return slide
 
 
@@ -500,15 +554,14 @@ def _write_grid(slide: Slide, project: Project, result: IngestResult) -> None:
 
 
 def fail_slide(slide: Slide, reason: str) -> Slide:
-    """Mark a slide failed with a reason and remove everything made from it (file, thumbnail, patches)."""
-    file_name, thumbnail_name = slide.file.name, slide.thumbnail.name
+    """Mark a slide failed with a reason and remove what was made from it: its patches, and the file
+    and thumbnail its row refers to (see :func:`release_media`)."""
     with transaction.atomic():
+        # The stored paths, read under the row's lock: the instance may be stale (a concurrent re-run).
+        names = Slide.objects.select_for_update().filter(pk=slide.pk).values_list("file", "thumbnail").first()
         Slide.objects.filter(pk=slide.pk).update(status=Slide.Status.FAILED, error=reason, file="", thumbnail="")
         Patch.objects.filter(slide_id=slide.pk).delete()
-    for name in (file_name, thumbnail_name):
-        if name:
-            default_storage.delete(name)
-    _remove_dir(Path(settings.MEDIA_ROOT) / "slides" / str(slide.project_id) / str(slide.pk))
+    release_media(slide, names or ())
     slide.refresh_from_db()
     logger.info("Slide %s failed: %s", slide.pk, reason)
     return slide
@@ -531,6 +584,35 @@ def _write_media(name: str, content: bytes) -> None:
     os.replace(partial_path, path)
 
 
-def _remove_dir(directory: Path | None) -> None:
-    if directory is not None and directory.is_dir():
-        shutil.rmtree(directory, ignore_errors=True)
+def release_media(slide: Slide, names: Iterable[str]) -> None:
+    """Delete media files ``slide``'s row no longer refers to (call after clearing or replacing them).
+
+    Only the stored paths given, never a path rebuilt from ids; each only when no other slide row
+    refers to it (cloned rows share their source's files); its folder only when that is this slide's
+    own tokened folder and is left empty (``rmdir``: whatever else is in it stays).
+    """
+    for name in names:
+        if not name:
+            continue
+        if Slide.objects.filter(Q(file=name) | Q(thumbnail=name)).exclude(pk=slide.pk).exists():
+            continue
+        default_storage.delete(name)  # safe_join refuses a stored path that leaves MEDIA_ROOT
+        folder = str(PurePosixPath(name).parent)
+        if _made_for(_OWN_FOLDER, folder, slide):
+            _remove_empty_dir(Path(settings.MEDIA_ROOT) / folder)
+
+
+def _discard_new_file(relative: str) -> None:
+    """Undo add_slide's move of a file into its new, unique folder (its row was rolled back)."""
+    if not relative:
+        return
+    path = Path(settings.MEDIA_ROOT) / relative
+    path.unlink(missing_ok=True)
+    _remove_empty_dir(path.parent)
+
+
+def _remove_empty_dir(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:  # missing, or holding files that are not this row's to delete
+        pass

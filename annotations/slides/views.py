@@ -274,11 +274,15 @@ async def tile(request: HttpRequest, slide_id: int, z: int, x: int, y: int) -> H
 async def thumbnail(request: HttpRequest, slide_id: int) -> HttpResponse:
     access: SlideAccess = await authorise(request, "slide", slide_id, slide_access)
     tag = tiles.etag(access.checksum, "thumbnail", tiles.THUMBNAIL_SIZE)
-    stored = Path(settings.MEDIA_ROOT) / "thumbnails" / str(access.project_id) / f"{access.slide_id}.jpeg"
 
     def render_thumbnail() -> bytes:
-        if stored.exists():
-            return stored.read_bytes()
+        # The row's stored thumbnail; rendered from the slide while there is none yet, or when a
+        # re-run renamed it after this credential's access was cached.
+        if access.thumbnail:
+            try:
+                return Path(access.thumbnail).read_bytes()
+            except FileNotFoundError:
+                pass
         return tiles.thumbnail_jpeg(access.path, tiles.THUMBNAIL_SIZE)
 
     return await _serve(request, tag, render_thumbnail)
