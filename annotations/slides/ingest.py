@@ -15,18 +15,7 @@ the patch grid. It is idempotent: a re-run replaces the thumbnail and brings the
 current grid (unchanged patches keep their ids, votes and tasks). A slide that cannot be processed
 ends ``failed`` with a reason, and its file, thumbnail and patches are removed.
 
-Media paths: a slide's file is ``slides/<project>/<slide>-<token>/<name>`` and its thumbnail
-``thumbnails/<project>/<slide>-<token>.jpeg``, each token a fresh uuid4 hex. The ids are there for
-a person reading the folder; the token is there because ids are not unique outside one database:
-two databases on one MEDIA_ROOT (the tests and the demo, a restored backup beside a new install)
-both have a slide 1 of project 1. The row stores the whole path (``Slide.file.name``,
-``Slide.thumbnail.name``) and everything that reads or deletes media uses the stored path, never
-one rebuilt from ids. Removal (:func:`release_media`) deletes only the files the row referred to,
-and each only when no other slide row refers to it too (simulation pools and e2e projects clone
-rows over the same files); a folder goes only when it is the row's own tokened folder and is then
-empty. Rows stored in the earlier id-only layout (``slides/<project>/<slide>/<name>``,
-``thumbnails/<project>/<slide>.jpeg``) keep working: they serve from their stored paths, and
-removal deletes their referenced files but never their folders.
+Where the files live and when they are deleted: :mod:`annotations.slides.media`.
 """
 
 from __future__ import annotations
@@ -34,28 +23,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import tempfile
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.exceptions import SuspiciousFileOperation
-from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
-from django.db.models import Q
 from django.utils.text import get_valid_filename
 
 from annotations import queue
 from annotations.domain import tissue
 from annotations.models import Patch, Project, Slide
 
-from . import tiles
+from . import media, tiles
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +50,6 @@ SUPPORTED_EXTENSIONS = (
 TIFF_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".ptif", ".qptiff", ".ndpi", ".scn", ".bif"})
 CHUNK_BYTES = 1024 * 1024
 INCOMING_DIR = "incoming"
-SLIDES_DIR = "slides"
-THUMBNAILS_DIR = "thumbnails"
-_UUID_HEX = "[0-9a-f]{32}"
-_OWN_FOLDER = re.compile(rf"{SLIDES_DIR}/(\d+)/(\d+)-{_UUID_HEX}")
-_OWN_THUMBNAIL = re.compile(rf"{THUMBNAILS_DIR}/(\d+)/(\d+)-{_UUID_HEX}\.jpeg")
 MIN_TISSUE_FRACTION = tissue.DEFAULT_MIN_FRACTION
 
 
@@ -307,27 +287,6 @@ def _duplicate(name: str, existing: Slide) -> SlideRejected:
     )
 
 
-def media_token() -> str:
-    """What makes a media path unique beyond this database (a slide's ids are not)."""
-    return uuid.uuid4().hex
-
-
-def slide_file_name(project_id: int, slide_id: int, name: str) -> str:
-    """A new, unique path (relative to MEDIA_ROOT) for a slide's file, in a folder of its own."""
-    return f"{SLIDES_DIR}/{project_id}/{slide_id}-{media_token()}/{name}"
-
-
-def thumbnail_file_name(project_id: int, slide_id: int) -> str:
-    """A new, unique path (relative to MEDIA_ROOT) for a slide's thumbnail."""
-    return f"{THUMBNAILS_DIR}/{project_id}/{slide_id}-{media_token()}.jpeg"
-
-
-def _made_for(pattern: re.Pattern[str], path: str, slide: Slide) -> bool:
-    """Whether ``path`` is in the tokened layout and names this slide's own ids (not a clone's source)."""
-    match = pattern.fullmatch(path)
-    return match is not None and (int(match[1]), int(match[2])) == (slide.project_id, slide.pk)
-
-
 def add_slide(
     project: Project,
     incoming: IncomingFile,
@@ -367,20 +326,20 @@ def add_slide(
                     group=group[:200],
                     created_by=user if getattr(user, "is_authenticated", False) else None,
                 )
-                relative = slide_file_name(project.pk, slide.pk, incoming.name)
+                relative = media.slide_file_name(project.pk, slide.pk, incoming.name)
                 incoming.keep_as(Path(settings.MEDIA_ROOT) / relative)
                 slide.file.name = relative
                 slide.save(update_fields=["file"])
                 if launch:
                     transaction.on_commit(partial(queue_ingest, slide.pk), robust=True)
         except IntegrityError as exc:
-            _discard_new_file(relative)
+            media.discard_new_file(relative)
             existing = existing_copy(project, incoming.checksum)
             if existing is None:
                 raise
             raise _duplicate(incoming.name, existing) from exc
         except BaseException:
-            _discard_new_file(relative)
+            media.discard_new_file(relative)
             raise
     return slide
 
@@ -473,10 +432,7 @@ def _save(slide: Slide, result: IngestResult) -> Slide:
     # A re-run rewrites the row's own tokened thumbnail in place; a row without one (new, in the
     # id-only layout, or a clone pointing at its source's) gets a fresh name, so no other row's file
     # is overwritten.
-    current = slide.thumbnail.name or ""
-    thumbnail_name = (
-        current if _made_for(_OWN_THUMBNAIL, current, slide) else thumbnail_file_name(slide.project_id, slide.pk)
-    )
+    thumbnail_name = media.own_thumbnail(slide) or media.thumbnail_file_name(slide.project_id, slide.pk)
     _write_media(thumbnail_name, result.thumbnail)
     project = slide.project
     replaced = ""
@@ -485,7 +441,7 @@ def _save(slide: Slide, result: IngestResult) -> Slide:
             slide = Slide.objects.select_for_update().select_related("project").get(pk=slide.pk)
             if slide.status == Slide.Status.FAILED:
                 # Failed meanwhile: fail_slide released what the row had; the file just written is no row's.
-                release_media(slide, [thumbnail_name])
+                media.release_media(slide.project_id, slide.pk, [thumbnail_name])
                 return slide
             if slide.thumbnail.name != thumbnail_name:
                 replaced = slide.thumbnail.name
@@ -509,9 +465,9 @@ def _save(slide: Slide, result: IngestResult) -> Slide:
             else f"'{slide.name}' could not be saved."
         )
         failed = fail_slide(slide, reason)
-        release_media(failed, [thumbnail_name])
+        media.release_media(slide.project_id, slide.pk, [thumbnail_name])
         return failed
-    release_media(slide, [replaced])
+    media.release_media(slide.project_id, slide.pk, [replaced])
     return slide
 
 
@@ -555,13 +511,13 @@ def _write_grid(slide: Slide, project: Project, result: IngestResult) -> None:
 
 def fail_slide(slide: Slide, reason: str) -> Slide:
     """Mark a slide failed with a reason and remove what was made from it: its patches, and the file
-    and thumbnail its row refers to (see :func:`release_media`)."""
+    and thumbnail its row refers to (see :func:`annotations.slides.media.release_media`)."""
     with transaction.atomic():
         # The stored paths, read under the row's lock: the instance may be stale (a concurrent re-run).
         names = Slide.objects.select_for_update().filter(pk=slide.pk).values_list("file", "thumbnail").first()
         Slide.objects.filter(pk=slide.pk).update(status=Slide.Status.FAILED, error=reason, file="", thumbnail="")
         Patch.objects.filter(slide_id=slide.pk).delete()
-    release_media(slide, names or ())
+    media.release_media(slide.project_id, slide.pk, names or ())
     slide.refresh_from_db()
     logger.info("Slide %s failed: %s", slide.pk, reason)
     return slide
@@ -576,43 +532,9 @@ def file_sha256(path: Path) -> str:
 
 
 def _write_media(name: str, content: bytes) -> None:
-    """Write a media file under a fixed name, replacing any previous one (so re-runs do not pile up)."""
+    """Write a media file at ``name``, replacing the file there atomically (a re-run rewrites its own thumbnail)."""
     path = Path(settings.MEDIA_ROOT) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     partial_path = path.with_suffix(path.suffix + ".part")
     partial_path.write_bytes(content)
     os.replace(partial_path, path)
-
-
-def release_media(slide: Slide, names: Iterable[str]) -> None:
-    """Delete media files ``slide``'s row no longer refers to (call after clearing or replacing them).
-
-    Only the stored paths given, never a path rebuilt from ids; each only when no other slide row
-    refers to it (cloned rows share their source's files); its folder only when that is this slide's
-    own tokened folder and is left empty (``rmdir``: whatever else is in it stays).
-    """
-    for name in names:
-        if not name:
-            continue
-        if Slide.objects.filter(Q(file=name) | Q(thumbnail=name)).exclude(pk=slide.pk).exists():
-            continue
-        default_storage.delete(name)  # safe_join refuses a stored path that leaves MEDIA_ROOT
-        folder = str(PurePosixPath(name).parent)
-        if _made_for(_OWN_FOLDER, folder, slide):
-            _remove_empty_dir(Path(settings.MEDIA_ROOT) / folder)
-
-
-def _discard_new_file(relative: str) -> None:
-    """Undo add_slide's move of a file into its new, unique folder (its row was rolled back)."""
-    if not relative:
-        return
-    path = Path(settings.MEDIA_ROOT) / relative
-    path.unlink(missing_ok=True)
-    _remove_empty_dir(path.parent)
-
-
-def _remove_empty_dir(directory: Path) -> None:
-    try:
-        directory.rmdir()
-    except OSError:  # missing, or holding files that are not this row's to delete
-        pass

@@ -247,3 +247,40 @@ def test_re_ingesting_an_old_layout_row_moves_its_thumbnail_to_a_unique_path(med
     assert re.fullmatch(rf"thumbnails/{project.pk}/{slide.pk}-[0-9a-f]{{32}}\.jpeg", slide.thumbnail.name)
     assert not (media / old_thumbnail).exists()
     assert media_files() == {slide.file.name, slide.thumbnail.name}
+
+
+def test_deleting_a_project_releases_its_slides_files_on_commit(media, project, django_capture_on_commit_callbacks):  # type: ignore[no-untyped-def]
+    slide = ingest_file(project, shared_slide(SMALL))
+    kept = ingest_file(project, shared_slide("boxes_0.dcm"))
+    pool = ProjectFactory()
+    copy_of_kept = clone(kept, pool)
+    theirs = other_install(media, project.pk, slide.pk)
+    ours = {slide.file.name, slide.thumbnail.name}
+    own_folder = media / Path(slide.file.name).parent
+    everything = media_files()
+
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        project.delete()
+    assert media_files() == everything  # nothing goes before the delete is committed
+    for callback in callbacks:
+        callback()
+
+    assert everything - media_files() == ours
+    assert media_files() == theirs | {copy_of_kept.file.name, copy_of_kept.thumbnail.name}
+    assert not own_folder.exists()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        pool.delete()
+    assert media_files() == theirs
+
+
+def test_a_rolled_back_delete_keeps_the_files(media, project):  # type: ignore[no-untyped-def]
+    slide = ingest_file(project, shared_slide(SMALL))
+    before = media_files()
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        Slide.objects.filter(pk=slide.pk).delete()
+        raise RuntimeError("changed my mind")
+
+    assert Slide.objects.filter(pk=slide.pk).exists()
+    assert media_files() == before == {slide.file.name, slide.thumbnail.name}
