@@ -3,6 +3,8 @@
 
 - ``ingest``: name and format checks, the streaming upload, file inspection, ``add_slide`` and the
   ingest task's body (metadata, thumbnail, tissue, patch grid).
+- ``media``: where a slide's files live under MEDIA_ROOT (unique paths, stored on the row) and when
+  they may be deleted.
 - ``tasks``: the ``annotations.tasks.ingest_slide`` Celery task (``cpu`` queue).
 - ``tiles``: reading pixels: tile sources, tiles, thumbnails, regions, patches.
 - ``access``: who may see a slide's or patch's pixels, and the per-credential cache of it.

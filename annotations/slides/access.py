@@ -35,15 +35,18 @@ ACCESS_TTL_SECONDS = 30.0
 
 @dataclass(frozen=True)
 class SlideAccess:
+    """What the image endpoints need of a slide; paths are the row's stored ones, absolute."""
+
     slide_id: int
     project_id: int
     path: str
     checksum: str
+    thumbnail: str = ""  # "" while the slide has no thumbnail (still processing)
 
 
 def slide_access(user: Any, slide_id: int) -> SlideAccess:
     """The slide's file, for a member of its project; Http404 for anyone else or a slide without a file."""
-    row = Slide.objects.filter(pk=slide_id).values("project_id", "file", "checksum", "status").first()
+    row = Slide.objects.filter(pk=slide_id).values("project_id", "file", "thumbnail", "checksum", "status").first()
     if row is None or membership_role(user, row["project_id"]) is None:
         raise Http404("No such slide.")
     if row["status"] == Slide.Status.FAILED or not row["file"]:
@@ -53,6 +56,9 @@ def slide_access(user: Any, slide_id: int) -> SlideAccess:
         project_id=row["project_id"],
         path=str(Path(settings.MEDIA_ROOT) / row["file"]),
         checksum=row["checksum"],
+        # The stored path, never one rebuilt from ids: those are not unique across databases sharing
+        # MEDIA_ROOT, and cloned rows point at their source's thumbnail.
+        thumbnail=str(Path(settings.MEDIA_ROOT) / row["thumbnail"]) if row["thumbnail"] else "",
     )
 
 

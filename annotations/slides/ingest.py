@@ -6,14 +6,16 @@ Three ways in, one path through: the REST upload, the browser upload page and
 ``manage.py import_slides`` all stream the file into an :class:`IncomingFile` (a temporary file
 under ``MEDIA_ROOT/incoming/``, counted against ``settings.MAX_UPLOAD_BYTES`` and hashed as it
 arrives) and hand it to :func:`add_slide`, which refuses bad input with a :class:`SlideRejected`
-sentence before any row exists, or stores the file at ``slides/<project>/<slide>/<name>``, creates
-the ``processing`` row and queues the ``annotations.tasks.ingest_slide`` task
+sentence before any row exists, or stores the file at ``slides/<project>/<slide>-<token>/<name>``,
+creates the ``processing`` row and queues the ``annotations.tasks.ingest_slide`` task
 (:mod:`annotations.slides.tasks`) after commit.
 
 :func:`ingest` (the task's body) reads metadata, makes the thumbnail, detects tissue and writes
 the patch grid. It is idempotent: a re-run replaces the thumbnail and brings the patch rows to the
 current grid (unchanged patches keep their ids, votes and tasks). A slide that cannot be processed
 ends ``failed`` with a reason, and its file, thumbnail and patches are removed.
+
+Where the files live and when they are deleted: :mod:`annotations.slides.media`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,7 +33,6 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.exceptions import SuspiciousFileOperation
-from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 from django.utils.text import get_valid_filename
 
@@ -40,7 +40,7 @@ from annotations import queue
 from annotations.domain import tissue
 from annotations.models import Patch, Project, Slide
 
-from . import tiles
+from . import media, tiles
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def add_slide(
 
     Takes ownership of ``incoming``: it is either moved into the slide store or deleted.
     """
-    destination: Path | None = None
+    relative = ""
     with incoming:
         incoming.close()
         if incoming.size == 0:
@@ -326,21 +326,20 @@ def add_slide(
                     group=group[:200],
                     created_by=user if getattr(user, "is_authenticated", False) else None,
                 )
-                relative = f"slides/{project.pk}/{slide.pk}/{incoming.name}"
-                destination = Path(settings.MEDIA_ROOT) / relative
-                incoming.keep_as(destination)
+                relative = media.slide_file_name(project.pk, slide.pk, incoming.name)
+                incoming.keep_as(Path(settings.MEDIA_ROOT) / relative)
                 slide.file.name = relative
                 slide.save(update_fields=["file"])
                 if launch:
                     transaction.on_commit(partial(queue_ingest, slide.pk), robust=True)
         except IntegrityError as exc:
-            _remove_dir(destination.parent if destination else None)
+            media.discard_new_file(relative)
             existing = existing_copy(project, incoming.checksum)
             if existing is None:
                 raise
             raise _duplicate(incoming.name, existing) from exc
         except BaseException:
-            _remove_dir(destination.parent if destination else None)
+            media.discard_new_file(relative)
             raise
     return slide
 
@@ -430,14 +429,22 @@ def _analyse(slide: Slide) -> IngestResult:
 
 
 def _save(slide: Slide, result: IngestResult) -> Slide:
-    thumbnail_name = f"thumbnails/{slide.project_id}/{slide.pk}.jpeg"
+    # A re-run rewrites the row's own tokened thumbnail in place; a row without one (new, in the
+    # id-only layout, or a clone pointing at its source's) gets a fresh name, so no other row's file
+    # is overwritten.
+    thumbnail_name = media.own_thumbnail(slide) or media.thumbnail_file_name(slide.project_id, slide.pk)
     _write_media(thumbnail_name, result.thumbnail)
     project = slide.project
+    replaced = ""
     try:
         with transaction.atomic():
             slide = Slide.objects.select_for_update().select_related("project").get(pk=slide.pk)
             if slide.status == Slide.Status.FAILED:
+                # Failed meanwhile: fail_slide released what the row had; the file just written is no row's.
+                media.release_media(slide.project_id, slide.pk, [thumbnail_name])
                 return slide
+            if slide.thumbnail.name != thumbnail_name:
+                replaced = slide.thumbnail.name
             facts = result.facts
             slide.width, slide.height, slide.levels = facts.width, facts.height, facts.levels
             slide.mpp, slide.magnification = facts.mpp, facts.magnification
@@ -457,7 +464,10 @@ def _save(slide: Slide, result: IngestResult) -> Slide:
             if existing is not None and existing.pk != slide.pk
             else f"'{slide.name}' could not be saved."
         )
-        return fail_slide(slide, reason)
+        failed = fail_slide(slide, reason)
+        media.release_media(slide.project_id, slide.pk, [thumbnail_name])
+        return failed
+    media.release_media(slide.project_id, slide.pk, [replaced])
     return slide
 
 
@@ -500,15 +510,14 @@ def _write_grid(slide: Slide, project: Project, result: IngestResult) -> None:
 
 
 def fail_slide(slide: Slide, reason: str) -> Slide:
-    """Mark a slide failed with a reason and remove everything made from it (file, thumbnail, patches)."""
-    file_name, thumbnail_name = slide.file.name, slide.thumbnail.name
+    """Mark a slide failed with a reason and remove what was made from it: its patches, and the file
+    and thumbnail its row refers to (see :func:`annotations.slides.media.release_media`)."""
     with transaction.atomic():
+        # The stored paths, read under the row's lock: the instance may be stale (a concurrent re-run).
+        names = Slide.objects.select_for_update().filter(pk=slide.pk).values_list("file", "thumbnail").first()
         Slide.objects.filter(pk=slide.pk).update(status=Slide.Status.FAILED, error=reason, file="", thumbnail="")
         Patch.objects.filter(slide_id=slide.pk).delete()
-    for name in (file_name, thumbnail_name):
-        if name:
-            default_storage.delete(name)
-    _remove_dir(Path(settings.MEDIA_ROOT) / "slides" / str(slide.project_id) / str(slide.pk))
+    media.release_media(slide.project_id, slide.pk, names or ())
     slide.refresh_from_db()
     logger.info("Slide %s failed: %s", slide.pk, reason)
     return slide
@@ -523,14 +532,9 @@ def file_sha256(path: Path) -> str:
 
 
 def _write_media(name: str, content: bytes) -> None:
-    """Write a media file under a fixed name, replacing any previous one (so re-runs do not pile up)."""
+    """Write a media file at ``name``, replacing the file there atomically (a re-run rewrites its own thumbnail)."""
     path = Path(settings.MEDIA_ROOT) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     partial_path = path.with_suffix(path.suffix + ".part")
     partial_path.write_bytes(content)
     os.replace(partial_path, path)
-
-
-def _remove_dir(directory: Path | None) -> None:
-    if directory is not None and directory.is_dir():
-        shutil.rmtree(directory, ignore_errors=True)

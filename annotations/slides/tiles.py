@@ -205,9 +205,12 @@ def read_region(
 
 
 def context_margin(context: float, patch_size: int) -> int:
-    """Margin in output pixels: a fraction of the patch edge when < 1, else a pixel count."""
-    if context < 0:
-        raise ValueError("Context must not be negative.")
+    """Margin in output pixels: a fraction of the patch edge when < 1, else a pixel count.
+
+    ValueError for a negative or non-finite context (``round`` would raise OverflowError on inf).
+    """
+    if not math.isfinite(context) or context < 0:
+        raise ValueError("Context must be a finite number, not negative.")
     return round(context * patch_size) if context < 1 else round(context)
 
 

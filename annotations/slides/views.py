@@ -11,6 +11,7 @@ in a thread so the event loop keeps serving.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -273,11 +274,15 @@ async def tile(request: HttpRequest, slide_id: int, z: int, x: int, y: int) -> H
 async def thumbnail(request: HttpRequest, slide_id: int) -> HttpResponse:
     access: SlideAccess = await authorise(request, "slide", slide_id, slide_access)
     tag = tiles.etag(access.checksum, "thumbnail", tiles.THUMBNAIL_SIZE)
-    stored = Path(settings.MEDIA_ROOT) / "thumbnails" / str(access.project_id) / f"{access.slide_id}.jpeg"
 
     def render_thumbnail() -> bytes:
-        if stored.exists():
-            return stored.read_bytes()
+        # The row's stored thumbnail; rendered from the slide while there is none yet, or when a
+        # re-run renamed it after this credential's access was cached.
+        if access.thumbnail:
+            try:
+                return Path(access.thumbnail).read_bytes()
+            except FileNotFoundError:
+                pass
         return tiles.thumbnail_jpeg(access.path, tiles.THUMBNAIL_SIZE)
 
     return await _serve(request, tag, render_thumbnail)
@@ -321,13 +326,17 @@ async def patch_image(request: HttpRequest, patch_id: int) -> HttpResponse:
     """The patch at the project's patch_size; ``?context=`` adds a margin (fraction of the patch if < 1, else px)."""
     patch: Patch = await authorise(request, "patch", patch_id, patch_for)
     raw = request.GET.get("context", "0") or "0"
+    limit = 2 * patch.project.patch_size
     try:
         context = float(raw)
+        # float() takes "inf", "1e400" and 400-digit numbers as infinity: too large, like any huge margin.
+        if context == math.inf:
+            return _bad_request(f"The 'context' margin may be at most {limit} px.")
         margin = tiles.context_margin(context, patch.project.patch_size)
-    except ValueError:
+    except ValueError:  # not a number, "nan", negative or "-inf"
         return _bad_request("The 'context' parameter must be a number: a fraction of the patch below 1, or pixels.")
-    if margin > 2 * patch.project.patch_size:
-        return _bad_request(f"The 'context' margin may be at most {2 * patch.project.patch_size} px.")
+    if margin > limit:
+        return _bad_request(f"The 'context' margin may be at most {limit} px.")
     tag = tiles.etag(patch.slide.checksum, "patch", patch.x, patch.y, patch.size, patch.project.patch_size, margin)
     return await _serve(request, tag, lambda: tiles.patch_jpeg(patch, margin))
 

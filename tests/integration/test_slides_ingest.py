@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -135,8 +136,10 @@ def test_re_running_after_a_patch_size_change_rebuilds_the_grid(media, project):
 
 def test_it_records_the_slide_in_its_own_directory(media, project):  # type: ignore[no-untyped-def]
     slide = ingest_file(project, shared_slide("small.svs"))
-    assert slide.file.name == f"slides/{project.pk}/{slide.pk}/small.svs"
-    assert slide.thumbnail.name == f"thumbnails/{project.pk}/{slide.pk}.jpeg"
+    # The ids for people, a uuid4 hex so that no other database on this MEDIA_ROOT names the same path.
+    assert re.fullmatch(rf"slides/{project.pk}/{slide.pk}-[0-9a-f]{{32}}/small\.svs", slide.file.name)
+    assert re.fullmatch(rf"thumbnails/{project.pk}/{slide.pk}-[0-9a-f]{{32}}\.jpeg", slide.thumbnail.name)
+    assert media_files() == {slide.file.name, slide.thumbnail.name}
 
 
 # Bad input through the service (the CLI and the API use the same calls).

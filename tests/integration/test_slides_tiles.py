@@ -116,6 +116,46 @@ def test_the_patch_image_is_the_projects_patch_size_with_optional_context(tcga, 
     assert viewer.get("/api/v1/patches/987654321/image.jpeg").status_code == 404
 
 
+NOT_A_NUMBER = "The 'context' parameter must be a number: a fraction of the patch below 1, or pixels."
+TOO_WIDE = "The 'context' margin may be at most 448 px."
+
+
+@pytest.mark.parametrize(
+    ("context", "detail"),
+    [
+        ("inf", TOO_WIDE),
+        ("Infinity", TOO_WIDE),
+        ("1e400", TOO_WIDE),
+        ("9" * 400, TOO_WIDE),
+        ("1e300", TOO_WIDE),
+        ("449", TOO_WIDE),
+        ("nan", NOT_A_NUMBER),
+        ("-nan", NOT_A_NUMBER),
+        ("-inf", NOT_A_NUMBER),
+        ("-1e400", NOT_A_NUMBER),
+        ("-1", NOT_A_NUMBER),
+        ("banana", NOT_A_NUMBER),
+    ],
+)
+def test_the_patch_image_answers_400_for_a_context_that_is_not_a_usable_margin(tcga, viewer, context, detail):  # type: ignore[no-untyped-def]
+    # inf and 1e400 used to reach round() and raise OverflowError (a 500).
+    patch = tcga.patches.order_by("-tissue_fraction").first()
+    response = viewer.get(f"/api/v1/patches/{patch.pk}/image.jpeg", {"context": context})
+    assert response.status_code == 400
+    assert response.json() == {"detail": detail}
+
+
+@pytest.mark.parametrize("context", [float("inf"), float("-inf"), float("nan"), -0.5])
+def test_context_margin_refuses_what_is_not_a_finite_non_negative_number(context):  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="finite number, not negative"):
+        tiles.context_margin(context, 224)
+
+
+def test_the_largest_context_margin_is_still_served(tcga, viewer):  # type: ignore[no-untyped-def]
+    patch = tcga.patches.order_by("-tissue_fraction").first()
+    assert jpeg(viewer.get(f"/api/v1/patches/{patch.pk}/image.jpeg", {"context": "448"})).size == (1120, 1120)
+
+
 def test_read_patch_returns_the_same_pixels_as_the_region_it_covers(tcga):  # type: ignore[no-untyped-def]
     patch = Patch.objects.select_related("slide", "project").filter(slide=tcga).first()
     image = tiles.read_patch(patch)
