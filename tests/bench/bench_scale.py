@@ -311,7 +311,7 @@ def table_counts() -> dict[str, int]:
             cursor.execute("SELECT to_regclass(%s)", [table])
             if cursor.fetchone()[0] is None:
                 continue
-            cursor.execute(f"SELECT count(*) FROM {table}")  # noqa: S608 - fixed names
+            cursor.execute(f"SELECT count(*) FROM {table}")
             counts[table] = cursor.fetchone()[0]
     return counts
 
