@@ -170,7 +170,7 @@ def build_project(n_patches: int, n_slides: int, tag: str) -> Any:
                 """
                 CREATE TEMP TABLE voted ON COMMIT DROP AS
                 SELECT id AS patch_id, (id %% 3) AS truth FROM annotations_patch
-                WHERE project_id = %(p)s AND (hashint8(id) %% 100000) < %(share)s * 100000
+                WHERE project_id = %(p)s AND (abs(hashint8(id)) %% 100000) < %(share)s * 100000
                 """,
                 {"p": project.pk, "share": VOTE_SHARE},
             )
@@ -374,7 +374,8 @@ def main() -> int:
 
     embedded.ensure_environment()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
-    os.environ.setdefault("DEBUG", "0")
+    os.environ.setdefault("DEBUG", "0")  # DEBUG keeps every query in memory
+    os.environ.setdefault("SECRET_KEY", "bench-scale-" + "x" * 40)
     with scratch_database(args.keep) as url:
         os.environ["DATABASE_URL"] = url
         os.environ["DATABASE_POOL"] = "0"  # threads each keep their own connection
