@@ -13,8 +13,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,10 @@ from sklearn.metrics import f1_score
 
 from annotations import queue, slides, voting
 from annotations.models import AnnotationTask, Consensus, LabelClass, Membership, Patch, Project, Role, Slide
-from learner import pipeline, services
+from learner import embedding, pipeline, services
 from learner.conf import learner_settings
-from learner.core.backbone import create_backbone
+from learner.core.backbone import Backbone
 from learner.core.classifier import load_model
-from learner.core.config import BackboneSpec
-from learner.core.embeddings import embed
 from learner.core.evaluation import evaluate
 from learner.models import ModelVersion, TrainingRound
 
@@ -135,6 +132,7 @@ class SourceSet:
     labels: np.ndarray  # true class index
     groups: np.ndarray
     embeddings: np.ndarray | None = None
+    backbone: Backbone | None = None  # what made ``embeddings`` (the platform's backbone for the project)
 
     def __len__(self) -> int:
         return len(self.patch_ids)
@@ -251,10 +249,7 @@ def source_embeddings(source: SourceSet, progress: Progress | None = None) -> np
     cfg = learner_settings()
     by_id = Patch.objects.select_related("slide", "project").in_bulk(list(source.patch_ids))
     patches = [by_id[int(pid)] for pid in source.patch_ids]
-    backbone = create_backbone(
-        BackboneSpec(name=source.project.backbone, weights=cfg.PRETRAINED, multiscale=cfg.MULTISCALE)
-    )
-    size = source.project.patch_size if source.project.patch_size <= 256 else 224
+    source.backbone = embedding.platform_backbone(source.project.backbone, cfg)
     last = [time.monotonic()]
 
     def report(stage: str, fraction: float) -> None:
@@ -262,17 +257,7 @@ def source_embeddings(source: SourceSet, progress: Progress | None = None) -> np
             last[0] = time.monotonic()
             progress(f"embedding source images: {fraction:.0%}")
 
-    source.embeddings = embed(
-        backbone,
-        pipeline.patch_images(patches),
-        keys=[pipeline.patch_key(p) for p in patches],
-        cache_dir=cfg.CACHE_DIR / "embeddings",
-        image_size=size,
-        batch_size=cfg.EMBED_BATCH_SIZE,
-        tta=cfg.TTA,
-        device=cfg.DEVICE,
-        progress=report,
-    )
+    source.embeddings = embedding.embed_patches(patches, source.backbone, cfg, progress=report)
     return source.embeddings
 
 
@@ -425,18 +410,6 @@ def clone_pool(
     return project, {p.pk: int(r) for p, r in zip(new_patches, rows, strict=True)}
 
 
-@contextmanager
-def rounds_in_this_process() -> Iterator[None]:
-    """start_round hands a round to the broker after commit; the simulator runs it itself, so no message
-    goes out that a worker on the same broker could race it for."""
-    original = services._launch
-    services._launch = lambda round_id, task: None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        services._launch = original  # type: ignore[assignment]
-
-
 def simulation_users(tag: str, setting: Setting) -> tuple[Any, list[Any]]:
     user_model = get_user_model()
 
@@ -561,8 +534,8 @@ def count_labels(run: Run) -> int:
 
 def train_round(run: Run, batch_size: int, write_scores: bool) -> TrainingRound:
     Project.objects.filter(pk=run.project.pk).update(batch_size=max(1, batch_size))
-    with rounds_in_this_process():
-        round_ = services.start_round(Project.objects.get(pk=run.project.pk))
+    # The simulator runs the round itself: no message goes out that a worker on the same broker could race it for.
+    round_ = services.start_round(Project.objects.get(pk=run.project.pk), launch=False)
     round_ = pipeline.run_round(round_.pk, write_scores=write_scores)
     if round_.state != TrainingRound.State.SUCCEEDED:
         raise SimulationError(f"Round {round_.number} of {run.project.name!r} {round_.state}: {round_.error}")
@@ -588,23 +561,12 @@ def supervised_only(run: Run, rows: np.ndarray, y: np.ndarray) -> float:
     from learner.core.config import TrainConfig
     from learner.core.training import train_head
 
-    emb = run.source.embeddings
-    assert emb is not None
-    head = train_head(emb[rows], y, run.source.class_names, _backbone_for(run.source), TrainConfig(seed=run.split.seed))
+    emb, backbone = run.source.embeddings, run.source.backbone
+    assert emb is not None and backbone is not None
+    head = train_head(emb[rows], y, run.source.class_names, backbone, TrainConfig(seed=run.split.seed))
     test = run.split.test_rows
     proba = head.predict_proba(emb[test])
     return test_metrics(run.source.labels[test], proba, run.source.class_names)["accuracy"]  # type: ignore[return-value]
-
-
-_BACKBONES: dict[str, Any] = {}
-
-
-def _backbone_for(source: SourceSet) -> Any:
-    key = source.project.backbone
-    if key not in _BACKBONES:
-        cfg = learner_settings()
-        _BACKBONES[key] = create_backbone(BackboneSpec(name=key, weights=cfg.PRETRAINED, multiscale=cfg.MULTISCALE))
-    return _BACKBONES[key]
 
 
 def round_row(
