@@ -29,9 +29,9 @@ django.setup()
 from learner import embedding, round_stages  # noqa: E402
 from learner import simulation as sim  # noqa: E402
 from learner.conf import learner_settings  # noqa: E402
-from learner.core import learning_curves  # noqa: E402
 from learner.core.config import TrainConfig  # noqa: E402
 from learner.core.embeddings import EmbeddingCache, embedding_model_id  # noqa: E402
+from learner.simulation import learning_curves  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "lc25000_lung"
 BENCH_CACHE = REPO / "var" / "cache" / "bench"  # bench_learner.py's cache, keyed by path under DATA
@@ -139,14 +139,10 @@ def main() -> None:
         say(f"reference, platform head on {name}: {np.mean(accs):.3f} ± {np.std(accs):.3f}")
     target = args.target or (float(np.mean(reference[3000])) if reference else None)
 
-    rows: list[dict[str, Any]] = []
-
-    def keep(row: dict[str, Any]) -> None:
-        rows.append(row)
-        learning_curves.write_csv(rows, out / "rounds.csv")
-
+    rounds = sim.RoundsCsv(out)
+    rows = rounds.rows
     t0 = time.monotonic()
-    sim.simulate(source, cfg, progress=say, on_row=keep, jobs=priority_order(cfg))
+    sim.simulate(source, cfg, progress=say, on_row=rounds, jobs=priority_order(cfg))
     loop_seconds = time.monotonic() - t0
     text = "\n".join(
         [
@@ -158,8 +154,7 @@ def main() -> None:
             f"\nloop: {len(rows)} rounds in {loop_seconds:.0f}s; total {time.monotonic() - started:.0f}s",
         ]
     )
-    learning_curves.plot(rows, out / "learning_curve.png")
-    (out / "summary.txt").write_text(text + "\n")
+    sim.write_summary(rows, out, text)
     say(text)
     say(f"wrote {out}")
 
