@@ -49,11 +49,11 @@ def fail_stale_rounds(project: Project | None = None) -> int:
     return failed
 
 
-def mark_failed(round_: TrainingRound, error: str, *, only_if_active: bool = True) -> int:
-    query = TrainingRound.objects.filter(pk=round_.pk)
-    if only_if_active:
-        query = query.filter(state__in=TrainingRound.ACTIVE_STATES)
-    updated = query.update(state=State.FAILED, error=error, finished_at=timezone.now())
+def mark_failed(round_: TrainingRound, error: str) -> int:
+    """Fail a queued or running round (one that has ended already stays as it ended)."""
+    updated = TrainingRound.objects.filter(pk=round_.pk, state__in=TrainingRound.ACTIVE_STATES).update(
+        state=State.FAILED, error=error, finished_at=timezone.now()
+    )
     if updated:
         round_.refresh_from_db()
         broadcast(round_.project_id, round_payload(round_, "round.finished"))
