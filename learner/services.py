@@ -49,19 +49,23 @@ def fail_stale_rounds(project: Project | None = None) -> int:
     return failed
 
 
-def mark_failed(round_: TrainingRound, error: str, *, only_if_active: bool = True) -> int:
-    query = TrainingRound.objects.filter(pk=round_.pk)
-    if only_if_active:
-        query = query.filter(state__in=TrainingRound.ACTIVE_STATES)
-    updated = query.update(state=State.FAILED, error=error, finished_at=timezone.now())
+def mark_failed(round_: TrainingRound, error: str) -> int:
+    """Fail a queued or running round (one that has ended already stays as it ended)."""
+    updated = TrainingRound.objects.filter(pk=round_.pk, state__in=TrainingRound.ACTIVE_STATES).update(
+        state=State.FAILED, error=error, finished_at=timezone.now()
+    )
     if updated:
         round_.refresh_from_db()
         broadcast(round_.project_id, round_payload(round_, "round.finished"))
     return updated
 
 
-def start_round(project: Project, user: Any = None) -> TrainingRound:
-    """Queue a round on the ``gpu`` queue. Raises RoundConflict when one is active."""
+def start_round(project: Project, user: Any = None, *, launch: bool = True) -> TrainingRound:
+    """Queue a round on the ``gpu`` queue. Raises RoundConflict when one is active.
+
+    ``launch=False`` creates the queued round without handing it to the broker: the caller runs it
+    itself (``pipeline.run_round``), as the simulator does, so no worker on the same broker races it.
+    """
     from .tasks import run_training_round
 
     fail_stale_rounds(project)
@@ -76,7 +80,8 @@ def start_round(project: Project, user: Any = None) -> TrainingRound:
                 train_mode=project.train_mode,
                 stage="queued",
             )
-            transaction.on_commit(partial(_launch, round_.pk, run_training_round))
+            if launch:
+                transaction.on_commit(partial(_launch, round_.pk, run_training_round))
     except IntegrityError as exc:
         active = TrainingRound.objects.filter(project=project, state__in=TrainingRound.ACTIVE_STATES).first()
         if active is None:

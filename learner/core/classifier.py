@@ -210,10 +210,6 @@ def save_model(path: str | Path, classifier: Classifier, extra: dict[str, Any] |
     return meta
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    return _load(Path(path))["metadata"]
-
-
 def _load(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LearnerError(f"No model file at {path}.")

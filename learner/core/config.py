@@ -69,7 +69,3 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     amp: bool = True  # only used on CUDA
     channels_last: bool = True  # only used on CUDA
-    num_workers: int = 0  # >0 needs a picklable image source
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

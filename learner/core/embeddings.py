@@ -26,10 +26,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 @contextlib.contextmanager
-def inference_context(device: torch.device, amp: bool = True) -> Iterator[None]:
+def inference_context(device: torch.device) -> Iterator[None]:
     """bf16 autocast on CUDA; plain fp32 on CPU (CPU autocast is slower than fp32 for these convnets)."""
     with torch.inference_mode():
-        if device.type == "cuda" and amp:
+        if device.type == "cuda":
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
                 yield
         else:

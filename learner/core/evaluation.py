@@ -17,14 +17,17 @@ from sklearn.metrics import (
 
 from learner.core.errors import LearnerError
 
+ECE_BINS = 10
 
-def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 10) -> float:
-    """Top-label ECE: mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Top-label ECE: mean |accuracy - confidence| over ECE_BINS equal-width confidence bins, weighted by
+    bin size."""
     confidence = proba.max(axis=1)
     correct = (proba.argmax(axis=1) == y_true).astype(float)
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
     ece = 0.0
-    for b in range(n_bins):
+    for b in range(ECE_BINS):
         mask = bins == b
         if mask.any():
             ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())

@@ -8,9 +8,9 @@ that higher means "ask a human about this one first".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from modAL.uncertainty import _proba_entropy, _proba_margin, _proba_uncertainty
@@ -21,6 +21,10 @@ from learner.core.errors import LearnerError, StopFn, check_stop
 Strategy = Literal["least_confidence", "margin", "entropy", "random", "diverse", "kcenter"]
 STRATEGIES: tuple[str, ...] = ("least_confidence", "margin", "entropy", "random", "diverse", "kcenter")
 RANDOM_ARM = "random"
+# Clustering and distances run on this many principal components of the embeddings (see reduce_dims).
+PCA_DIMS = 64
+# "diverse" clusters the DIVERSE_PREFILTER x n most uncertain candidates into n clusters.
+DIVERSE_PREFILTER = 10
 
 
 @dataclass(frozen=True)
@@ -30,9 +34,6 @@ class Selection:
     index: int
     arm: str
     score: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def least_confidence(proba: np.ndarray) -> np.ndarray:
@@ -65,18 +66,17 @@ def _check_proba(proba: np.ndarray | None, strategy: str) -> np.ndarray:
     return p
 
 
-def reduce_dims(
-    x: np.ndarray, max_dims: int | None, seed: int = 0, extra: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Project to at most `max_dims` principal components (fitted on x). k-means and k-centre on 1280-d
-    embeddings of a 15k pool take minutes on two cores; on 64 PCA dimensions they take about a second
-    and keep the cluster structure that matters for spreading a batch out."""
+def reduce_dims(x: np.ndarray, max_dims: int, extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Project to at most `max_dims` principal components (fitted on x), and `extra` into the same space.
+    k-means and k-centre on 1280-d embeddings of a 15k pool take minutes on two cores; on 64 PCA
+    dimensions they take about a second and keep the cluster structure that matters for spreading a
+    batch out."""
     x = np.asarray(x, dtype=np.float32)
-    if max_dims is None or x.shape[1] <= max_dims or len(x) <= max_dims:
+    if x.shape[1] <= max_dims or len(x) <= max_dims:
         return x, extra
     # principal axes from the covariance of a subsample: an eigh of d x d is several times faster here
     # than sklearn's randomized PCA, and 3,000 rows pin down the leading directions well enough
-    rows = np.random.default_rng(seed).choice(len(x), size=min(len(x), 3000), replace=False)
+    rows = np.random.default_rng(0).choice(len(x), size=min(len(x), 3000), replace=False)
     mean = x[rows].mean(axis=0)
     centred = x[rows] - mean
     _, vectors = np.linalg.eigh(centred.T @ centred)
@@ -143,11 +143,10 @@ def cluster_then_uncertainty(
     n: int,
     candidates: np.ndarray,
     rng: np.random.Generator,
-    prefilter: int = 10,
 ) -> np.ndarray:
-    """Diverse mini-batch selection (Zhdanov 2019): keep the `prefilter * n` most uncertain candidates, cluster
-    them into n groups with k-means, take the most uncertain item of each cluster. Highest score first."""
-    pool = top_n(scores, min(len(candidates), max(n, prefilter * n)), candidates)
+    """Diverse mini-batch selection (Zhdanov 2019): keep the `DIVERSE_PREFILTER * n` most uncertain candidates,
+    cluster them into n groups with k-means, take the most uncertain item of each cluster. Highest score first."""
+    pool = top_n(scores, min(len(candidates), max(n, DIVERSE_PREFILTER * n)), candidates)
     if len(pool) <= n:
         return pool
     x = np.asarray(embeddings, dtype=np.float32)[pool]
@@ -203,7 +202,6 @@ def select_batch(
     random_fraction: float = 0.1,
     rng: np.random.Generator | int | None = None,
     uncertainty: str = "margin",
-    max_dims: int | None = 64,
     should_stop: StopFn | None = None,
 ) -> list[Selection]:
     """Choose n pool items: round(n * random_fraction) uniformly at random (arm "random", drawn first from the
@@ -214,7 +212,7 @@ def select_batch(
     optionally labelled_embeddings as existing centres); "random". Pool indices refer to rows of proba /
     embeddings. Returned in priority order, the random arm interleaved evenly; `score` is the strategy's
     criterion (uncertainty, or distance for kcenter); random-arm items carry their uncertainty when known.
-    Clustering and distances use at most `max_dims` PCA dimensions of the embeddings (None: all).
+    Clustering and distances use at most `PCA_DIMS` principal components of the embeddings.
     """
     if strategy not in STRATEGIES:
         raise LearnerError(f"Unknown query strategy '{strategy}'. Choose one of {', '.join(STRATEGIES)}.")
@@ -246,12 +244,12 @@ def select_batch(
     elif strategy == "diverse":
         if embeddings is None or scores is None:
             raise LearnerError("The 'diverse' strategy needs both probabilities and embeddings for the pool.")
-        reduced, _ = reduce_dims(embeddings, max_dims)
+        reduced, _ = reduce_dims(embeddings, PCA_DIMS)
         picked = cluster_then_uncertainty(reduced, scores, n_strategy, remaining, gen)
     else:  # kcenter
         if embeddings is None:
             raise LearnerError("The 'kcenter' strategy needs embeddings for the pool.")
-        reduced, centres = reduce_dims(embeddings, max_dims, extra=labelled_embeddings)
+        reduced, centres = reduce_dims(embeddings, PCA_DIMS, extra=labelled_embeddings)
         picked, dist = kcenter_greedy(reduced, n_strategy, remaining, centres, should_stop)
         arm_scores = np.zeros(pool_size)
         arm_scores[picked] = dist
@@ -272,7 +270,6 @@ def cold_start(
     method: Literal["kmeans", "kcenter"] = "kmeans",
     random_fraction: float = 0.1,
     rng: np.random.Generator | int | None = None,
-    max_dims: int | None = 64,
     should_stop: StopFn | None = None,
 ) -> list[Selection]:
     """The first batch, before any label: spread over the pretrained-embedding space.
@@ -280,13 +277,13 @@ def cold_start(
     "kmeans": k-means with n clusters, the item nearest each centroid (representative, avoids outliers);
     "kcenter": farthest-first traversal (covers the space, outliers included). A random control arm as in
     `select_batch`. Arm name is "cold_start_<method>"; score is the distance to centroid (kmeans) or the
-    covering distance when picked (kcenter), both in the `max_dims` PCA space.
+    covering distance when picked (kcenter), both in the `PCA_DIMS` principal-component space.
     """
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     x = np.asarray(embeddings, dtype=np.float32)
     if x.ndim != 2:
         raise LearnerError(f"Embeddings must be a 2-D array (items x features), got shape {x.shape}.")
-    x, _ = reduce_dims(x, max_dims)
+    x, _ = reduce_dims(x, PCA_DIMS)
     random_idx, remaining = _split_random(n, len(x), random_fraction, gen)
     k = min(n, len(x)) - len(random_idx)
     arm = f"cold_start_{method}"
@@ -315,10 +312,3 @@ def cold_start(
             raise LearnerError(f"Unknown cold-start method '{method}'. Use 'kmeans' or 'kcenter'.")
     random_sel = [Selection(int(i), RANDOM_ARM, None) for i in gen.permutation(random_idx)]
     return interleave(picks, random_sel)
-
-
-def arms_summary(selections: Sequence[Selection]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for s in selections:
-        out[s.arm] = out.get(s.arm, 0) + 1
-    return out

@@ -26,12 +26,12 @@ import django  # noqa: E402
 
 django.setup()
 
-from learner import pipeline  # noqa: E402
+from learner import embedding, round_stages  # noqa: E402
 from learner import simulation as sim  # noqa: E402
 from learner.conf import learner_settings  # noqa: E402
-from learner.core import learning_curves  # noqa: E402
-from learner.core.config import BackboneSpec, TrainConfig  # noqa: E402
-from learner.core.embeddings import EmbeddingCache, embed, embedding_model_id  # noqa: E402
+from learner.core.config import TrainConfig  # noqa: E402
+from learner.core.embeddings import EmbeddingCache, embedding_model_id  # noqa: E402
+from learner.simulation import learning_curves  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "lc25000_lung"
 BENCH_CACHE = REPO / "var" / "cache" / "bench"  # bench_learner.py's cache, keyed by path under DATA
@@ -46,17 +46,16 @@ def reuse_bench_cache(source: sim.SourceSet) -> int:
     (slide checksum + geometry). Same pixels, same backbone and size, so the same vectors; checked on
     a few images by embedding them through the round's code path first. Returns how many were copied."""
     from annotations.models import Patch
-    from learner.core.backbone import create_backbone
 
     cfg = learner_settings()
-    backbone = create_backbone(BackboneSpec(weights=cfg.PRETRAINED, multiscale=cfg.MULTISCALE))
-    model_id = embedding_model_id(backbone, source.project.patch_size, cfg.TTA)
-    bench, platform = EmbeddingCache(BENCH_CACHE), EmbeddingCache(cfg.CACHE_DIR / "embeddings")
+    backbone = embedding.platform_backbone(source.project.backbone, cfg)
+    model_id = embedding_model_id(backbone, embedding.image_size(source.project.patch_size), cfg.TTA)
+    bench, platform = EmbeddingCache(BENCH_CACHE), EmbeddingCache(embedding.cache_dir(cfg))
     patches = Patch.objects.select_related("slide", "project").in_bulk(list(source.patch_ids))
     pairs = []
     for pid in source.patch_ids:
         patch = patches[int(pid)]
-        key = pipeline.patch_key(patch)
+        key = embedding.patch_key(patch)
         if platform.path(model_id, key).is_file():
             continue
         rel = str(Path(patch.slide.metadata["sim_path"]).relative_to(DATA))
@@ -65,7 +64,7 @@ def reuse_bench_cache(source: sim.SourceSet) -> int:
     if not pairs:
         return 0
     probe = [p for _, _, p in pairs[:3]]
-    fresh = embed(backbone, pipeline.patch_images(probe), image_size=source.project.patch_size, tta=cfg.TTA)
+    fresh = embedding.embed_patches(probe, backbone, cfg)  # not cached yet: computed by the round's code path
     stored = np.stack([np.asarray(bench.get(model_id, rel)) for rel, _, _ in pairs[:3]])
     if np.abs(fresh - stored).max() > 1e-3:
         say(f"bench cache differs from the platform's embeddings ({np.abs(fresh - stored).max():.2g}); not reused")
@@ -79,8 +78,8 @@ def random_reference(source: sim.SourceSet, cfg: sim.Config, sizes: list[int]) -
     """The platform's head on true labels of uniformly random pool images (no loop needed for random):
     self-trained on the rest of the pool when the platform's head is (LEARNER_SELF_TRAINING)."""
     emb = source.embeddings
-    assert emb is not None
-    backbone = sim._backbone_for(source)
+    backbone = source.backbone
+    assert emb is not None and backbone is not None
     out: dict[int, list[float]] = {}
     for seed in cfg.seeds:
         split = sim.split_rows(source, cfg, seed)
@@ -91,7 +90,7 @@ def random_reference(source: sim.SourceSet, cfg: sim.Config, sizes: list[int]) -
                 split.pool_rows, size=min(size, len(split.pool_rows)), replace=False
             )
             rest = np.setdiff1d(split.pool_rows, pick)
-            head = pipeline.platform_head(
+            head = round_stages.platform_head(
                 emb[pick], source.labels[pick], emb[rest], source.class_names, backbone, TrainConfig(seed=seed),
                 learner_settings(),
             )  # fmt: skip
@@ -140,14 +139,10 @@ def main() -> None:
         say(f"reference, platform head on {name}: {np.mean(accs):.3f} ± {np.std(accs):.3f}")
     target = args.target or (float(np.mean(reference[3000])) if reference else None)
 
-    rows: list[dict[str, Any]] = []
-
-    def keep(row: dict[str, Any]) -> None:
-        rows.append(row)
-        learning_curves.write_csv(rows, out / "rounds.csv")
-
+    rounds = sim.RoundsCsv(out)
+    rows = rounds.rows
     t0 = time.monotonic()
-    sim.simulate(source, cfg, progress=say, on_row=keep, jobs=priority_order(cfg))
+    sim.simulate(source, cfg, progress=say, on_row=rounds, jobs=priority_order(cfg))
     loop_seconds = time.monotonic() - t0
     text = "\n".join(
         [
@@ -159,8 +154,7 @@ def main() -> None:
             f"\nloop: {len(rows)} rounds in {loop_seconds:.0f}s; total {time.monotonic() - started:.0f}s",
         ]
     )
-    learning_curves.plot(rows, out / "learning_curve.png")
-    (out / "summary.txt").write_text(text + "\n")
+    sim.write_summary(rows, out, text)
     say(text)
     say(f"wrote {out}")
 

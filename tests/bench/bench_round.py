@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,11 @@ def main() -> int:
 
     from annotations import consensus
     from annotations.models import LabelClass, Vote
+    from learner import embedding
     from learner import simulation as sim
-    from learner.core.backbone import create_backbone
-    from learner.core.embeddings import embed
+    from learner.conf import learner_settings
     from learner.models import TrainingRound
-    from learner.pipeline import patch_images, run_round
+    from learner.pipeline import run_round
 
     call_command("migrate", verbosity=0)
     items = sim.read_items(DATA / "manifest.csv")
@@ -99,10 +100,11 @@ def main() -> int:
         print(f"  held-out balanced accuracy {metrics.get('balanced_accuracy')}, split {metrics.get('split')}")
 
         patches = list(project.patches.select_related("slide", "project")[: args.embed_sample])
-        backbone = create_backbone()
         with tempfile.TemporaryDirectory() as empty_cache:
+            cfg = replace(learner_settings(), CACHE_DIR=Path(empty_cache))
+            backbone = embedding.platform_backbone(project.backbone, cfg)
             t0 = time.perf_counter()
-            embed(backbone, patch_images(patches), keys=[str(p.pk) for p in patches], cache_dir=empty_cache)
+            embedding.embed_patches(patches, backbone, cfg)
             rate = len(patches) / (time.perf_counter() - t0)
         print(
             f"first embedding pass (no cache, read from slides): {rate:.1f} images/s on {os.cpu_count()} cores "

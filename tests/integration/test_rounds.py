@@ -13,7 +13,7 @@ from channels.testing import WebsocketCommunicator
 from annotations import voting
 from annotations.models import AnnotationTask, Patch, Role
 from annotations.routing import websocket_urlpatterns
-from learner import pipeline, services
+from learner import pipeline, round_stages, services
 from learner.models import ModelVersion, PatchScore, TrainingRound
 from tests.factories import ProjectFactory, api_client, member
 from tests.integration.conftest import wait_for
@@ -137,8 +137,8 @@ def test_cancelling_mid_training_leaves_no_model_version_and_the_queue_unchanged
         return train_then_get_cancelled
 
     # Whichever head the round fits (plain, or self-trained on the pool), Cancel arrives during it.
-    monkeypatch.setattr(pipeline, "train_head", cancelled_while(pipeline.train_head))
-    monkeypatch.setattr(pipeline, "self_train_head", cancelled_while(pipeline.self_train_head))
+    monkeypatch.setattr(round_stages, "train_head", cancelled_while(round_stages.train_head))
+    monkeypatch.setattr(round_stages, "self_train_head", cancelled_while(round_stages.self_train_head))
     monkeypatch.setattr(
         pipeline.RoundReporter,
         "should_stop",
@@ -149,6 +149,44 @@ def test_cancelling_mid_training_leaves_no_model_version_and_the_queue_unchanged
     assert not ModelVersion.objects.filter(project=project).exists()
     assert list(AnnotationTask.objects.filter(project=project).values_list("id", "priority", "state")) == before
     assert set(folder.glob("*.pt")) == files_before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_round_that_fails_after_writing_its_weights_removes_the_file(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    project = lung_project(per_class=4, labelled_per_class=3)
+    round_ = TrainingRound.objects.create(project=project, number=1)
+    before = list(AnnotationTask.objects.filter(project=project).values_list("id", "priority", "state"))
+    folder = pipeline.learner_settings().WEIGHTS_DIR / f"project-{project.pk}"
+    files_before = set(folder.glob("*.pt"))
+    written: list[Any] = []
+
+    def broken_publish(*args: Any, **kwargs: Any) -> int:
+        written.extend(set(folder.glob("*.pt")) - files_before)  # the model file is on disk by now
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(pipeline.queue, "publish_round", broken_publish)
+    result = pipeline.run_round(round_.pk)
+    assert result.state == "failed"
+    assert "failed unexpectedly (RuntimeError: disk on fire)" in result.error
+    assert len(written) == 1
+    assert set(folder.glob("*.pt")) == files_before
+    assert not ModelVersion.objects.filter(project=project).exists()
+    assert list(AnnotationTask.objects.filter(project=project).values_list("id", "priority", "state")) == before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_round_past_its_soft_time_limit_fails_saying_so(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    project = lung_project(per_class=2, labelled_per_class=1)
+    round_ = TrainingRound.objects.create(project=project, number=1)
+
+    def out_of_time(*args: Any, **kwargs: Any) -> Any:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(pipeline, "embed_pool", out_of_time)
+    result = pipeline.run_round(round_.pk)
+    assert result.state == "failed" and result.error == "The round hit its time limit."
 
 
 @pytest.mark.django_db(transaction=True)
@@ -192,7 +230,7 @@ def test_it_never_splits_a_group_between_training_and_validation() -> None:
 
     groups = [f"g{i // 3}" for i in range(30)]
     labelled = np.arange(30)
-    train, val = pipeline.split_by_group(labelled, groups, np.zeros(30), 0.2, seed=1)
+    train, val = round_stages.split_by_group(labelled, groups, 0.2, seed=1)
     assert {groups[i] for i in train}.isdisjoint({groups[i] for i in val})
     assert 3 <= len(val) <= 9 and len(train) + len(val) == 30
 

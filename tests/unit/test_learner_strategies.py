@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
 from learner.core.errors import Cancelled, LearnerError
 from learner.core.strategies import (
     RANDOM_ARM,
-    arms_summary,
     cold_start,
     entropy,
     interleave,
@@ -63,7 +64,7 @@ def test_control_arm_fraction_is_honoured_and_every_item_is_named() -> None:
     rng = np.random.default_rng(1)
     proba = rng.dirichlet(np.ones(3), size=500)
     picks = select_batch("entropy", 40, proba=proba, random_fraction=0.25, rng=7)
-    assert arms_summary(picks) == {"entropy": 30, RANDOM_ARM: 10}
+    assert Counter(p.arm for p in picks) == {"entropy": 30, RANDOM_ARM: 10}
     assert len({p.index for p in picks}) == 40  # no item chosen twice
     # the strategy arm is the top of the pool outside the random picks
     scores = entropy(proba)
@@ -124,7 +125,7 @@ def test_cold_start_picks_one_item_from_each_cluster(method: str) -> None:
 def test_cold_start_keeps_a_random_control_arm() -> None:
     x, _ = blobs(CENTRES, 30, 0.3)
     picks = cold_start(x, 10, random_fraction=0.2, rng=0)
-    assert arms_summary(picks) == {"cold_start_kmeans": 8, RANDOM_ARM: 2}
+    assert Counter(p.arm for p in picks) == {"cold_start_kmeans": 8, RANDOM_ARM: 2}
 
 
 def test_kcenter_with_labelled_centres_goes_to_the_unlabelled_cluster_first() -> None:

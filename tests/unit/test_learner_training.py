@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from learner.core.backbone import Backbone, create_backbone
-from learner.core.classifier import Classifier, load_model, read_metadata, save_model
+from learner.core.classifier import Classifier, load_model, save_model
 from learner.core.config import AugmentConfig, BackboneSpec, TrainConfig
 from learner.core.data import image_files
 from learner.core.embeddings import embed
@@ -102,7 +102,7 @@ def test_head_model_saves_loads_and_predicts_from_images(head_run: dict, tmp_pat
     assert meta["mode"] == "head" and meta["class_names"] == head_run["classes"]
     assert meta["backbone"] == {"name": "tf_efficientnet_lite0", "weights": "package", "multiscale": False}
     assert meta["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
-    assert read_metadata(path)["extra"] == {"n_train": 60, "round": 3}
+    assert load_model(path).extra == {"n_train": 60, "round": 3}
     assert [p.name for p in path.parent.iterdir()] == ["v1.pt"]  # no temp file left behind
 
     loaded = load_model(path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from learner.core import learning_curves as lc
+from learner.simulation import learning_curves as lc
 
 
 def rows(arm: str, budgets_to_acc: dict[int, list[float]], setting: str = "oracle") -> list[dict]:

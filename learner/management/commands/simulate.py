@@ -10,8 +10,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from learner import simulation as sim
-from learner.core import learning_curves
 from learner.core.strategies import STRATEGIES
+from learner.simulation import learning_curves
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -72,26 +72,21 @@ class Command(BaseCommand):
         )
         say = self.stdout.write
         say(f"{len(items)} images in {len({i.group for i in items})} groups; source project {name!r}.")
-        rows: list[dict[str, Any]] = []
+        rounds = sim.RoundsCsv(out)
         started = time.monotonic()
-
-        def keep(row: dict[str, Any]) -> None:
-            rows.append(row)
-            learning_curves.write_csv(rows, out / "rounds.csv")  # after every round: a stopped run keeps its rows
-
         try:
             source = sim.source_project(items, name, progress=say)
             say(f"{len(source)} distinct images ingested; embedding (cached after the first pass)...")
             sim.source_embeddings(source, progress=say)
-            sim.simulate(source, cfg, progress=say, on_row=keep)
+            sim.simulate(source, cfg, progress=say, on_row=rounds)
         except sim.SimulationError as exc:
             raise CommandError(str(exc)) from exc
-        text = learning_curves.summary(rows, opts["target"])
-        learning_curves.plot(rows, out / "learning_curve.png")
-        (out / "summary.txt").write_text(text + "\n")
+        text = learning_curves.summary(rounds.rows, opts["target"])
+        sim.write_summary(rounds.rows, out, text)
         say(text)
         elapsed = time.monotonic() - started
-        say(f"\n{len(rows)} rounds in {elapsed:.0f}s; wrote rounds.csv, learning_curve.png and summary.txt to {out}")
+        n = len(rounds.rows)
+        say(f"\n{n} rounds in {elapsed:.0f}s; wrote rounds.csv, learning_curve.png and summary.txt to {out}")
 
     def config(self, opts: dict[str, Any]) -> sim.Config:
         bad_arms = set(opts["arms"]) - set(STRATEGIES)

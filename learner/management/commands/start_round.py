@@ -19,7 +19,7 @@ class Command(BaseCommand):
         if found is None:
             raise CommandError(f"No project {project!r}. Use its id or exact name.")
         try:
-            round_ = services.start_round(found)
+            round_ = services.start_round(found, launch=not wait)
         except services.RoundConflict as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"Round {round_.number} of {found.name} queued (id {round_.pk}).")

@@ -14,6 +14,8 @@ CSV_FIELDS = (
     "test_macro_f1", "test_auc", "consensus_accuracy", "label_groups", "val_accuracy", "val_split",
     "acc_supervised_only", "round_seconds", "project", "round_id",
 )  # fmt: skip
+# The column the curves, the summary and the plot are drawn from.
+METRIC = "test_accuracy"
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -24,13 +26,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def curves(rows: list[dict[str, Any]], metric: str = "test_accuracy") -> dict[tuple[str, str], dict[int, list[float]]]:
-    """{(setting, arm): {budget: [metric per seed]}}, budget rows only."""
+def curves(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, list[float]]]:
+    """{(setting, arm): {budget: [METRIC per seed]}}, budget rows only."""
     out: dict[tuple[str, str], dict[int, list[float]]] = {}
     for r in rows:
-        if r.get("budget") in (None, "") or r.get(metric) in (None, ""):
+        if r.get("budget") in (None, "") or r.get(METRIC) in (None, ""):
             continue
-        out.setdefault((r["setting"], r["arm"]), {}).setdefault(int(r["budget"]), []).append(float(r[metric]))
+        out.setdefault((r["setting"], r["arm"]), {}).setdefault(int(r["budget"]), []).append(float(r[METRIC]))
     return out
 
 
@@ -47,18 +49,18 @@ def labels_to_reach(curve: dict[int, list[float]], target: float) -> float | Non
     return None
 
 
-def summary(rows: list[dict[str, Any]], target: float | None = None, metric: str = "test_accuracy") -> str:
+def summary(rows: list[dict[str, Any]], target: float | None = None) -> str:
     """Mean ± sd per budget and arm, labels each arm needs to reach the target, and random/arm ratios.
 
     Without a ``target``, each setting's target is the accuracy random reaches at the largest budget.
     """
-    data = curves(rows, metric)
+    data = curves(rows)
     lines: list[str] = []
     for setting in sorted({s for s, _ in data}):
         arms = [a for s, a in sorted(data) if s == setting]
         arms.sort(key=lambda a: (a != "random", a))
         budgets = sorted({b for a in arms for b in data[(setting, a)]})
-        lines.append(f"\n[{setting}] {metric}, mean ± sd over seeds")
+        lines.append(f"\n[{setting}] {METRIC}, mean ± sd over seeds")
         lines.append(f"{'arm':18s}" + "".join(f"{b:>16d}" for b in budgets))
         for arm in arms:
             cells = []
@@ -72,7 +74,7 @@ def summary(rows: list[dict[str, Any]], target: float | None = None, metric: str
             goal = float(np.mean(random_curve[max(random_curve)]))
         if goal is None:
             continue
-        lines.append(f"labels to reach {metric} {goal:.3f}:")
+        lines.append(f"labels to reach {METRIC} {goal:.3f}:")
         base = labels_to_reach(random_curve, goal) if random_curve else None
         for arm in arms:
             need = labels_to_reach(data[(setting, arm)], goal)
@@ -82,14 +84,14 @@ def summary(rows: list[dict[str, Any]], target: float | None = None, metric: str
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path, metric: str = "test_accuracy") -> None:
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Learning curves, one panel per setting: the mean per arm with a min-max band over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = curves(rows, metric)
+    data = curves(rows)
     settings = sorted({s for s, _ in data})
     fig, axes = plt.subplots(1, max(1, len(settings)), figsize=(6 * max(1, len(settings)), 4.5), squeeze=False)
     for ax, setting in zip(axes[0], settings, strict=False):
@@ -105,7 +107,7 @@ def plot(rows: list[dict[str, Any]], path: Path, metric: str = "test_accuracy") 
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.minorticks_off()
         ax.set_xlabel("labels")
-        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_ylabel(METRIC.replace("_", " "))
         ax.set_title(f"{setting}: mean and min-max over seeds")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -1,0 +1,87 @@
+"""Reading a labelled image set: a class-per-folder tree or a CSV manifest (path, label and group columns)
+into Items, checked before anything is ingested. No Django."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SimulationError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+# Hotkeys 1-9 on the annotator page.
+MAX_CLASSES = 9
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    label: str
+    group: str
+
+
+def read_items(
+    source: Path, *, path_column: str = "path", label_column: str = "label", group_column: str = "group_id"
+) -> list[Item]:
+    """Items from a CSV manifest (paths relative to it) or from a class-per-folder tree.
+
+    In a folder tree ``CLASS/GROUP/image`` the middle folder is the group (patient, slide, case);
+    with images directly under ``CLASS/`` each image is its own group.
+    """
+    if source.is_file():
+        return _items_from_manifest(source, path_column, label_column, group_column)
+    if source.is_dir():
+        return _items_from_folders(source)
+    raise SimulationError(f"{source} is neither a folder of class folders nor a CSV manifest.")
+
+
+def _items_from_manifest(manifest: Path, path_column: str, label_column: str, group_column: str) -> list[Item]:
+    with manifest.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {path_column, label_column} - set(reader.fieldnames or [])
+        if missing:
+            raise SimulationError(
+                f"{manifest.name} has no {', '.join(sorted(missing))} column; "
+                f"name them with --path-column / --label-column."
+            )
+        has_group = group_column in (reader.fieldnames or [])
+        rows = list(reader)
+    items = []
+    for row in rows:
+        path = Path(row[path_column])
+        path = path if path.is_absolute() else manifest.parent / path
+        group = row[group_column] if has_group and row[group_column] else f"image:{row[path_column]}"
+        items.append(Item(path=path, label=row[label_column], group=group))
+    if not has_group:
+        logger.warning("%s has no %r column: each image is its own group.", manifest.name, group_column)
+    return _checked(items, manifest)
+
+
+def _items_from_folders(root: Path) -> list[Item]:
+    items = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(class_dir.rglob("*")):
+            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+                continue
+            relative = path.relative_to(class_dir)
+            group = f"{class_dir.name}/{relative.parts[0]}" if len(relative.parts) > 1 else f"image:{path.name}"
+            items.append(Item(path=path, label=class_dir.name, group=group))
+    return _checked(items, root)
+
+
+def _checked(items: list[Item], source: Path) -> list[Item]:
+    labels = sorted({i.label for i in items})
+    if len(labels) < 2:
+        raise SimulationError(f"{source} has {len(labels)} class(es); a simulation needs at least two.")
+    if len(labels) > MAX_CLASSES:
+        raise SimulationError(
+            f"{source} has {len(labels)} classes; the platform supports at most {MAX_CLASSES} (hotkeys 1-9)."
+        )
+    missing = [i.path for i in items if not i.path.is_file()]
+    if missing:
+        raise SimulationError(f"{len(missing)} listed images do not exist, e.g. {missing[0]}.")
+    return items

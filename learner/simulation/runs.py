@@ -1,0 +1,305 @@
+"""One run (arm x seed x setting) of the simulation, through the platform's own loop: the run's pool project
+(bulk copies of the source rows minus the held-out test groups), its simulated people working the queue
+(``lease_next_task`` → ``cast_vote``), and its rounds (``start_round`` + ``run_round`` in this process, the
+worker's code). Then every run of a Config, each round measured on the test groups (see reports)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from django.db import transaction
+
+from annotations import queue, voting
+from annotations.models import AnnotationTask, Consensus, LabelClass, Membership, Patch, Project, Role, Slide
+from learner import pipeline, services
+from learner.models import TrainingRound
+
+from .annotators import NOISY, ORACLE, Annotator, Setting, annotators, simulation_users
+from .errors import SimulationError
+from .reports import round_row
+from .source import Progress, SourceSet, source_embeddings
+
+DEFAULT_ARMS = ("random", "least_confidence", "margin", "entropy", "diverse")
+DEFAULT_BUDGETS = (50, 100, 200, 400, 750)
+FINAL = (Consensus.Status.AGREED, Consensus.Status.EXPERT)
+
+
+@dataclass(frozen=True)
+class Config:
+    arms: tuple[str, ...] = DEFAULT_ARMS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    settings: tuple[Setting, ...] = (ORACLE, NOISY)
+    budgets: tuple[int, ...] = DEFAULT_BUDGETS
+    test_fraction: float = 0.2
+    gold_size: int = 150  # expert-labelled validation patches, held out by group like the test set
+    gold_per_group: int = 4
+    random_fraction: float = 0.0  # the platform's in-batch random control; 0 keeps the arms pure
+    write_scores: bool = False
+    extra_heads: bool = True  # also score a plain head (no self-training) on the final labels (analysis)
+    run_tag: str = ""
+
+
+@dataclass
+class Split:
+    seed: int
+    test_rows: np.ndarray
+    pool_rows: np.ndarray  # the pool project's non-gold patches
+    gold_rows: np.ndarray
+
+
+def split_rows(source: SourceSet, cfg: Config, seed: int) -> Split:
+    """Test groups, then gold groups, drawn by group (never by image); the rest is the pool."""
+    rng = np.random.default_rng([seed, 104729])
+    groups = np.unique(source.groups)
+    rng.shuffle(groups)
+    n_test = max(1, round(cfg.test_fraction * len(groups)))
+    n_gold = -(-cfg.gold_size // cfg.gold_per_group) if cfg.gold_size else 0
+    if n_test + n_gold >= len(groups):
+        raise SimulationError(f"{len(groups)} groups are too few for a test set and {n_gold} gold groups.")
+    test = np.isin(source.groups, groups[:n_test])
+    gold_group = np.isin(source.groups, groups[n_test : n_test + n_gold])
+    gold_rows: list[int] = []
+    for group in groups[n_test : n_test + n_gold]:
+        members = np.flatnonzero(source.groups == group)
+        gold_rows.extend(rng.choice(members, size=min(cfg.gold_per_group, len(members)), replace=False))
+    return Split(
+        seed=seed,
+        test_rows=np.flatnonzero(test),
+        pool_rows=np.flatnonzero(~test & ~gold_group),
+        gold_rows=np.array(sorted(gold_rows)[: cfg.gold_size], dtype=np.int64),
+    )
+
+
+SLIDE_FIELDS = (
+    "name", "file", "format", "status", "width", "height", "levels", "mpp", "magnification",
+    "checksum", "size_bytes", "thumbnail", "group", "metadata",
+)  # fmt: skip
+PATCH_FIELDS = ("x", "y", "size", "magnification", "tissue_fraction")
+
+
+def clone_pool(
+    source: SourceSet, rows: np.ndarray, gold: set[int], name: str, **fields: Any
+) -> tuple[Project, dict[int, int]]:
+    """A new project over the same files: bulk copies of the source slides and patches of ``rows``.
+
+    Returns the project and {new patch id: source row}. Same checksums and geometry, so the rounds
+    hit the embedding cache the source filled.
+    """
+    src = source.project
+    with transaction.atomic():
+        project = Project.objects.create(
+            name=name, patch_size=src.patch_size, magnification=src.magnification, backbone=src.backbone, **fields
+        )
+        LabelClass.objects.bulk_create(
+            [
+                LabelClass(project=project, name=lc.name, colour=lc.colour, hotkey=lc.hotkey, order=lc.order)
+                for lc in LabelClass.objects.filter(project=src)
+            ]
+        )
+        slide_ids = [int(source.slide_ids[r]) for r in rows]
+        slide_values = {v.pop("id"): v for v in Slide.objects.filter(pk__in=slide_ids).values("id", *SLIDE_FIELDS)}
+        new_slides = []
+        for sid in slide_ids:
+            values = dict(slide_values[sid])
+            # The file path names the class folder: keep the truth out of the pool project.
+            values["metadata"] = {k: v for k, v in values["metadata"].items() if not k.startswith("sim_")}
+            new_slides.append(Slide(project=project, **values))
+        Slide.objects.bulk_create(new_slides, batch_size=2000)
+        patch_ids = [int(source.patch_ids[r]) for r in rows]
+        patch_values = {v.pop("id"): v for v in Patch.objects.filter(pk__in=patch_ids).values("id", *PATCH_FIELDS)}
+        new_patches = [
+            Patch(project=project, slide=slide, is_gold=int(r) in gold, **patch_values[pid])
+            for slide, pid, r in zip(new_slides, patch_ids, rows, strict=True)
+        ]
+        Patch.objects.bulk_create(new_patches, batch_size=2000)
+    return project, {p.pk: int(r) for p, r in zip(new_patches, rows, strict=True)}
+
+
+@dataclass
+class Run:
+    """One arm x seed x setting: the pool project, who works on it, and what the truth is."""
+
+    source: SourceSet
+    split: Split
+    arm: str
+    setting: Setting
+    project: Project
+    truth: dict[int, int]  # patch id -> true class
+    row_of: dict[int, int]  # patch id -> source row
+    expert: tuple[Any, Annotator]
+    students: list[tuple[Any, Annotator]]
+    gold_ids: set[int] = field(default_factory=set)
+
+    def answer(self, person: Annotator, index: int, patch_id: int) -> str:
+        row = self.row_of[patch_id]
+        return self.source.class_names[person.answer(self.truth[patch_id], (self.split.seed, index, row))]
+
+
+def start_run(source: SourceSet, split: Split, arm: str, setting: Setting, cfg: Config) -> Run:
+    rows = np.concatenate([split.pool_rows, split.gold_rows])
+    name = f"sim {cfg.run_tag} {setting.name} {arm} seed {split.seed}"
+    project, row_of = clone_pool(
+        source,
+        rows,
+        set(split.gold_rows.tolist()),
+        name,
+        query_strategy=arm,
+        random_fraction=1.0 if arm == "random" else cfg.random_fraction,
+        votes_required=setting.votes_required,
+        gold_rate=setting.gold_rate,
+        seed=split.seed,
+        description="Simulated run (learner.simulation).",
+    )
+    expert_user, student_users = simulation_users(cfg.run_tag, setting)
+    expert, students = annotators(setting, len(source.class_names), split.seed)
+    Membership.objects.bulk_create(
+        [Membership(user=expert_user, project=project, role=Role.EXPERT)]
+        + [Membership(user=u, project=project, role=Role.CROWD) for u in student_users]
+    )
+    run = Run(
+        source=source,
+        split=split,
+        arm=arm,
+        setting=setting,
+        project=project,
+        truth={pid: int(source.labels[r]) for pid, r in row_of.items()},
+        row_of=row_of,
+        expert=(expert_user, expert),
+        students=list(zip(student_users, students, strict=True)),
+    )
+    run.gold_ids = {pid for pid, r in row_of.items() if r in set(split.gold_rows.tolist())}
+    for pid in sorted(run.gold_ids):  # the expert labels the gold set up front, from the viewer (no task)
+        voting.cast_vote(project, expert_user, Role.EXPERT, patch_id=pid, label=run.answer(expert, 0, pid))
+    return run
+
+
+def work_queue(run: Run, round_: TrainingRound) -> int:
+    """Everyone works the queue until nothing is left for them; returns the votes cast."""
+    project = Project.objects.get(pk=run.project.pk)
+    people = list(enumerate(run.students, 1)) if run.students else [(0, run.expert)]
+    votes = 0
+    progressing = True
+    while progressing:
+        progressing = False
+        for index, (user, person) in people:
+            task = queue.lease_next_task(project, user, person.role)
+            if task is None:
+                continue
+            if task.kind == AnnotationTask.Kind.EXPERT and person.role != Role.EXPERT:
+                queue.release_task(project, user, task.pk)
+                continue
+            label = run.answer(person, index, task.patch_id)
+            voting.cast_vote(project, user, person.role, patch_id=task.patch_id, label=label, task_id=task.pk)
+            votes += 1
+            progressing = True
+    return votes + review_contested(run, project, round_)
+
+
+def review_contested(run: Run, project: Project, round_: TrainingRound) -> int:
+    """The occasional expert vote: the expert settles a share of the open contested patches."""
+    if not run.students:
+        return 0
+    user, expert = run.expert
+    open_reviews = AnnotationTask.objects.filter(
+        project=project, kind=AnnotationTask.Kind.EXPERT, state=AnnotationTask.State.OPEN
+    ).count()
+    rng = np.random.default_rng([run.split.seed, round_.number, 31])
+    votes = 0
+    for _ in range(int(rng.binomial(open_reviews, run.setting.expert_rate))):
+        task = queue.lease_next_task(project, user, Role.EXPERT)
+        if task is None:
+            break
+        if task.kind != AnnotationTask.Kind.EXPERT:
+            queue.release_task(project, user, task.pk)
+            break
+        label = run.answer(expert, 0, task.patch_id)
+        voting.cast_vote(project, user, Role.EXPERT, patch_id=task.patch_id, label=label, task_id=task.pk)
+        votes += 1
+    return votes
+
+
+def count_labels(run: Run) -> int:
+    """Final labels the loop paid for (the gold set is validation, not counted)."""
+    return (
+        Consensus.objects.filter(project=run.project, status__in=FINAL, label__isnull=False)
+        .exclude(patch_id__in=run.gold_ids)
+        .count()
+    )
+
+
+def train_round(run: Run, batch_size: int, write_scores: bool) -> TrainingRound:
+    Project.objects.filter(pk=run.project.pk).update(batch_size=max(1, batch_size))
+    # The simulator runs the round itself: no message goes out that a worker on the same broker could race it for.
+    round_ = services.start_round(Project.objects.get(pk=run.project.pk), launch=False)
+    round_ = pipeline.run_round(round_.pk, write_scores=write_scores)
+    if round_.state != TrainingRound.State.SUCCEEDED:
+        raise SimulationError(f"Round {round_.number} of {run.project.name!r} {round_.state}: {round_.error}")
+    return round_
+
+
+def simulate_run(run: Run, cfg: Config, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Cold start, then label up to each budget and retrain, through the platform's services.
+
+    A round's row carries ``budget`` = the budget its labels reached first (a noisy crowd can fall a few
+    labels short of a budget, e.g. contested patches the expert has not settled; the next round then
+    asks for the rest), else an empty budget.
+    """
+    out: list[dict[str, Any]] = []
+    budgets = sorted(cfg.budgets)
+    labels = votes = stalled = 0
+    reached: set[int] = set()
+    while True:
+        target = next((b for b in budgets if b > labels), None)
+        started = time.monotonic()
+        round_ = train_round(run, (target - labels) if target else 1, cfg.write_scores)
+        seconds = time.monotonic() - started
+        if not round_.metrics.get("cold_start"):
+            hit = [b for b in budgets if b <= labels and b not in reached]
+            reached.update(hit)
+            budget = max(hit) if hit else None
+            out.append(round_row(run, round_, budget, votes, seconds, target is None, cfg.extra_heads))
+            if progress:
+                r = out[-1]
+                progress(
+                    f"  {run.setting.name} {run.arm} seed {run.split.seed}: {r['labels']} labels, "
+                    f"test accuracy {r['test_accuracy']:.3f} (round {seconds:.1f}s)"
+                )
+        if target is None:
+            return out
+        votes += work_queue(run, round_)
+        now = count_labels(run)
+        stalled = stalled + 1 if now <= labels else 0
+        if stalled >= 3:
+            raise SimulationError(
+                f"The queue of {run.project.name!r} gave no new label in 3 rounds; is the pool exhausted?"
+            )
+        labels = now
+
+
+def simulate(
+    source: SourceSet,
+    cfg: Config,
+    progress: Progress | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    jobs: list[tuple[Setting, int, str]] | None = None,
+) -> list[dict[str, Any]]:
+    """Every (setting, seed, arm) of ``cfg``, or ``jobs`` in the order given; the arms of a seed share
+    its split, gold set and annotators."""
+    if source.embeddings is None:
+        source_embeddings(source, progress)
+    if jobs is None:
+        jobs = [(setting, seed, arm) for setting in cfg.settings for seed in cfg.seeds for arm in cfg.arms]
+    splits: dict[int, Split] = {}
+    rows: list[dict[str, Any]] = []
+    for setting, seed, arm in jobs:
+        split = splits.setdefault(seed, split_rows(source, cfg, seed))
+        run = start_run(source, split, arm, setting, cfg)
+        for row in simulate_run(run, cfg, progress):
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    return rows
