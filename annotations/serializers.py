@@ -240,22 +240,29 @@ class NextTaskSerializer(TaskSerializer):
         fields = [*TaskSerializer.Meta.fields, "ahead"]
 
 
-class OverlayPatchSerializer(serializers.Serializer):
-    id = serializers.IntegerField()
-    x = serializers.IntegerField()
-    y = serializers.IntegerField()
-    size = serializers.IntegerField()
-    label = serializers.CharField(allow_null=True)
-    colour = serializers.CharField(allow_null=True)
-    status = serializers.CharField(allow_null=True)
-    is_gold = serializers.BooleanField()
+class OverlayColumnsSerializer(serializers.Serializer):
+    id = serializers.ListField(child=serializers.IntegerField())
+    x = serializers.ListField(child=serializers.IntegerField())
+    y = serializers.ListField(child=serializers.IntegerField())
+    size = serializers.ListField(child=serializers.IntegerField())
+    label = serializers.ListField(
+        child=serializers.IntegerField(allow_null=True), help_text="Index into labels, or null."
+    )
+    status = serializers.ListField(
+        child=serializers.IntegerField(allow_null=True), help_text="Index into statuses, or null."
+    )
+    is_gold = serializers.ListField(child=serializers.BooleanField())
 
 
 class OverlaySerializer(serializers.Serializer):
-    """One slide's patch grid with consensus labels (crowd: only patches they voted on)."""
+    """One slide's patch grid with consensus labels, one array per field (crowd: only patches they voted on)."""
 
     slide = serializers.IntegerField()
-    patches = OverlayPatchSerializer(many=True)
+    count = serializers.IntegerField()
+    labels = serializers.ListField(child=serializers.CharField())
+    colours = serializers.ListField(child=serializers.CharField())
+    statuses = serializers.ListField(child=serializers.CharField())
+    patches = OverlayColumnsSerializer()
 
 
 class LabelImportInputSerializer(serializers.Serializer):

@@ -66,16 +66,16 @@ def test_csv_import_with_an_unknown_label_or_patch_writes_nothing(labelled) -> N
 
 
 def test_overlay_shows_crowd_members_only_what_they_voted_on(labelled) -> None:  # type: ignore[no-untyped-def]
-    project, patches, *_ = labelled
+    project, patches, truth, _ = labelled
     consensus.recompute_project_consensus(project)
     slide_id = patches[0].slide_id
     outsider = member(project, Role.CROWD)
-    rows = api_client(outsider).get(f"/api/v1/projects/{project.pk}/overlay/?slide={slide_id}").json()["patches"]
-    assert len(rows) == 6 and all(r["label"] is None for r in rows)
-    expert_rows = (
-        api_client(member(project, Role.EXPERT))
-        .get(f"/api/v1/projects/{project.pk}/overlay/?slide={slide_id}")
-        .json()["patches"]
-    )
-    assert all(r["label"] for r in expert_rows)
+    body = api_client(outsider).get(f"/api/v1/projects/{project.pk}/overlay/?slide={slide_id}").json()
+    assert body["count"] == 6 and len(body["patches"]["id"]) == 6
+    assert all(label is None for label in body["patches"]["label"])
+    expert = api_client(member(project, Role.EXPERT)).get(f"/api/v1/projects/{project.pk}/overlay/?slide={slide_id}")
+    columns = expert.json()["patches"]
+    names = {pid: expert.json()["labels"][i] for pid, i in zip(columns["id"], columns["label"], strict=True)}
+    assert [names[p.pk] for p in patches] == truth
+    assert columns["x"][columns["id"].index(patches[1].pk)] == patches[1].x
     assert Patch.objects.filter(project=project).count() == 6

@@ -87,10 +87,29 @@ function setStatus(text) {
   ui.overlayStatus.textContent = text;
 }
 
+// The overlay comes as one array per field (compact at 50,000 patches); the layer wants objects.
+function unpackOverlay(body) {
+  const c = body.patches;
+  const out = new Array(body.count);
+  for (let i = 0; i < body.count; i++) {
+    const label = c.label[i];
+    out[i] = {
+      id: c.id[i],
+      x: c.x[i],
+      y: c.y[i],
+      size: c.size[i],
+      label: label === null ? null : body.labels[label],
+      colour: label === null ? null : body.colours[label],
+      status: c.status[i] === null ? null : body.statuses[c.status[i]],
+      is_gold: c.is_gold[i],
+    };
+  }
+  return out;
+}
+
 async function loadOverlay(layer) {
   try {
-    const body = await api(`${base}overlay/?slide=${slide.id}`);
-    layer.patches = body.patches;
+    layer.patches = unpackOverlay(await api(`${base}overlay/?slide=${slide.id}`));
   } catch (error) {
     setStatus(error.status === 404 ? "Patch overlays are not available on this server yet." : error.message);
     return;
