@@ -143,10 +143,15 @@ WHITENOISE_USE_FINDERS = DEBUG
 MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", BASE_DIR / "var" / "media"))
 MEDIA_URL = "/media/"
 
-# Uploads: slides stream to disk in chunks; the limit is checked before anything is kept.
+# Request bodies (histoloop.body_limit, in front of Django): every route accepts MAX_REQUEST_BYTES,
+# refused with 413 before the body is read; the slide upload routes accept MAX_UPLOAD_BYTES and the
+# label import MAX_IMPORT_BYTES, from authenticated requests only. Django keeps bodies up to
+# MAX_REQUEST_BYTES in memory, so only an authenticated upload is ever spooled to disk.
+MAX_REQUEST_BYTES = int(os.environ.get("MAX_REQUEST_BYTES", str(4 * 1024**2)))
 MAX_UPLOAD_BYTES = int(os.environ.get("MAX_UPLOAD_BYTES", str(4 * 1024**3)))
-FILE_UPLOAD_MAX_MEMORY_SIZE = 8 * 1024**2
-DATA_UPLOAD_MAX_MEMORY_SIZE = 8 * 1024**2
+MAX_IMPORT_BYTES = int(os.environ.get("MAX_IMPORT_BYTES", str(50 * 1024**2)))
+FILE_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
 SLIDE_IMPORT_ROOT = Path(os.environ.get("SLIDE_IMPORT_ROOT", BASE_DIR / "var" / "import"))
 
 LOGIN_URL = "/accounts/login/"
