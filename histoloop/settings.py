@@ -8,6 +8,7 @@ developer's machine. Without ``DATABASE_URL`` / ``REDIS_URL`` the embedded Postg
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -48,6 +49,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "drf_spectacular",
     "channels",
+    "axes",
     "annotations",
     "learner",
     "frontend",
@@ -62,6 +64,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a lockout raised during authentication into its page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "histoloop.urls"
@@ -113,6 +117,25 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+
+# Login throttling (django-axes) on every form that calls authenticate(): /accounts/login/ and
+# /admin/login/. Policy: AXES_FAILURE_LIMIT failed logins in a row for one username from one IP
+# address lock that combination for AXES_COOLOFF_MINUTES, right password or not; other accounts
+# from that address, and that account from other addresses, are unaffected (so a guesser cannot
+# lock a user out everywhere). A successful login clears the count. Token-authenticated API calls
+# never call authenticate(), so they are not counted. `manage.py axes_reset` unlocks everyone,
+# `axes_reset_username USER` one account.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # refuses a locked-out login before the password is checked
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_ENABLED = env_bool("AXES_ENABLED", True)
+AXES_FAILURE_LIMIT = int(os.environ.get("AXES_FAILURE_LIMIT", "5"))
+AXES_COOLOFF_TIME = timedelta(minutes=float(os.environ.get("AXES_COOLOFF_MINUTES", "15")))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "histoloop.lockout.lockout_response"  # a page that says for how long
+AXES_VERBOSE = False  # its banner on start-up; lockouts are still logged
 
 if env_bool("FAST_PASSWORD_HASHING", False):
     # Tests only: PBKDF2's deliberate slowness costs seconds per created user on 2 cores.
