@@ -3,11 +3,17 @@
 Starts (or reuses) the database and broker (embedded unless DATABASE_URL/REDIS_URL are set),
 migrates, seeds a demo project with real slides, then runs a Celery worker for the ``gpu`` and
 ``cpu`` queues and the ASGI server on http://127.0.0.1:8000 until Ctrl+C.
+
+The demo runs as production does, with DEBUG off (no tracebacks for whoever triggers an error;
+``DEBUG=1 make demo`` for them), except that it is served over plain http on loopback (HTTPS=0):
+its secret key is made once and kept in ``var/secret-key``, and static files are collected into
+STATIC_ROOT for WhiteNoise before the server starts.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,14 +23,33 @@ from pathlib import Path
 from histoloop import embedded
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SECRET_KEY_FILE = REPO_ROOT / "var" / "secret-key"
 
 
 def _manage(*args: str) -> None:
     subprocess.run([sys.executable, "manage.py", *args], cwd=REPO_ROOT, check=True)
 
 
-def main() -> int:
+def secret_key(path: Path = SECRET_KEY_FILE) -> str:
+    """The demo's secret key: made on first use, then the same on every start (sessions survive)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
+def demo_environment() -> None:
+    """Production settings (DEBUG off unless asked for) served over plain http on this machine."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
+    os.environ.setdefault("HTTPS", "0")
+    if not os.environ.get("SECRET_KEY"):
+        os.environ["SECRET_KEY"] = secret_key()
+
+
+def main() -> int:
+    demo_environment()
     started = embedded.ensure_environment()
     host = os.environ.get("HISTOLOOP_HOST", "127.0.0.1")
     port = os.environ.get("HISTOLOOP_PORT", "8000")
@@ -32,6 +57,7 @@ def main() -> int:
     children: list[subprocess.Popen[bytes]] = []
     try:
         _manage("migrate", "--noinput", "-v", "0")
+        _manage("collectstatic", "--noinput", "-v", "0")  # WhiteNoise serves STATIC_ROOT when DEBUG is off
         children.append(
             subprocess.Popen(
                 [
