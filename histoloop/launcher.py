@@ -2,7 +2,7 @@
 
 Starts (or reuses) the database and broker (embedded unless DATABASE_URL/REDIS_URL are set),
 migrates, seeds a demo project with real slides, then runs a Celery worker for the ``gpu`` and
-``cpu`` queues and the ASGI server on http://127.0.0.1:8000 until Ctrl+C.
+``cpu`` queues (with beat, for the periodic checks) and the ASGI server on http://127.0.0.1:8000 until Ctrl+C.
 
 The demo runs as production does, with DEBUG off (no tracebacks for whoever triggers an error;
 ``DEBUG=1 make demo`` for them), except that it is served over plain http on loopback (HTTPS=0):
@@ -75,6 +75,10 @@ def main() -> int:
                     "info",
                     "-n",
                     "demo@%h",
+                    # Celery beat inside the demo's one worker: the periodic stale-round check.
+                    "--beat",
+                    "--schedule",
+                    str(REPO_ROOT / "var" / "celerybeat-schedule"),
                 ],
                 cwd=REPO_ROOT,
             )

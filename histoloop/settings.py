@@ -223,6 +223,9 @@ CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = REDIS_URL
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_TASK_ROUTES = {
+    # Exact names before patterns (Celery checks them first): the stale-round check must not wait
+    # behind a round on the gpu worker, or on a dead one.
+    "learner.tasks.fail_stale_rounds": {"queue": "cpu"},
     "learner.tasks.*": {"queue": "gpu"},
     "annotations.tasks.*": {"queue": "cpu"},
 }
