@@ -24,8 +24,9 @@ def settings_in_a_fresh_process(**env: str) -> dict[str, object]:
     """Security settings as a server started with ``env`` (and no DEBUG unless given) would have them."""
     base = {k: v for k, v in os.environ.items() if k not in {"DEBUG", "HTTPS", "DJANGO_SETTINGS_MODULE"}}
     code = (
-        "import json; from django.conf import settings as s; print(json.dumps({k: getattr(s, k) for k in "
-        "['DEBUG', 'SECURE_SSL_REDIRECT', 'SESSION_COOKIE_SECURE', 'CSRF_COOKIE_SECURE', 'SECURE_HSTS_SECONDS']}))"
+        "import json; from django.conf import settings as s; print(json.dumps({**{k: getattr(s, k) for k in "
+        "['DEBUG', 'SECURE_SSL_REDIRECT', 'SESSION_COOKIE_SECURE', 'CSRF_COOKIE_SECURE', 'SECURE_HSTS_SECONDS']}, "
+        "'renderers': s.REST_FRAMEWORK['DEFAULT_RENDERER_CLASSES']}))"
     )
     result = subprocess.run(
         [sys.executable, "manage.py", "shell", "-c", code],
@@ -45,6 +46,7 @@ def test_debug_is_off_unless_asked_for_and_https_settings_follow() -> None:
         "SESSION_COOKIE_SECURE": True,
         "CSRF_COOKIE_SECURE": True,
         "SECURE_HSTS_SECONDS": 31536000,
+        "renderers": ["rest_framework.renderers.JSONRenderer"],  # no browsable API in production
     }
 
 
@@ -58,6 +60,7 @@ def test_https_0_serves_plain_http_without_secure_cookies_or_hsts() -> None:
 def test_debug_1_is_a_developer_machine() -> None:
     values = settings_in_a_fresh_process(DEBUG="1")
     assert values["DEBUG"] is True and values["SESSION_COOKIE_SECURE"] is False
+    assert "rest_framework.renderers.BrowsableAPIRenderer" in values["renderers"]  # type: ignore[operator]
 
 
 def policy(response: object) -> dict[str, list[str]]:
