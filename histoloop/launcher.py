@@ -75,15 +75,20 @@ def worker_command() -> list[str]:
     ]
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
+def _stop(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # `kill PID` stops the demo as Ctrl+C does: children and servers too
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the whole platform on this machine (make demo).")
     parser.add_argument("--no-seed", action="store_true", help="Do not create the demo project and users.")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # SIGINT too: a shell without job control starts background commands with it ignored.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop)
     demo_environment()
     started = embedded.ensure_environment()
     host = os.environ.get("HISTOLOOP_HOST", "127.0.0.1")
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the clean-up short
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)  # a second Ctrl+C must not cut the clean-up short
         supervisor.stop_all()
         if started:
             embedded.stop(started)

@@ -55,6 +55,8 @@ def test_the_demo_survives_kill_9_of_its_worker(tmp_path: Path) -> None:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so clean-up below reaches every child
+            # As a shell without job control starts it in the background: Ctrl+C (SIGINT) ignored.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
     base = f"http://127.0.0.1:{port}"
 
@@ -84,7 +86,7 @@ def test_the_demo_survives_kill_9_of_its_worker(tmp_path: Path) -> None:
         assert get(f"{base}/accounts/login/")[0] == 200
         assert launcher.poll() is None
 
-        launcher.send_signal(signal.SIGTERM)
+        launcher.send_signal(signal.SIGINT)  # Ctrl+C stops it all the same
         assert launcher.wait(timeout=60) == 0, text()
         assert not alive(second), "the launcher left its worker running"
         assert live_processes_in_group(second) == []
