@@ -1,13 +1,28 @@
-"""The page django-axes shows a locked-out login (settings.AXES_LOCKOUT_CALLABLE)."""
+"""Login throttling glue for django-axes: the backend in AUTHENTICATION_BACKENDS and the page it
+shows a locked-out login (settings.AXES_LOCKOUT_CALLABLE)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+from axes.backends import AxesStandaloneBackend
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+
+
+class LoginThrottleBackend(AxesStandaloneBackend):
+    """django-axes' check, for logins that come with a request (every login form, DRF's).
+
+    A call to authenticate() without one (the test client's ``login()``, a management command)
+    has no address to count failures for; axes' own backend raises there, this one lets the next
+    backend decide, as axes' failure counting also skips such calls."""
+
+    def authenticate(self, request: HttpRequest | None, *args: Any, **kwargs: Any) -> None:
+        if request is None:
+            return None
+        return super().authenticate(request, *args, **kwargs)
 
 
 def lockout_response(

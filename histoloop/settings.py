@@ -130,10 +130,11 @@ AUTH_PASSWORD_VALIDATORS = [
 # address lock that combination for AXES_COOLOFF_MINUTES, right password or not; other accounts
 # from that address, and that account from other addresses, are unaffected (so a guesser cannot
 # lock a user out everywhere). A successful login clears the count. Token-authenticated API calls
-# never call authenticate(), so they are not counted. `manage.py axes_reset` unlocks everyone,
+# never call authenticate(), so they are not counted, nor are authenticate() calls without a request
+# (the test client's login()). `manage.py axes_reset` unlocks everyone,
 # `axes_reset_username USER` one account.
 AUTHENTICATION_BACKENDS = [
-    "axes.backends.AxesStandaloneBackend",  # refuses a locked-out login before the password is checked
+    "histoloop.lockout.LoginThrottleBackend",  # refuses a locked-out login before the password is checked
     "django.contrib.auth.backends.ModelBackend",
 ]
 AXES_ENABLED = env_bool("AXES_ENABLED", True)

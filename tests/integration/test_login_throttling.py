@@ -81,3 +81,11 @@ def test_token_authentication_is_not_throttled_by_a_locked_login() -> None:
     fail_until_locked(LOGIN, user.username, "127.0.0.1")
     response = Client().get("/api/v1/projects/", HTTP_AUTHORIZATION=f"Token {token.key}")
     assert response.status_code == 200
+
+
+def test_a_login_without_a_request_is_not_throttled_and_still_works() -> None:
+    """The test client's login() calls authenticate() without a request: no address to count for."""
+    user = UserFactory()
+    fail_until_locked(LOGIN, user.username, "127.0.0.1")
+    assert not Client().login(username=user.username, password="wrong-password")
+    assert Client().login(username=user.username, password=PASSWORD)
