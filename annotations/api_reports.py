@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -17,8 +18,6 @@ from . import agreement, consensus, label_files
 from .api import ADMIN_ONLY, EXPERTS, ProjectScoped, query_id
 from .models import Consensus, Patch, Role, Vote
 from .serializers import LabelImportInputSerializer, LabelImportResultSerializer, OverlaySerializer
-
-MAX_IMPORT_BYTES = 50 * 1024**2
 
 
 class OverlayView(ProjectScoped):
@@ -148,8 +147,9 @@ class ImportLabelsView(ProjectScoped):
         upload = request.FILES.get("file")
         if upload is None:
             return Response({"detail": "Attach the label file as 'file'."}, status=400)
-        if upload.size > MAX_IMPORT_BYTES:
-            return Response({"detail": "Label files over 50 MB are not accepted; split the file."}, status=413)
+        if upload.size > settings.MAX_IMPORT_BYTES:
+            limit = settings.MAX_IMPORT_BYTES // 1024**2
+            return Response({"detail": f"Label files over {limit} MB are not accepted; split the file."}, status=413)
         try:
             rows = label_files.parse_labels(upload.read(), upload.name, request.data.get("slide"))
             result = label_files.import_expert_labels(project, request.user, role, rows)

@@ -12,6 +12,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from annotations.routing import websocket_urlpatterns  # noqa: E402
+from histoloop import body_limit  # noqa: E402
 
 
 def _warm_up() -> None:
@@ -27,7 +28,8 @@ _warm_up()
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # Body limits outside Django: its handler reads the whole body before any middleware runs.
+        "http": body_limit.from_settings(django_asgi_app),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

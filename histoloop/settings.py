@@ -8,9 +8,11 @@ developer's machine. Without ``DATABASE_URL`` / ``REDIS_URL`` the embedded Postg
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONCE, NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -27,11 +29,15 @@ def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
-DEBUG = env_bool("DEBUG", True)
+# Off unless asked for: DEBUG=1 shows tracebacks to whoever triggers an error. The test suite
+# (tests/settings.py) and developers ask for it; `make demo` runs with it off.
+DEBUG = env_bool("DEBUG", False)
 _INSECURE_KEY = "django-insecure-histoloop-development-key-change-me"
 SECRET_KEY = os.environ.get("SECRET_KEY", _INSECURE_KEY if DEBUG else "")
 if not SECRET_KEY:
-    raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG=0.")
+    raise ImproperlyConfigured(
+        "SECRET_KEY must be set when DEBUG=0. Set it (a long random string), or DEBUG=1 on a developer's machine."
+    )
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "http://127.0.0.1:8000,http://localhost:8000")
@@ -48,6 +54,8 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "drf_spectacular",
     "channels",
+    "axes",
+    "csp",
     "annotations",
     "learner",
     "frontend",
@@ -55,6 +63,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -62,6 +71,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a lockout raised during authentication into its page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "histoloop.urls"
@@ -114,6 +125,26 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
+# Login throttling (django-axes) on every form that calls authenticate(): /accounts/login/ and
+# /admin/login/. Policy: AXES_FAILURE_LIMIT failed logins in a row for one username from one IP
+# address lock that combination for AXES_COOLOFF_MINUTES, right password or not; other accounts
+# from that address, and that account from other addresses, are unaffected (so a guesser cannot
+# lock a user out everywhere). A successful login clears the count. Token-authenticated API calls
+# never call authenticate(), so they are not counted, nor are authenticate() calls without a request
+# (the test client's login()). `manage.py axes_reset` unlocks everyone,
+# `axes_reset_username USER` one account.
+AUTHENTICATION_BACKENDS = [
+    "histoloop.lockout.LoginThrottleBackend",  # refuses a locked-out login before the password is checked
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_ENABLED = env_bool("AXES_ENABLED", True)
+AXES_FAILURE_LIMIT = int(os.environ.get("AXES_FAILURE_LIMIT", "5"))
+AXES_COOLOFF_TIME = timedelta(minutes=float(os.environ.get("AXES_COOLOFF_MINUTES", "15")))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "histoloop.lockout.lockout_response"  # a page that says for how long
+AXES_VERBOSE = False  # its banner on start-up; lockouts are still logged
+
 if env_bool("FAST_PASSWORD_HASHING", False):
     # Tests only: PBKDF2's deliberate slowness costs seconds per created user on 2 cores.
     PASSWORD_HASHERS = [
@@ -143,10 +174,15 @@ WHITENOISE_USE_FINDERS = DEBUG
 MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", BASE_DIR / "var" / "media"))
 MEDIA_URL = "/media/"
 
-# Uploads: slides stream to disk in chunks; the limit is checked before anything is kept.
+# Request bodies (histoloop.body_limit, in front of Django): every route accepts MAX_REQUEST_BYTES,
+# refused with 413 before the body is read; the slide upload routes accept MAX_UPLOAD_BYTES and the
+# label import MAX_IMPORT_BYTES, from authenticated requests only. Django keeps bodies up to
+# MAX_REQUEST_BYTES in memory, so only an authenticated upload is ever spooled to disk.
+MAX_REQUEST_BYTES = int(os.environ.get("MAX_REQUEST_BYTES", str(4 * 1024**2)))
 MAX_UPLOAD_BYTES = int(os.environ.get("MAX_UPLOAD_BYTES", str(4 * 1024**3)))
-FILE_UPLOAD_MAX_MEMORY_SIZE = 8 * 1024**2
-DATA_UPLOAD_MAX_MEMORY_SIZE = 8 * 1024**2
+MAX_IMPORT_BYTES = int(os.environ.get("MAX_IMPORT_BYTES", str(50 * 1024**2)))
+FILE_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
 SLIDE_IMPORT_ROOT = Path(os.environ.get("SLIDE_IMPORT_ROOT", BASE_DIR / "var" / "import"))
 
 LOGIN_URL = "/accounts/login/"
@@ -164,6 +200,12 @@ REST_FRAMEWORK = {
         "histoloop.parsers.JSONParser",
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
+    ],
+    # JSON only unless DEBUG: the browsable API's HTML (inline styles the Content-Security-Policy
+    # refuses, forms for every endpoint) is a developer's tool; /api/v1/docs/ documents the API.
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        *(["rest_framework.renderers.BrowsableAPIRenderer"] if DEBUG else []),
     ],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 100,
@@ -208,6 +250,9 @@ CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = REDIS_URL
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_TASK_ROUTES = {
+    # Exact names before patterns (Celery checks them first): the stale-round check must not wait
+    # behind a round on the gpu worker, or on a dead one.
+    "learner.tasks.fail_stale_rounds": {"queue": "cpu"},
     "learner.tasks.*": {"queue": "gpu"},
     # annotations.tasks.ingest_slide is in annotations/slides/tasks.py (it kept its name when it moved).
     "annotations.tasks.*": {"queue": "cpu"},
@@ -240,12 +285,41 @@ LOGGING = {
     "loggers": {"large_image": {"level": "WARNING"}, "pgserver": {"level": "WARNING"}},
 }
 
-if not DEBUG:
+# HTTPS: a production server is reached over HTTPS, through a TLS-terminating proxy that sends
+# X-Forwarded-Proto (docker/README.md). HTTPS=1 (the default unless DEBUG) redirects plain http,
+# marks the session and CSRF cookies Secure and sends HSTS (on https responses only, as browsers
+# ignore it on http). `make demo` serves plain http on loopback and sets HTTPS=0. Each SECURE_*
+# value can also be set on its own.
+HTTPS = env_bool("HTTPS", not DEBUG)
+if HTTPS:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
-    SESSION_COOKIE_SECURE = True
-    CSRF_COOKIE_SECURE = True
-    SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "31536000"))
-    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
-    SECURE_HSTS_PRELOAD = True
-    SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", HTTPS)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", HTTPS)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", HTTPS)
+SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "31536000" if HTTPS else "0"))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+
+# Content-Security-Policy (django-csp 4): scripts, styles, images and connections (API calls, the
+# project websocket) from this origin only; no inline script or style except a block carrying the
+# response's nonce (request.csp_nonce), no plugins, no framing. Images also from data:/blob:
+# (OpenSeadragon makes some of its images that way). The API docs page widens it for the Swagger UI
+# bundle it loads (histoloop/urls.py).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF, NONCE],
+        "style-src": [SELF, NONCE],
+        "img-src": [SELF, "data:", "blob:"],
+        "font-src": [SELF],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    }
+}

@@ -1,14 +1,33 @@
 """Every URL of the platform. Each module that holds routes is included once, with what it serves."""
 
+from csp.constants import UNSAFE_INLINE
+from csp.decorators import csp_update
 from django.contrib import admin
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.templatetags.static import static
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
+
+# The Swagger UI page loads its bundle from jsDelivr (drf-spectacular's default) and has a small
+# inline <style>; its script comes from this origin (the split view), so script-src stays strict.
+SWAGGER_CDN = "https://cdn.jsdelivr.net"
+api_docs = csp_update(
+    {"script-src": [SWAGGER_CDN], "style-src": [SWAGGER_CDN, UNSAFE_INLINE], "img-src": [SWAGGER_CDN]}
+)(SpectacularSwaggerSplitView.as_view(url_name="schema"))
+
+
+def favicon(request: HttpRequest) -> HttpResponse:
+    """Browsers ask for /favicon.ico on pages that name no icon (the admin site)."""
+    return redirect(static("frontend/favicon.svg"))
+
 
 urlpatterns = [
+    path("favicon.ico", favicon),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/v1/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/v1/docs/", api_docs, name="api-docs"),
     # slides, tile sources, tiles, thumbnails, regions, patch images
     path("api/v1/", include("annotations.slides.urls")),
     # projects, labels, members, the queue, votes, patches, consensus, reports

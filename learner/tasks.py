@@ -15,6 +15,14 @@ def run_training_round(self, round_id: int) -> str:  # type: ignore[no-untyped-d
     return run_round(round_id).state
 
 
+@shared_task(name="learner.tasks.fail_stale_rounds", ignore_result=True)
+def fail_stale_rounds_task() -> int:
+    """Fail running rounds whose worker went silent. Celery beat sends it every
+    STALE_CHECK_SECONDS (histoloop/celery.py) on the ``cpu`` queue, so a dead or busy ``gpu``
+    worker cannot hold it up; returns how many rounds it failed."""
+    return fail_stale_rounds()
+
+
 @worker_ready.connect
 def _fail_rounds_left_by_dead_workers(**kwargs: object) -> None:
     fail_stale_rounds()

@@ -58,3 +58,16 @@ def asgi_server(env: dict[str, str], log: Path, *, workers: int = 1, timeout: fl
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """Pids of the processes in process group ``pgid`` that are running (zombies left out)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, pgrp
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members

@@ -106,7 +106,7 @@ def main() -> int:
     embedded.ensure_environment()
     media = Path(tempfile.mkdtemp(prefix="histoloop-bench-frontend-"))
     os.environ["MEDIA_ROOT"] = str(media)
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")  # DEBUG=1, as in the tests
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # Playwright's loop shares this thread with the ORM
     import django
 

@@ -177,7 +177,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=5, help="unrecorded paced traffic per server (s)")
     args = parser.parse_args()
 
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")  # DEBUG=1, as in the tests
     embedded.ensure_environment()
     import django
 

@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--strategy", default="margin")
     parser.add_argument("--embed-sample", type=int, default=128)
     args = parser.parse_args()
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")  # DEBUG=1, as in the tests
     embedded.ensure_environment()
     import django
 

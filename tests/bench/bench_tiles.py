@@ -120,7 +120,7 @@ def main() -> int:
     embedded.ensure_environment()
     media = Path(tempfile.mkdtemp(prefix="histoloop-bench-media-"))
     os.environ["MEDIA_ROOT"] = str(media)
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")  # DEBUG=1, as in the tests
     import django
 
     django.setup()

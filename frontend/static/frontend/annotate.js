@@ -7,10 +7,11 @@
 // is ready ahead, the vote is sent with "next": true and the page waits for it, as without prefetch.
 // With ?prefetch=0 the images are simply assigned to the visible <img> elements and we wait for the
 // vote (with "next": true) and then for the images to load: the baseline the benchmark compares against.
-import { api, el, isTyping, pageConfig } from "./api.js";
+import { api, el, isTyping, pageConfig, paintLabelColours } from "./api.js";
 import { connectLive, statusBadge } from "./live.js";
 
 const config = pageConfig();
+paintLabelColours();
 const base = config.api;
 const labelsByHotkey = new Map(config.labels.map((label) => [label.hotkey, label]));
 const contextMargin = config.project.patch_size;

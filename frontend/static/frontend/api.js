@@ -57,6 +57,14 @@ export function pageConfig(id = "page-config") {
   return JSON.parse(document.getElementById(id).textContent);
 }
 
+// Label colours reach the page as data-colour attributes, set here as the --label-colour custom
+// property: the Content-Security-Policy refuses style="" attributes, not styles set from a script.
+export function paintLabelColours(root = document) {
+  for (const node of root.querySelectorAll("[data-colour]")) {
+    node.style.setProperty("--label-colour", node.dataset.colour);
+  }
+}
+
 export function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
@@ -64,6 +72,7 @@ export function el(tag, attrs = {}, ...children) {
     if (key === "class") node.className = value;
     else if (key === "text") node.textContent = value;
     else if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key === "style") node.style.cssText = value; // CSSOM: allowed where style="" is not
     else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value === true ? "" : value);
   }

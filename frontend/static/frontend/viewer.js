@@ -1,10 +1,11 @@
 // Slide viewer: OpenSeadragon on the slide's tile pyramid, a scale bar, patch overlays, patch details.
-import { api, el, isTyping, pageConfig } from "./api.js";
+import { api, el, isTyping, pageConfig, paintLabelColours } from "./api.js";
 import { connectLive } from "./live.js";
 import { PatchLayer } from "./patch-layer.js";
 import { attachScaleBar } from "./scalebar.js";
 
 const config = pageConfig();
+paintLabelColours();
 const OSD = window.OpenSeadragon;
 const base = config.api;
 const slide = config.slide;
