@@ -196,6 +196,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "histoloop.schema.AutoSchema",
+    "EXCEPTION_HANDLER": "histoloop.exceptions.exception_handler",
     "DEFAULT_PARSER_CLASSES": [
         "histoloop.parsers.JSONParser",
         "rest_framework.parsers.FormParser",

@@ -183,7 +183,7 @@ def test_the_string_false_does_not_mark_a_patch_gold(world) -> None:  # type: ig
         ("batch_size", 14_000_000),
         ("name", "bad\x07name"),
         ("name", "line\nbreak"),
-        ("description", "x" * 7_000_000),
+        ("description", "x" * 200_000),
         ("seed", 2**40),
         ("expert_weight", 10**6),
     ],
@@ -221,3 +221,13 @@ def test_a_student_cannot_tell_a_gold_check_from_real_work(world) -> None:  # ty
     # Experts and admins still see it for what it is.
     shown = api_client(admin).get(f"/api/v1/projects/{project.pk}/patches/{patches[0].pk}/").json()
     assert shown["patch"]["is_gold"] is True
+
+
+def test_a_body_over_the_in_memory_limit_is_a_json_413(world) -> None:  # type: ignore[no-untyped-def]
+    project, _, admin, _, _ = world
+    before = state(project)
+    response = api_client(admin).patch(
+        f"/api/v1/projects/{project.pk}/", {"description": "x" * 7_000_000}, format="json"
+    )
+    assert "larger than" in refused(response, 413)
+    assert state(project) == before
