@@ -16,12 +16,18 @@ parsing mistakes random text almost never hits.
 Each response is checked for a 5xx and for conformance to the schema (status code, content
 type, headers, body). Every failure is recorded rather than raised, so one run lists all the
 distinct failures (one line each, with the smallest request that showed it) instead of stopping
-at the first. Hypothesis is seeded and its example database is off, so a run is reproducible.
+at the first. Hypothesis is seeded, its example database is off and Schemathesis's feedback
+(learning from earlier answers) is off, so the same test selection sends the same requests to
+the same rows: the report prints a digest of every request sent to show it. A process with a
+different history (other tests run before in it) draws other requests from the same seed; the
+cause lies inside the generators (observed, not pinned down), so compare digests within one
+way of running.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import html
 import re
 import time
@@ -34,6 +40,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.generation.feedback import FeedbackSources
 
 ROLES = ("crowd", "expert", "admin")
 SEED = 20261201
@@ -91,6 +98,8 @@ class RoleReport:
     not_generated: dict[str, str] = field(default_factory=dict)  # operation -> why no request was made
     findings: dict[tuple[str, str, str], Finding] = field(default_factory=dict)
     seconds: float = 0.0
+    # A digest of every request sent (method, path, query, body, in order): equal digests, equal runs.
+    digest: Any = field(default_factory=hashlib.sha256)
 
     def record(self, finding: Finding) -> None:
         key = (finding.operation, finding.kind, finding.detail)
@@ -156,14 +165,18 @@ def seed_project(role: str, slide_path: Any) -> Target:
     TrainingRound.objects.create(project=project, number=1, state=TrainingRound.State.SUCCEEDED)
     token, _ = Token.objects.get_or_create(user=user)
 
+    def ids(rows: Any, limit: int = 8) -> list[int]:
+        # Ordered, so the same draws pick the same rows in every run.
+        return list(rows.filter(project=project).order_by("pk").values_list("pk", flat=True)[:limit])
+
     path_ids = {
         "project_id": [project.pk],
         "label_id": [label.pk for label in labels],
-        "member_id": list(Membership.objects.filter(project=project).exclude(user=user).values_list("pk", flat=True)),
+        "member_id": ids(Membership.objects.exclude(user=user)),
         "patch_id": [p.pk for p in patches],
-        "task_id": list(AnnotationTask.objects.filter(project=project).values_list("pk", flat=True)[:8]),
-        "vote_id": list(Vote.objects.filter(project=project).values_list("pk", flat=True)[:8]),
-        "round_id": list(TrainingRound.objects.filter(project=project).values_list("pk", flat=True)),
+        "task_id": ids(AnnotationTask.objects),
+        "vote_id": ids(Vote.objects),
+        "round_id": ids(TrainingRound.objects),
         "slide_id": [slide.pk],
     }
     field_values = {
@@ -229,6 +242,9 @@ def _fuzz_operation(
     seed_value: int,
 ) -> None:
     templates: list[Any] = []  # the first positive request, for the dictionary pass
+    # No feedback: Schemathesis would otherwise learn from earlier answers and the requests of a
+    # run would depend on what ran before it.
+    strategy = operation.as_strategy(generation_mode=mode, feedback=FeedbackSources())
 
     @seed(seed_value)
     @settings(
@@ -239,7 +255,7 @@ def _fuzz_operation(
         suppress_health_check=list(HealthCheck),
         report_multiple_bugs=False,
     )
-    @given(case=operation.as_strategy(generation_mode=mode), data=st.data())
+    @given(case=strategy, data=st.data())
     def send(case: Any, data: st.DataObject) -> None:
         steer(case, data, target)
         if mode == GenerationMode.POSITIVE and not templates:
@@ -329,6 +345,8 @@ def exchange(case: Any, base_url: str, session: requests.Session, target: Target
     label = case.operation.label
     report.operations.add(label)
     report.requests += 1
+    body = case.body if isinstance(case.body, dict | list | str | int | float | bool | None) else "-"
+    report.digest.update(repr((case.method, case.formatted_path, case.query, body, case.media_type)).encode())
     try:
         response = case.call(base_url=base_url, session=session, headers=headers, timeout=30)
     except requests.RequestException as exc:
@@ -438,7 +456,7 @@ def failure_report(report: RoleReport) -> str:
     head = (
         f"The API fuzzer found {len(problems)} distinct problem(s) as {report.role} "
         f"({report.requests} requests, {report.server_errors} answered 5xx, "
-        f"{report.schema_mismatches} did not match the schema):"
+        f"{report.schema_mismatches} did not match the schema; requests digest {report.digest.hexdigest()[:12]}):"
     )
     return "\n".join([head, *(f"- {p}" for p in problems)])
 
