@@ -57,7 +57,7 @@ def home(request: HttpRequest) -> HttpResponse:
 @login_required
 def annotate(request: HttpRequest, project_id: int) -> HttpResponse:
     project, role = _member_project(request, project_id)
-    config = _page_config(project, role, prefetch=request.GET.get("prefetch", "1") != "0")
+    config = _page_config(project, role)
     context = {"project": project, "role": role, "config": config, "page": "annotate"}
     return render(request, "frontend/annotate.html", context)
 

@@ -3,6 +3,7 @@ Docker image serve with (``histoloop.serve``)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +15,25 @@ from pathlib import Path
 from histoloop.embedded import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def server_env(database_url: str) -> dict[str, str]:
+    """The environment for a server process that must share this process's database, media,
+    learner folders and channel layer (call after Django's settings are loaded)."""
+    from django.conf import settings
+
+    env = dict(os.environ)
+    env["DATABASE_URL"] = database_url
+    env["MEDIA_ROOT"] = str(settings.MEDIA_ROOT)
+    env["LEARNER_CACHE_DIR"] = settings.LEARNER["CACHE_DIR"]
+    env["LEARNER_WEIGHTS_DIR"] = settings.LEARNER["WEIGHTS_DIR"]
+    env["DEBUG"] = "1"
+    # Hash passwords exactly as this process does, or users made here cannot log in there.
+    # (pytest-django loads settings before tests/conftest.py sets FAST_PASSWORD_HASHING.)
+    env["FAST_PASSWORD_HASHING"] = "1" if "MD5" in settings.PASSWORD_HASHERS[0] else "0"
+    env.pop("TEST_DATABASE_NAME", None)
+    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+    return env
 
 
 @contextmanager

@@ -8,10 +8,13 @@ Chromium (headless, via Playwright), and removes what it made at the end.
 
 - Annotator: time from the keydown of a label hotkey to the frame that shows the next patch,
   measured in the page (performance.now() in the key handler → after the next paint), over
-  ``--votes`` votes, with prefetch on (next task requested as soon as the vote returns, both
-  images fetched and decoded off-screen, swapped in whole) and off (``?prefetch=0``: the images
-  are assigned to the visible <img> elements and the patch's load event awaited). Each mode has
-  its own annotator so both see fresh patches; ``--think`` seconds pass between votes.
+  ``--votes`` votes, with the lease ahead (the page holds a second task whose images are decoded
+  off-screen, swapped in at the keypress) and without it (the baseline: Playwright routing drops
+  ``ahead`` from the page's next-task and vote requests, so the server never leases one ahead and
+  each vote waits for the next task and its images, as the page does when the queue has nothing
+  to hold ahead). Both modes pass their requests through the same routing, so the interception
+  costs both alike. Each mode has its own annotator so both see fresh patches; ``--think``
+  seconds pass between votes.
 - Viewer: time from navigation start until every tile of the first field of view is drawn
   (OpenSeadragon's ``fully-loaded-change``), each open in a fresh browser context (cold browser
   cache); the first open also meets a cold server.
@@ -20,7 +23,9 @@ Chromium (headless, via Playwright), and removes what it made at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -28,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -49,15 +55,40 @@ def describe(name: str, values: list[float]) -> str:
     )
 
 
+# The annotator's requests that can ask for a lease ahead: next-task/?ahead=1 and a vote's "ahead": true.
+LEASING = re.compile(r"/api/v1/projects/\d+/(next-task|votes)/(\?.*)?$")
+
+
+def route_leasing(page: Any, *, ahead: bool) -> None:
+    """Routes the leasing requests through Playwright; without ``ahead`` they stop asking for a
+    lease ahead (the server then leases none), which is the baseline's only difference."""
+
+    def handle(route: Any, request: Any) -> None:
+        if ahead:
+            route.continue_()
+            return
+        parts = urlsplit(request.url)
+        url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "ahead"])))
+        if request.method == "POST" and parts.path.endswith("/votes/") and request.post_data:
+            body = json.loads(request.post_data)
+            body.pop("ahead", None)
+            route.continue_(url=url, post_data=json.dumps(body))
+        else:
+            route.continue_(url=url)
+
+    page.route(LEASING, handle)
+
+
 def annotate(
-    browser: Any, base: str, cookie: dict, project_id: int, *, prefetch: bool, votes: int, think: float
+    browser: Any, base: str, cookie: dict, project_id: int, *, ahead: bool, votes: int, think: float
 ) -> list[dict]:
     context = browser.new_context(base_url=base, viewport={"width": 1366, "height": 768})
     context.add_cookies([{**cookie, "url": base}])
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(f"/projects/{project_id}/annotate/?prefetch={1 if prefetch else 0}")
+    route_leasing(page, ahead=ahead)
+    page.goto(f"/projects/{project_id}/annotate/")
     page.wait_for_selector("#annotator[data-state='ready']")
     for i in range(votes):
         time.sleep(think)
@@ -76,6 +107,10 @@ def annotate(
     context.close()
     if errors:
         raise RuntimeError(f"page errors: {errors}")
+    # Without the lease ahead no vote may have been swapped in from a task held ahead, or the
+    # baseline would not be one.
+    if not ahead and any(r["ahead"] for r in result):
+        raise RuntimeError("the baseline run still showed tasks leased ahead: the routing missed a request")
     return result
 
 
@@ -143,19 +178,21 @@ def main() -> int:
             base = f"http://127.0.0.1:{port}"
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             # Warm the server's code paths (imports, slide open) outside the measurement.
-            annotate(browser, base, cookies["on"], project.pk, prefetch=True, votes=0, think=0)
+            annotate(browser, base, cookies["on"], project.pk, ahead=True, votes=0, think=0)
             runs = {}
-            for mode, prefetch in (("off", False), ("on", True)):
+            for mode, ahead in (("off", False), ("on", True)):
                 runs[mode] = annotate(
-                    browser, base, cookies[mode], project.pk, prefetch=prefetch, votes=args.votes, think=args.think
+                    browser, base, cookies[mode], project.pk, ahead=ahead, votes=args.votes, think=args.think
                 )
             print("Annotator: keypress → next patch painted")
-            for mode, label in (("off", "prefetch off (baseline)"), ("on", "prefetch on")):
+            for mode, label in (("off", "without lease ahead (baseline)"), ("on", "with lease ahead")):
                 rows = runs[mode]
                 print(describe(label, [r["latency"] for r in rows]))
                 print(describe("  of which: vote request", [r["vote"] for r in rows]))
                 print(describe("  of which: next-task request", [r["next"] for r in rows]))
                 print(describe("  of which: images loaded + painted", [r["images"] for r in rows]))
+            medians = {mode: statistics.median(r["latency"] for r in rows) for mode, rows in runs.items()}
+            print(f"{'baseline / lease ahead, medians':<44} {medians['off'] / medians['on']:7.1f}x")
             opens = [open_viewer(browser, base, cookies["on"], project.pk, slide.pk) for _ in range(args.opens)]
             browser.close()
         print("\nViewer: navigation start → first field of view fully drawn (fresh browser context each)")

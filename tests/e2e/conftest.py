@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.conf import settings
 from django.urls import Resolver404, resolve
 
 from tests.conftest import SLIDES_DIR
@@ -27,6 +26,7 @@ from tests.integration.conftest import REPO_ROOT, celery_worker_process, test_da
 # browser steps are plain synchronous code (see stack.md), so let Django allow them.
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
+from tests import servers
 from tests.e2e.chromium import CHROMIUM, CHROMIUM_ARGS
 from tests.servers import asgi_server
 
@@ -39,18 +39,7 @@ pytestmark = pytest.mark.e2e
 
 def server_env() -> dict[str, str]:
     """The environment for processes that must share the test database, media and channel layer."""
-    env = dict(os.environ)
-    env["DATABASE_URL"] = test_database_url()
-    env["MEDIA_ROOT"] = str(settings.MEDIA_ROOT)
-    env["LEARNER_CACHE_DIR"] = settings.LEARNER["CACHE_DIR"]
-    env["LEARNER_WEIGHTS_DIR"] = settings.LEARNER["WEIGHTS_DIR"]
-    env["DEBUG"] = "1"
-    # Hash passwords exactly as this process does, or users made here cannot log in there.
-    # (pytest-django loads settings before tests/conftest.py sets FAST_PASSWORD_HASHING.)
-    env["FAST_PASSWORD_HASHING"] = "1" if "MD5" in settings.PASSWORD_HASHERS[0] else "0"
-    env.pop("TEST_DATABASE_NAME", None)
-    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-    return env
+    return servers.server_env(test_database_url())
 
 
 @pytest.fixture(scope="session")

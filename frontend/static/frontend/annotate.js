@@ -1,12 +1,10 @@
 // The annotator: one leased patch at a time, labelled with keys 1-9, S to skip, U / Ctrl+Z to undo.
 //
-// Prefetch on (the default): the user holds one lease ahead (next-task/?ahead=1, and each vote sent
-// with "ahead": true brings a fresh one), whose images are fetched and decoded off-screen while the
-// person looks at the current patch. A label key swaps the decoded next patch in at once; the vote
-// goes to the server in the background, one request after another (state.background). When no task
-// is ready ahead, the vote is sent with "next": true and the page waits for it, as without prefetch.
-// With ?prefetch=0 the images are simply assigned to the visible <img> elements and we wait for the
-// vote (with "next": true) and then for the images to load: the baseline the benchmark compares against.
+// The user holds one lease ahead (next-task/?ahead=1, and each vote sent with "ahead": true brings
+// a fresh one), whose images are fetched and decoded off-screen while the person looks at the
+// current patch. A label key swaps the decoded next patch in at once; the vote goes to the server
+// in the background, one request after another (state.background). When no task is ready ahead
+// (the server had none to lease), the vote is sent with "next": true and the page waits for it.
 import { api, el, isTyping, pageConfig, paintLabelColours } from "./api.js";
 import { connectLive, statusBadge } from "./live.js";
 
@@ -46,13 +44,13 @@ const state = {
   idle: false,
   canUndo: false,
   idleTimer: null,
-  entry: null, // prefetch: the task on screen with its decoded images, to show again after an undo
-  ahead: [], // prefetch: leased tasks to show next, images decoding ({task, patch, context})
-  background: Promise.resolve(), // prefetch: votes, skips and top-ups, sent one after another
+  entry: null, // the task on screen with its decoded images, to show again after an undo
+  ahead: [], // leased tasks to show next, images decoding ({task, patch, context})
+  background: Promise.resolve(), // votes, skips and top-ups, sent one after another
 };
 
 // Read by the end-to-end tests and the benchmark: one entry per vote, in milliseconds.
-const metrics = { prefetch: config.prefetch, votes: [] };
+const metrics = { votes: [] };
 window.histoloopMetrics = metrics;
 
 function setState(name) {
@@ -115,7 +113,7 @@ async function decoded(url) {
   return image;
 }
 
-// Starts fetching and decoding a task's images off-screen (prefetch on).
+// Starts fetching and decoding a task's images off-screen.
 function preload(task) {
   const urls = imageUrls(task);
   const entry = { task, patch: decoded(urls.patch), context: decoded(urls.context) };
@@ -137,54 +135,37 @@ function inBackground(job) {
   return state.background;
 }
 
-function loaded(image, url) {
-  return new Promise((resolve, reject) => {
-    image.onload = () => resolve(image);
-    image.onerror = () => reject(new Error("The patch image could not be loaded; skip it or reload the page."));
-    image.src = url;
-  });
-}
-
 // Puts the task's images on screen; resolves once the patch is painted. The context image is
 // swapped in when it has decoded too, without holding the patch back.
 async function showImages(task, entry) {
-  const urls = imageUrls(task);
-  if (config.prefetch) {
-    state.entry = entry && entry.task === task ? entry : preload(task);
-    const context = state.entry.context;
-    let patch;
-    try {
-      patch = await state.entry.patch;
-    } catch {
-      throw new Error("The patch image could not be loaded; skip it or reload the page.");
-    }
-    ui.patchImg = adopt(ui.patchImg, patch);
-    context.then(
-      (image) => {
-        if (state.task === task) ui.contextImg = adopt(ui.contextImg, image);
-      },
-      () => {
-        if (state.task === task) ui.contextImg.removeAttribute("src");
-      },
-    );
-  } else {
-    const patchLoaded = loaded(ui.patchImg, urls.patch);
-    ui.contextImg.src = urls.context;
-    await patchLoaded;
+  state.entry = entry && entry.task === task ? entry : preload(task);
+  const context = state.entry.context;
+  let patch;
+  try {
+    patch = await state.entry.patch;
+  } catch {
+    throw new Error("The patch image could not be loaded; skip it or reload the page.");
   }
+  ui.patchImg = adopt(ui.patchImg, patch);
+  context.then(
+    (image) => {
+      if (state.task === task) ui.contextImg = adopt(ui.contextImg, image);
+    },
+    () => {
+      if (state.task === task) ui.contextImg.removeAttribute("src");
+    },
+  );
   await nextPaint();
 }
 
 async function present(task, timing, entry) {
-  if (config.prefetch) {
-    // A task shown now is no longer ahead; its images may be decoded already.
-    const index = state.ahead.findIndex((e) => e.task.id === task.id);
-    if (index >= 0) {
-      const [queued] = state.ahead.splice(index, 1);
-      if (!entry) {
-        entry = queued;
-        task = queued.task;
-      }
+  // A task shown now is no longer ahead; its images may be decoded already.
+  const index = state.ahead.findIndex((e) => e.task.id === task.id);
+  if (index >= 0) {
+    const [queued] = state.ahead.splice(index, 1);
+    if (!entry) {
+      entry = queued;
+      task = queued.task;
     }
   }
   state.task = task;
@@ -237,7 +218,7 @@ function showEmpty() {
 async function fetchNext(timing) {
   let task;
   try {
-    task = await api(`${base}next-task/${config.prefetch ? "?ahead=1" : ""}`, { method: "POST" });
+    task = await api(`${base}next-task/?ahead=1`, { method: "POST" });
   } catch (error) {
     showError(error);
     setState("error");
@@ -245,10 +226,10 @@ async function fetchNext(timing) {
   }
   if (task === null) showEmpty();
   else await present(task, timing);
-  if (config.prefetch && task) keepAhead(task.ahead);
+  if (task) keepAhead(task.ahead);
 }
 
-// Prefetch: lease a task to hold ahead. The answer's own task is the user's oldest lease, mostly
+// Leases a task to hold ahead. The answer's own task is the user's oldest lease, mostly
 // the one on screen; keepAhead ignores that one.
 async function topUp() {
   let body;
@@ -279,47 +260,9 @@ async function run(action) {
   refreshStats();
 }
 
+// The task decoded ahead is shown at once and the vote goes to the server in the background;
+// with nothing held ahead, the vote also asks for the next task and the page waits for it.
 function vote(label) {
-  if (config.prefetch) return voteAhead(label);
-  const task = state.task;
-  if (!task) return;
-  const pressed = performance.now();
-  return run(async () => {
-    let result;
-    try {
-      result = await api(`${base}votes/`, {
-        method: "POST",
-        body: {
-          patch: task.patch.id,
-          label: label.id,
-          task: task.id,
-          time_spent_ms: Math.round(pressed - state.shownAt),
-          // Asks the server to lease the next task in the same request (used when it answers "next").
-          next: true,
-        },
-      });
-    } catch (error) {
-      showError(error);
-      // 409: the lease expired or the patch was voted meanwhile; move on to a fresh task.
-      if (error.status === 409) await fetchNext();
-      return;
-    }
-    const voted = performance.now();
-    clearError();
-    state.canUndo = true;
-    showGold(result.gold);
-    say(`Labelled patch ${task.patch.id} as ${label.name}.`);
-    if (result.next !== undefined) {
-      if (result.next === null) showEmpty();
-      else await present(result.next, { pressed, voted });
-    } else {
-      await fetchNext({ pressed, voted });
-    }
-  });
-}
-
-// Prefetch: the task decoded ahead is shown at once and the vote is sent in the background.
-function voteAhead(label) {
   const task = state.task;
   if (!task || state.busy) return;
   const pressed = performance.now();
@@ -328,89 +271,71 @@ function voteAhead(label) {
     // A vote still on its way may bring the task to show next.
     if (!state.ahead.length) await state.background;
     const next = state.ahead.shift();
-    if (!next) {
-      await voteAndWait(task, label, pressed, timeSpent);
+    if (next) {
+      state.canUndo = true;
+      inBackground(async () => {
+        // The person is on the next patch already: a failure is said and they carry on.
+        const sent = await sendVote(task, label, timeSpent, { next: false });
+        if (!sent.ok) return;
+        keepAhead(sent.result.ahead);
+        refreshStats();
+        if (!state.busy) setControls(true);
+      });
+      await present(next.task, { pressed, voted: pressed, ahead: true }, next);
+      return;
+    }
+    const sent = await sendVote(task, label, timeSpent, { next: true });
+    if (!sent.ok) {
+      // 409: the lease expired or the patch was voted meanwhile; move on to a fresh task.
+      if (sent.status === 409) await fetchNext();
       return;
     }
     state.canUndo = true;
-    inBackground(() => sendVote(task, label, timeSpent));
-    await present(next.task, { pressed, voted: pressed, ahead: true }, next);
-  });
-}
-
-async function sendVote(task, label, timeSpent) {
-  let result;
-  try {
-    result = await api(`${base}votes/`, {
-      method: "POST",
-      body: { patch: task.patch.id, label: label.id, task: task.id, time_spent_ms: timeSpent, ahead: true },
-    });
-  } catch (error) {
-    // The person is on the next patch already: say what went wrong and let them carry on
-    // (409: the lease expired or the patch was voted meanwhile).
-    showError(error);
-    return;
-  }
-  clearError();
-  showGold(result.gold);
-  say(`Labelled patch ${task.patch.id} as ${label.name}.`);
-  keepAhead(result.ahead);
-  refreshStats();
-  if (!state.busy) setControls(true);
-}
-
-// Prefetch, with nothing held ahead: vote, then show the next task the vote brings back.
-async function voteAndWait(task, label, pressed, timeSpent) {
-  let result;
-  try {
-    result = await api(`${base}votes/`, {
-      method: "POST",
-      body: {
-        patch: task.patch.id,
-        label: label.id,
-        task: task.id,
-        time_spent_ms: timeSpent,
-        next: true,
-        ahead: true,
-      },
-    });
-  } catch (error) {
-    showError(error);
-    if (error.status === 409) await fetchNext();
-    return;
-  }
-  const voted = performance.now();
-  clearError();
-  state.canUndo = true;
-  showGold(result.gold);
-  say(`Labelled patch ${task.patch.id} as ${label.name}.`);
-  if (!result.next) {
-    showEmpty();
-    return;
-  }
-  await present(result.next, { pressed, voted });
-  keepAhead(result.ahead);
-}
-
-function skip() {
-  if (config.prefetch) return skipAhead();
-  const task = state.task;
-  if (!task) return;
-  return run(async () => {
-    try {
-      await api(`${base}tasks/${task.id}/skip/`, { method: "POST" });
-    } catch (error) {
-      showError(error);
-      if (error.status !== 409) return;
+    if (!sent.result.next) {
+      showEmpty();
+      return;
     }
-    clearError();
-    say(`Skipped patch ${task.patch.id}.`);
-    await fetchNext();
+    await present(sent.result.next, { pressed, voted: sent.at });
+    keepAhead(sent.result.ahead);
   });
 }
 
-// Prefetch: the task decoded ahead is shown at once; the skip and a new lease ahead follow.
-function skipAhead() {
+// The one vote request. It always asks for a fresh lease to hold ahead ("ahead": true), and with
+// `next` also for the task to show next. Resolves to {ok, result, at} or, after saying what went
+// wrong, to {ok: false, status}.
+async function sendVote(task, label, timeSpent, { next }) {
+  const body = { patch: task.patch.id, label: label.id, task: task.id, time_spent_ms: timeSpent, ahead: true };
+  if (next) body.next = true;
+  let result;
+  try {
+    result = await api(`${base}votes/`, { method: "POST", body });
+  } catch (error) {
+    showError(error);
+    return { ok: false, status: error.status };
+  }
+  const at = performance.now();
+  clearError();
+  showGold(result.gold);
+  say(`Labelled patch ${task.patch.id} as ${label.name}.`);
+  return { ok: true, result, at };
+}
+
+// Resolves to true once the task is given back (or was not ours any more, which is what a skip
+// wants: 409), false after saying why it could not be.
+async function sendSkip(task) {
+  try {
+    await api(`${base}tasks/${task.id}/skip/`, { method: "POST" });
+  } catch (error) {
+    showError(error);
+    if (error.status !== 409) return false;
+  }
+  clearError();
+  say(`Skipped patch ${task.patch.id}.`);
+  return true;
+}
+
+// The task decoded ahead is shown at once; the skip and a new lease ahead follow.
+function skip() {
   const task = state.task;
   if (!task || state.busy) return;
   return run(async () => {
@@ -418,28 +343,12 @@ function skipAhead() {
     const next = state.ahead.shift();
     if (next) {
       inBackground(async () => {
-        try {
-          await api(`${base}tasks/${task.id}/skip/`, { method: "POST" });
-        } catch (error) {
-          showError(error);
-          if (error.status !== 409) return;
-        }
-        clearError(); // 409: it was not ours any more, which is what a skip wants
-        say(`Skipped patch ${task.patch.id}.`);
-        await topUp();
+        if (await sendSkip(task)) await topUp();
       });
       await present(next.task, undefined, next);
       return;
     }
-    try {
-      await api(`${base}tasks/${task.id}/skip/`, { method: "POST" });
-    } catch (error) {
-      showError(error);
-      if (error.status !== 409) return;
-    }
-    clearError();
-    say(`Skipped patch ${task.patch.id}.`);
-    await fetchNext();
+    if (await sendSkip(task)) await fetchNext();
   });
 }
 
@@ -447,7 +356,7 @@ function undo() {
   if (!state.canUndo) return;
   return run(async () => {
     // The vote to undo may still be on its way.
-    if (config.prefetch) await state.background;
+    await state.background;
     let result;
     try {
       result = await api(`${base}votes/undo/`, { method: "POST" });
@@ -460,7 +369,7 @@ function undo() {
     ui.gold.hidden = true;
     if (result.task) {
       say(`Vote on patch ${result.task.patch.id} undone; label it again.`);
-      if (config.prefetch && state.task && state.task.id !== result.task.id) {
+      if (state.task && state.task.id !== result.task.id) {
         // The patch on screen comes back right after the undone one, images still decoded.
         state.ahead.unshift(state.entry && state.entry.task === state.task ? state.entry : preload(state.task));
       }
@@ -553,7 +462,7 @@ window.histoloopLive = connectLive(config.ws, {
     // A finished round rebuilds the queue: an idle annotator asks again at once.
     if ((event.type === "queue.refresh" || event.type === "round.finished") && state.idle && !state.busy) {
       run(() => fetchNext());
-    } else if (event.type === "queue.refresh" && config.prefetch && state.task && !state.ahead.length) {
+    } else if (event.type === "queue.refresh" && state.task && !state.ahead.length) {
       // Nothing was left to hold ahead; there may be now.
       inBackground(topUp);
     }
