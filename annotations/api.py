@@ -76,7 +76,7 @@ class ProjectListView(APIView):
         roles = {project.pk: role for project, role in rows}
         return Response(ProjectSerializer([p for p, _ in rows], many=True, context={"roles": roles}).data)
 
-    @extend_schema(request=ProjectSerializer, responses=ProjectSerializer)
+    @extend_schema(request=ProjectSerializer, responses={201: ProjectSerializer})
     def post(self, request: Request) -> Response:
         if not request.user.is_staff:
             raise PermissionDenied("Only staff can create projects; ask an administrator.")
@@ -111,7 +111,7 @@ class LabelListView(ProjectScoped):
         project, _ = self.load(request, project_id)
         return Response(LabelClassSerializer(project.label_classes.all(), many=True).data)
 
-    @extend_schema(request=LabelClassSerializer, responses=LabelClassSerializer)
+    @extend_schema(request=LabelClassSerializer, responses={201: LabelClassSerializer})
     def post(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
         serializer = LabelClassSerializer(data=request.data, context={"project": project})
@@ -153,7 +153,7 @@ class MemberListView(ProjectScoped):
         members = Membership.objects.filter(project=project).select_related("user").order_by("user__username")
         return Response(MembershipSerializer(members, many=True).data)
 
-    @extend_schema(request=MembershipSerializer, responses=MembershipSerializer)
+    @extend_schema(request=MembershipSerializer, responses={201: MembershipSerializer})
     def post(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
         serializer = MembershipSerializer(data=request.data)
@@ -183,7 +183,9 @@ class MemberDetailView(ProjectScoped):
     def delete(self, request: Request, project_id: int, member_id: int) -> Response:
         project, _ = self.load(request, project_id)
         deleted, _ = Membership.objects.filter(project=project, pk=member_id).delete()
-        return Response(status=204 if deleted else 404)
+        if not deleted:
+            return Response({"detail": "No such member in this project."}, status=404)
+        return Response(status=204)
 
 
 def _truthy(value: Any) -> bool:

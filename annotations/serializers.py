@@ -234,7 +234,9 @@ class CorrectionResultSerializer(serializers.Serializer):
 class NextTaskSerializer(TaskSerializer):
     """The schema of next-task's answer (the view adds ``ahead`` to a TaskSerializer's data)."""
 
-    ahead = TaskSerializer(required=False, allow_null=True, read_only=True, help_text="With ?ahead=1.")
+    # Not read-only: a read-only field would be a required property of the answer, and ahead is there
+    # only with ?ahead=1.
+    ahead = TaskSerializer(required=False, allow_null=True, help_text="With ?ahead=1.")
 
     class Meta(TaskSerializer.Meta):
         fields = [*TaskSerializer.Meta.fields, "ahead"]

@@ -9,14 +9,33 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
+from django.db import DataError
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, DataError):
+        # The last line of defence for values validation let through: PostgreSQL refuses NUL in text
+        # and numbers outside its types' range. Nothing was written (the statement failed).
+        return Response(
+            {
+                "detail": "A value is out of range or holds characters that cannot be stored (such as NUL).",
+                "code": "invalid",
+            },
+            status=400,
+        )
     if isinstance(exc, RequestDataTooBig):
         return Response(
             {"detail": "The request body is larger than this endpoint accepts; send less.", "code": "too_large"},
             status=413,
         )
     return drf_exception_handler(exc, context)
+
+
+@csrf_exempt  # a 404 for any method: there is no form here for a cross-site request to abuse
+def api_not_found(request: HttpRequest, path: str = "") -> JsonResponse:
+    """Any /api/ URL that names no endpoint (a malformed id included): a JSON 404, as the API's own are."""
+    return JsonResponse({"detail": "No such endpoint or object; see /api/v1/docs/."}, status=404)

@@ -6,8 +6,10 @@ from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.templatetags.static import static
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
+
+from histoloop.exceptions import api_not_found
 
 # The Swagger UI page loads its bundle from jsDelivr (drf-spectacular's default) and has a small
 # inline <style>; its script comes from this origin (the split view), so script-src stays strict.
@@ -34,6 +36,8 @@ urlpatterns = [
     path("api/v1/", include("annotations.urls")),
     # training rounds, heatmaps, predictions
     path("api/v1/", include("learner.urls")),
+    # anything else under /api/ (a malformed id included) is a JSON 404, not an HTML page
+    re_path(r"^api/(?P<path>.*)$", api_not_found),
     # the pages: home, annotator, viewer, dashboard, slide upload
     path("", include("frontend.urls")),
 ]

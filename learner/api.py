@@ -21,7 +21,7 @@ from .models import ModelVersion, PatchScore, TrainingRound
 
 
 class RoundSerializer(serializers.ModelSerializer):
-    requested_by = serializers.CharField(source="requested_by.username", default=None, read_only=True)
+    requested_by = serializers.CharField(source="requested_by.username", default=None, allow_null=True, read_only=True)
     model_version = serializers.SerializerMethodField()
 
     class Meta:
@@ -61,7 +61,7 @@ class RoundListView(ProjectScoped):
         rounds = TrainingRound.objects.filter(project=project).select_related("requested_by", "model_version")
         return Response(RoundSerializer(rounds.order_by("-number")[:200], many=True).data)
 
-    @extend_schema(request=None, responses={201: RoundSerializer, 409: None})
+    @extend_schema(request=None, responses={201: RoundSerializer})
     def post(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
         try:

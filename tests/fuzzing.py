@@ -291,13 +291,12 @@ def awkward_variants(operation: Any, template: Any, target: Target) -> list[Any]
             if isinstance(value, str) or key in target.field_values:
                 changes += [(location, {**container, key: awkward}) for awkward in AWKWARD_STRINGS]
     variants = []
+    has_body = bool(list(operation.body))
     for location, value in changes:
         fields = {**base, location: value}
-        variants.append(
-            operation.Case(
-                path_parameters=dict(path), query=fields["query"], body=fields["body"], media_type=template.media_type
-            )
-        )
+        # An operation without a request body gets none (Schemathesis cannot pick a media type for it).
+        body = {"body": fields["body"], "media_type": template.media_type} if has_body else {}
+        variants.append(operation.Case(path_parameters=dict(path), query=fields["query"], **body))
     # Whatever media type the template happened to use, the wrong shapes go as JSON where it is accepted.
     json_types = [body.media_type for body in operation.body if "json" in body.media_type]
     for shape in AWKWARD_BODIES if json_types else []:

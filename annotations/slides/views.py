@@ -163,7 +163,16 @@ class SlideListView(GenericAPIView):
         page = self.paginate_queryset(queryset)
         return self.get_paginated_response(SlideSerializer(page, many=True).data)
 
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        request={
+            "multipart/form-data": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}, "group": {"type": "string"}},
+                "required": ["file"],
+            }
+        },
+        responses={201: SlideSerializer},
+    )
     def post(self, request: Request, project_id: int) -> Response:
         project, _ = project_for(request.user, project_id, roles=(Role.ADMIN,))
         try:

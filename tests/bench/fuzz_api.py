@@ -42,7 +42,7 @@ def main() -> int:
     embedded.ensure_environment()
     media = Path(tempfile.mkdtemp(prefix="histoloop-bench-fuzz-"))
     os.environ["MEDIA_ROOT"] = str(media)
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
     os.environ.setdefault("FAST_PASSWORD_HASHING", "1")
     # A database of the run's own: the admin's requests create projects and members at will.
     os.environ["TEST_DATABASE_NAME"] = f"bench_fuzz_{os.getpid()}"
