@@ -1,4 +1,5 @@
-"""ASGI entry point: HTTP through Django, websockets through Channels (session-authenticated)."""
+"""ASGI entry point: HTTP through Django (tiles of already-authorised viewers through the lean
+route in front of it, annotations.slides.lean), websockets through Channels (session-authenticated)."""
 
 import os
 
@@ -12,6 +13,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from annotations.routing import websocket_urlpatterns  # noqa: E402
+from annotations.slides.lean import LeanTiles  # noqa: E402
 
 
 def _warm_up() -> None:
@@ -27,7 +29,8 @@ _warm_up()
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # Tiles for credentials Django already authorised are answered before Django (see lean.py).
+        "http": LeanTiles(django_asgi_app),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

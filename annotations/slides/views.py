@@ -267,7 +267,7 @@ def _guarded(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..., Awai
 async def tile(request: HttpRequest, slide_id: int, z: int, x: int, y: int) -> HttpResponse:
     access: SlideAccess = await authorise(request, "slide", slide_id, slide_access)
     tag = tiles.etag(access.checksum, "tile", z, x, y)
-    return await _serve(request, tag, lambda: tiles.tile_jpeg(access.path, z, x, y))
+    return await _serve(request, tag, lambda: tiles.tile_jpeg(access.path, z, x, y, access.checksum))
 
 
 @_guarded
