@@ -223,6 +223,14 @@ class SharedTileCache:
         except Exception as exc:
             self._complain(exc)
 
+    def clear(self) -> int:
+        """Delete every cached tile (all slides, all versions); the number deleted."""
+        client = self.client()
+        keys = list(client.scan_iter(match=f"{TILE_CACHE_PREFIX}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+        return len(keys)
+
     def _complain(self, exc: Exception) -> None:
         import time
 

@@ -142,12 +142,15 @@ def write_pictures(directory: Path, stem: str, slide: Any, captured: dict[str, A
     thumbnail.save(directory / f"{stem}-thumbnail.png")
     Image.fromarray(captured["rgb"]).save(directory / f"{stem}-lowres.png")
     Image.fromarray((captured["mask"] * 255).astype(np.uint8)).save(directory / f"{stem}-mask.png")
-    grid = thumbnail.copy()
+    # On the low-resolution image (a patch is ~8 px there; on the 512 px thumbnail it would be ~1 px).
+    grid = Image.fromarray(captured["rgb"]).convert("RGB")
     draw = ImageDraw.Draw(grid, "RGBA")
     scale = grid.width / slide.width
     for x, y, size in slide.patches.values_list("x", "y", "size"):
         draw.rectangle([x * scale, y * scale, (x + size) * scale - 1, (y + size) * scale - 1], outline=(0, 160, 0, 150))
     grid.save(directory / f"{stem}-grid.png")
+    # The top-left island at full low-res scale, to look at the grid's fit.
+    grid.crop((0, 0, min(grid.width, 900), min(grid.height, 700))).save(directory / f"{stem}-grid-corner.png")
 
 
 def child(slide_file: Path, pictures: Path | None) -> dict[str, Any]:
