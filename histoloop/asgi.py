@@ -11,6 +11,7 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 from annotations.routing import websocket_urlpatterns  # noqa: E402
 from annotations.slides.lean import LeanTiles  # noqa: E402
@@ -30,7 +31,7 @@ _warm_up()
 application = ProtocolTypeRouter(
     {
         # Tiles for credentials Django already authorised are answered before Django (see lean.py).
-        "http": LeanTiles(django_asgi_app),
+        "http": LeanTiles(django_asgi_app) if settings.LEAN_TILE_ROUTE else django_asgi_app,
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -144,6 +144,9 @@ MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", BASE_DIR / "var" / "media"))
 MEDIA_URL = "/media/"
 
 # Uploads: slides stream to disk in chunks; the limit is checked before anything is kept.
+# Tiles of already-authorised viewers answered in front of Django (annotations.slides.lean); off
+# sends every tile request through the whole Django stack (to compare, or to rule it out).
+LEAN_TILE_ROUTE = env_bool("LEAN_TILE_ROUTE", True)
 MAX_UPLOAD_BYTES = int(os.environ.get("MAX_UPLOAD_BYTES", str(4 * 1024**3)))
 FILE_UPLOAD_MAX_MEMORY_SIZE = 8 * 1024**2
 DATA_UPLOAD_MAX_MEMORY_SIZE = 8 * 1024**2
