@@ -104,6 +104,9 @@ if os.environ.get("TEST_DATABASE_NAME"):
     DATABASES["default"]["TEST"]["NAME"] = os.environ["TEST_DATABASE_NAME"]
 
 REDIS_URL = os.environ["REDIS_URL"]
+# Rendered tiles shared by every server process (annotations.slides.tiles). The platform's Redis
+# unless set; production points it at a memory-only Redis with LRU eviction (docker/compose.yml).
+TILE_CACHE_URL = os.environ.get("TILE_CACHE_URL") or REDIS_URL
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

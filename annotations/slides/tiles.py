@@ -33,7 +33,7 @@ How a tile is made (:func:`tile_jpeg`), cheapest first:
    default) and reads SVS files through OpenSlide. Edge tiles (cropped) and colour-corrected
    slides go the next way.
 2. **Shared cache.** Tiles large-image renders (JPEG 2000 levels, synthesised levels, edges) are
-   kept in the platform's Redis (``REDIS_URL``, the embedded one too) under
+   kept in Redis (``TILE_CACHE_URL``; unset, the platform's ``REDIS_URL``, the embedded one too) under
    ``histoloop:tile:v<ENCODING_VERSION>:<sha256 of the file>:<z>/<x>/<y>``, for
    ``TILE_CACHE_SECONDS``, so every server process and host shares them and a replaced file (new
    checksum) can never be answered with its predecessor's tiles.
@@ -241,7 +241,7 @@ class SharedTileCache:
             logger.warning("The shared tile cache (Redis) is unavailable (%r); rendering tiles without it.", exc)
 
 
-shared_cache = SharedTileCache(settings.REDIS_URL)
+shared_cache = SharedTileCache(settings.TILE_CACHE_URL)
 
 
 @dataclass(frozen=True)

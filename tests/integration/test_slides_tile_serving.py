@@ -160,7 +160,7 @@ def test_another_process_sees_the_tiles_this_one_cached(tcga, viewer):  # type: 
         "tiles.render_tile = no_render\n"
         "sys.stdout.buffer.write(tiles.tile_jpeg(sys.argv[1], 5, 4, 4, sys.argv[2]))\n"
     )
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "histoloop.settings", "REDIS_URL": settings.REDIS_URL}
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "histoloop.settings", "TILE_CACHE_URL": settings.TILE_CACHE_URL}
     other = subprocess.run(
         [sys.executable, "-c", script, tiles.slide_path(tcga), tcga.checksum],
         cwd=REPO_ROOT,
