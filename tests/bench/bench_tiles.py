@@ -17,9 +17,9 @@ Per slide, on a random sample of distinct tiles from the two finest levels:
 - HTTP with 1 and 2 server processes: ``GET /api/v1/slides/{id}/tiles/{z}/{x}/{y}.jpeg`` with 1
   and 16 keep-alive clients, and 16 viewers each loading 12-tile (4 x 3) fields of view over 6
   connections (like a browser), pausing ``--think`` s between views;
-- cold: a freshly started server, the slide's keys deleted from the shared Redis tile cache,
-  large-image's caches empty (the OS page cache is left alone: the machine is shared), and every
-  phase on tiles no earlier phase asked for; warm: the same requests again on the same server.
+- cold: every phase on a freshly started server, with the slide's keys deleted from the shared
+  Redis tile cache and large-image's caches empty (the OS page cache is left alone: the machine is
+  shared); warm: the same requests again on the same server.
 """
 
 from __future__ import annotations
@@ -204,6 +204,8 @@ def run(args: argparse.Namespace, slides: list[Path], media: Path) -> int:
             f"({django1 - row['served_warm']['median_ms']:.2f} ms web stack + HTTP), "
             f"16 clients {row['django_16c']['median_ms']:.2f} ms"
         )
+        asgi = {name: figure["median_ms"] for name, figure in row["asgi"].items()}
+        print("  one request inside one process: " + ", ".join(f"{n} {v:.3f} ms" for n, v in asgi.items()))
         if "decode" in row:
             print(
                 f"  decode cost per tile {row['decode']['median_ms']:.1f} ms median, decode + encode "
@@ -249,29 +251,9 @@ def bench_slide(
 
     all_views = views_at(native[0]) + views_at(native[1])
     rng.shuffle(all_views)
-    # Disjoint tile sets, so that every phase of a cold server asks for tiles nobody asked for before.
-    pool_tiles = [tile for view in all_views for tile in view]
-    used: set[Tile] = set()
-
-    def take_tiles(n: int) -> list[Tile]:
-        chosen = []
-        for tile in pool_tiles:
-            if tile not in used:
-                used.add(tile)
-                chosen.append(tile)
-                if len(chosen) == n:
-                    break
-        return chosen
-
-    def take_views(n: int) -> list[list[Tile]]:
-        chosen = []
-        for view in all_views:
-            if not used.intersection(view):
-                used.update(view)
-                chosen.append(view)
-                if len(chosen) == n:
-                    break
-        return chosen
+    # Each phase starts cold (caches cleared, a fresh server), so phases may share tiles.
+    sample = [tile for view in all_views for tile in view][: args.tiles]
+    fov_views = all_views[: args.views]
 
     def clear_caches() -> None:
         large_image.cache_util.cachesClear()
@@ -284,7 +266,6 @@ def bench_slide(
     row: dict[str, Any] = {"passthrough": bool(passthrough)}
 
     # In-process.
-    sample = take_tiles(args.tiles)
     clear_caches()
     tiles.tile_jpeg(path, 0, 0, 0, slide.checksum)  # open the source and the stored-tile index
 
@@ -312,58 +293,101 @@ def bench_slide(
         row["decode"] = in_process(
             "in-process decode only (numpy)", lambda z, x, y: decoder.getTile(x, y, z, numpyAllowed="always")
         )
-    clear_caches()
+    # Where a tile request's time goes inside one process (no sockets, tiles warm): the ASGI app as
+    # served, the whole Django stack, and Django without its middleware.
+    row["asgi"] = asgi_in_process(slide.pk, cookie, sample)
 
-    first_sets: dict[int, list[Tile]] = {}
+    def http_phase(port: int, tile_set: list[Tile], clients: int, label: str) -> dict:
+        def work(tile: object, state_: dict) -> float:
+            z, x, y = tile  # type: ignore[misc]
+            start = time.perf_counter()
+            http_get(state_, port, f"/api/v1/slides/{slide.pk}/tiles/{z}/{x}/{y}.jpeg", cookie)
+            return time.perf_counter() - start
+
+        latencies, wall = run_concurrently(tile_set, clients, work)
+        return summary(label, latencies, wall)
+
     for count in processes:
-        http_sets = {clients: take_tiles(args.tiles) for clients in (1, 16)}
-        first_sets = first_sets or http_sets
-        fov_set = take_views(args.views)
-        clear_caches()
-        with asgi_server(env, log, workers=count) as port:
-            # Authorise the credential in every process (each keeps its own access cache): a
-            # few connections at once, on a tile outside every set.
-            first = f"/api/v1/slides/{slide.pk}/tiles/0/0/0.jpeg"
-            with ThreadPoolExecutor(8) as warm_up:
-                list(warm_up.map(lambda _, first=first, port=port: http_get({}, port, first, cookie), range(8)))
-            for state in ("cold", "warm"):
-                for clients, tile_set in http_sets.items():
-
-                    def work(tile: object, state_: dict, port: int = port) -> float:
-                        z, x, y = tile  # type: ignore[misc]
-                        start = time.perf_counter()
-                        http_get(state_, port, f"/api/v1/slides/{slide.pk}/tiles/{z}/{x}/{y}.jpeg", cookie)
-                        return time.perf_counter() - start
-
-                    latencies, wall = run_concurrently(tile_set, clients, work)
-                    row[f"http_{count}p_{clients}c_{state}"] = summary(
-                        f"HTTP, {count} process(es), {clients:>2} client(s), {state}", latencies, wall
-                    )
-                row[f"fov_{count}p_{state}"] = field_of_view(
-                    port,
-                    slide.pk,
-                    cookie,
-                    fov_set,
-                    args.think,
-                    rng,
-                    f"12-tile view, {count} process(es), 16 viewers, {state}",
-                )
+        for phase in ("1 client", "16 clients", "views"):
+            clear_caches()
+            with asgi_server(env, log, workers=count) as port:
+                # Authorise the credential in every process (each keeps its own access cache): a
+                # few connections at once, on the one z = 0 tile (outside the measured levels).
+                first = f"/api/v1/slides/{slide.pk}/tiles/0/0/0.jpeg"
+                with ThreadPoolExecutor(8) as warm_up:
+                    list(warm_up.map(lambda _, first=first, port=port: http_get({}, port, first, cookie), range(8)))
+                for state in ("cold", "warm"):
+                    if phase == "views":
+                        row[f"fov_{count}p_{state}"] = field_of_view(
+                            port, slide.pk, cookie, fov_views, args.think, rng,
+                            f"12-tile view, {count} process(es), 16 viewers, {state}",
+                        )  # fmt: skip
+                    else:
+                        clients = 1 if phase == "1 client" else 16
+                        row[f"http_{count}p_{clients}c_{state}"] = http_phase(
+                            port, sample, clients, f"HTTP, {count} process(es), {clients:>2} client(s), {state}"
+                        )
     # Where the time went before: the same warm tiles through the whole Django stack.
     with asgi_server({**env, "LEAN_TILE_ROUTE": "0"}, log, workers=1) as port:
-        http_get({}, port, f"/api/v1/slides/{slide.pk}/tiles/0/0/0.jpeg", cookie)
+        http_phase(port, sample, 4, "(filling the caches, not a figure)")
         for clients in (1, 16):
-
-            def django_work(tile: object, state_: dict, port: int = port) -> float:
-                z, x, y = tile  # type: ignore[misc]
-                start = time.perf_counter()
-                http_get(state_, port, f"/api/v1/slides/{slide.pk}/tiles/{z}/{x}/{y}.jpeg", cookie)
-                return time.perf_counter() - start
-
-            latencies, wall = run_concurrently(first_sets[clients], clients, django_work)
-            row[f"django_{clients}c"] = summary(
-                f"HTTP through Django (no lean route), {clients:>2} client(s)", latencies, wall
-            )
+            label = f"HTTP through Django (no lean route), {clients:>2} client(s), warm"
+            row[f"django_{clients}c"] = http_phase(port, sample, clients, label)
     return row
+
+
+def asgi_in_process(slide_id: int, cookie: str, sample: list[Tile]) -> dict[str, dict]:
+    """Median cost of one tile request through each ASGI app, called directly in this process."""
+    import asyncio
+
+    from django.core.asgi import get_asgi_application
+    from django.test import override_settings
+
+    from annotations.slides.lean import LeanTiles
+
+    async def call(app: Any, path: str) -> int:
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+            "headers": [(b"host", b"127.0.0.1"), (b"cookie", cookie.encode())],
+            "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80),
+        }  # fmt: skip
+        sent: list[dict] = []
+        messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()  # no disconnect: Django cancels this when the response is sent
+            raise AssertionError("unreachable")
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return int(sent[0]["status"])
+
+    django_app = get_asgi_application()
+    with override_settings(MIDDLEWARE=[]):
+        bare = get_asgi_application()
+    apps = {"lean route (as served)": LeanTiles(django_app), "whole Django stack": django_app}
+    apps["Django, no middleware"] = bare
+    figures = {}
+
+    async def measure() -> None:
+        # The first request authorises the credential (the access cache is this process's).
+        assert await call(django_app, f"/api/v1/slides/{slide_id}/tiles/0/0/0.jpeg") == 200
+        for name, app in apps.items():
+            latencies = []
+            for z, x, y in sample:
+                start = time.perf_counter()
+                status = await call(app, f"/api/v1/slides/{slide_id}/tiles/{z}/{x}/{y}.jpeg")
+                latencies.append(time.perf_counter() - start)
+                assert status == 200, (name, status)
+            figures[name] = summary(f"in-process ASGI: {name}", latencies, sum(latencies))
+
+    asyncio.run(measure())
+    return figures
 
 
 def field_of_view(
