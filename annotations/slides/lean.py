@@ -107,6 +107,8 @@ class LeanTiles:
             await _respond(send, 304, common, b"", head=True)
             return True
         data = tiles.stored_tile(access.path, access.checksum, z, x, y)  # one pread, or None
+        if data is None and access.checksum:
+            data = await tiles.shared_cache.aget(tiles.cache_key(access.checksum, z, x, y))
         if data is None:
             try:
                 data = await asyncio.to_thread(tiles.tile_jpeg, access.path, z, x, y, access.checksum)

@@ -20,7 +20,7 @@ from django.test import Client
 from rest_framework.authtoken.models import Token
 
 from annotations.models import Membership, Role
-from annotations.slides import access, lean
+from annotations.slides import access, lean, tiles
 from tests.factories import ProjectFactory, UserFactory, member
 
 from .test_slides_support import FAST_HASHERS, TCGA, ingest_file, shared_slide
@@ -33,6 +33,7 @@ def world(tmp_path, settings) -> Iterator[SimpleNamespace]:  # type: ignore[no-u
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.PASSWORD_HASHERS = FAST_HASHERS
     access.access_cache.clear()
+    tiles.shared_cache.clear()
     project = ProjectFactory(patch_size=224, magnification=20.0)
     slide = ingest_file(project, shared_slide(TCGA))
     yield SimpleNamespace(project=project, slide=slide, viewer=member(project, Role.CROWD), outsider=UserFactory())
@@ -203,3 +204,13 @@ def test_the_served_application_mounts_the_lean_route() -> None:
     from histoloop import asgi
 
     assert isinstance(asgi.application.application_mapping["http"], lean.LeanTiles)
+
+
+def test_the_lean_route_answers_from_the_shared_cache(world, route):  # type: ignore[no-untyped-def]
+    app, inner = route
+    cookie = session_of(world.viewer)
+    assert asgi_get(app, tile_url(world, "5/2/2"), cookie)["status"] == 200 and inner.calls == 1
+    # What another process put there (JPEG 2000 is rendered, so this slide's tiles live in the cache).
+    tiles.shared_cache.set(tiles.cache_key(world.slide.checksum, 5, 6, 6), b"rendered elsewhere")
+    served = asgi_get(app, tile_url(world, "5/6/6"), cookie)
+    assert served["status"] == 200 and served["body"] == b"rendered elsewhere" and inner.calls == 1

@@ -175,3 +175,28 @@ def test_another_process_sees_the_tiles_this_one_cached(tcga, viewer):  # type: 
 def test_a_redis_outage_costs_only_speed(tcga, viewer, monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.setattr(tiles, "shared_cache", tiles.SharedTileCache("redis://127.0.0.1:1/0"))
     assert jpeg(viewer.get(f"/api/v1/slides/{tcga.pk}/tiles/5/2/2.jpeg")).size == (256, 256)
+
+
+def test_one_thread_builds_a_files_passthrough_index_while_the_others_wait(media, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    import threading
+    import time
+
+    source = tmp_path / "pyramid.tiff"
+    make_wsi.write(source, 1200, 900, seed=5, islands=2, processes=1)
+    builds = []
+    real = tiles._passthrough_levels
+
+    def slow_build(path: str) -> dict:
+        builds.append(path)
+        time.sleep(0.2)  # long enough for every thread to arrive while it runs
+        return real(path)
+
+    monkeypatch.setattr(tiles, "_passthrough_levels", slow_build)
+    found: list[object] = []
+    threads = [threading.Thread(target=lambda: found.append(tiles.stored_tiles(source, "d" * 64))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1
+    assert len(found) == 8 and found[0] is not None and all(entry is found[0] for entry in found)
