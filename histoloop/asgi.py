@@ -1,4 +1,5 @@
-"""ASGI entry point: HTTP through Django, websockets through Channels (session-authenticated)."""
+"""ASGI entry point: HTTP through Django (tiles of already-authorised viewers through the lean
+route in front of it, annotations.slides.lean), websockets through Channels (session-authenticated)."""
 
 import os
 
@@ -10,8 +11,10 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 from annotations.routing import websocket_urlpatterns  # noqa: E402
+from annotations.slides.lean import LeanTiles  # noqa: E402
 from histoloop import body_limit  # noqa: E402
 
 
@@ -29,7 +32,9 @@ _warm_up()
 application = ProtocolTypeRouter(
     {
         # Body limits outside Django: its handler reads the whole body before any middleware runs.
-        "http": body_limit.from_settings(django_asgi_app),
+        # Inside them, tiles for credentials Django already authorised are answered before Django
+        # (see annotations/slides/lean.py).
+        "http": body_limit.from_settings(LeanTiles(django_asgi_app) if settings.LEAN_TILE_ROUTE else django_asgi_app),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

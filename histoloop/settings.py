@@ -115,6 +115,9 @@ if os.environ.get("TEST_DATABASE_NAME"):
     DATABASES["default"]["TEST"]["NAME"] = os.environ["TEST_DATABASE_NAME"]
 
 REDIS_URL = os.environ["REDIS_URL"]
+# Rendered tiles shared by every server process (annotations.slides.tiles). The platform's Redis
+# unless set; production points it at a memory-only Redis with LRU eviction (docker/compose.yml).
+TILE_CACHE_URL = os.environ.get("TILE_CACHE_URL") or REDIS_URL
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -179,6 +182,9 @@ MEDIA_URL = "/media/"
 # label import MAX_IMPORT_BYTES, from authenticated requests only. Django keeps bodies up to
 # MAX_REQUEST_BYTES in memory, so only an authenticated upload is ever spooled to disk.
 MAX_REQUEST_BYTES = int(os.environ.get("MAX_REQUEST_BYTES", str(4 * 1024**2)))
+# Tiles of already-authorised viewers answered in front of Django (annotations.slides.lean); off
+# sends every tile request through the whole Django stack (to compare, or to rule it out).
+LEAN_TILE_ROUTE = env_bool("LEAN_TILE_ROUTE", True)
 MAX_UPLOAD_BYTES = int(os.environ.get("MAX_UPLOAD_BYTES", str(4 * 1024**3)))
 MAX_IMPORT_BYTES = int(os.environ.get("MAX_IMPORT_BYTES", str(50 * 1024**2)))
 FILE_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES

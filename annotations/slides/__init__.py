@@ -6,7 +6,10 @@
 - ``media``: where a slide's files live under MEDIA_ROOT (unique paths, stored on the row) and when
   they may be deleted.
 - ``tasks``: the ``annotations.tasks.ingest_slide`` Celery task (``cpu`` queue).
-- ``tiles``: reading pixels: tile sources, tiles, thumbnails, regions, patches.
+- ``tiles``: reading pixels: tile sources, tiles (stored JPEG passed through, rendered ones in a
+  shared Redis cache keyed by the file's checksum), thumbnails, regions, patches.
 - ``access``: who may see a slide's or patch's pixels, and the per-credential cache of it.
+- ``lean``: the tile route in front of Django (histoloop/asgi.py) for credentials the view has
+  already authorised.
 - ``views``, ``urls``, ``serializers``: the HTTP endpoints (the upload page's route is in frontend/urls.py).
 """

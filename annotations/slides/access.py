@@ -112,15 +112,22 @@ class Refused(Exception):
         self.response = JsonResponse({"detail": detail}, status=status)
 
 
-def _credential(request: HttpRequest) -> str | None:
-    header = request.headers.get("Authorization", "")
-    if header[:6].lower() == "token ":
-        raw = "t:" + header[6:].strip()
-    elif request.COOKIES.get(settings.SESSION_COOKIE_NAME):
-        raw = "s:" + request.COOKIES[settings.SESSION_COOKIE_NAME]
+def credential_for(authorization: str, session_key: str | None) -> str | None:
+    """The cache key of a request's credential: its API token if it sends one, else its session cookie.
+
+    Shared with the lean tile route (:mod:`annotations.slides.lean`), which reads the same cache.
+    """
+    if authorization[:6].lower() == "token ":
+        raw = "t:" + authorization[6:].strip()
+    elif session_key:
+        raw = "s:" + session_key
     else:
         return None
     return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _credential(request: HttpRequest) -> str | None:
+    return credential_for(request.headers.get("Authorization", ""), request.COOKIES.get(settings.SESSION_COOKIE_NAME))
 
 
 async def _user(request: HttpRequest) -> Any | None:

@@ -480,6 +480,9 @@ def _queue_patches(slide: Slide, project: Project) -> None:
 def _write_grid(slide: Slide, project: Project, result: IngestResult) -> None:
     """Bring the slide's patches to exactly the new grid; rows that stay keep their ids."""
     magnification = float(project.magnification)
+    # A first ingest has no rows to compare with: skip reading back the whole grid (tens of
+    # thousands of rows on a real-size slide) to look for stale ones.
+    rerun = slide.patches.exists()
     rows = [
         Patch(
             project=project,
@@ -499,14 +502,18 @@ def _write_grid(slide: Slide, project: Project, result: IngestResult) -> None:
         unique_fields=["slide", "x", "y", "size", "magnification"],
         update_fields=["tissue_fraction"],
     )
+    if not rerun:
+        return
     wanted = {(cell.x, cell.y) for cell in result.grid}
     stale = [
         pk
-        for pk, x, y, size, mag in slide.patches.values_list("id", "x", "y", "size", "magnification")
+        for pk, x, y, size, mag in slide.patches.values_list("id", "x", "y", "size", "magnification").iterator(
+            chunk_size=5000
+        )
         if (x, y) not in wanted or size != result.extent or mag != magnification
     ]
-    if stale:
-        Patch.objects.filter(pk__in=stale).delete()
+    for start in range(0, len(stale), 5000):
+        Patch.objects.filter(pk__in=stale[start : start + 5000]).delete()
 
 
 def fail_slide(slide: Slide, reason: str) -> Slide:

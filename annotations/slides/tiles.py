@@ -22,18 +22,44 @@ Tile scheme (what the viewer builds on): large-image's z/x/y pyramid.
 
 Sources are opened through ``large_image.open`` with fixed arguments, so large-image's own source
 cache hands every request (and every thread) in a process the same open source.
+
+How a tile is made (:func:`tile_jpeg`), cheapest first:
+
+1. **Stored JPEG, passed through.** Where a TIFF level is exactly the z level the viewer asks for
+   (same tile size, ``width // 2**k``), its tiles are baseline JPEG and the browser's decoder
+   reads them as large-image does (checked once per level on a sample tile), an interior tile is
+   the stored bytes with the level's JPEGTables put in front: one ``pread``, no decode, no encode.
+   large-image cannot do this itself here: it re-encodes whenever ICC correction is on (its
+   default) and reads SVS files through OpenSlide. Edge tiles (cropped) and colour-corrected
+   slides go the next way.
+2. **Shared cache.** Tiles large-image renders (JPEG 2000 levels, synthesised levels, edges) are
+   kept in Redis (``TILE_CACHE_URL``; unset, the platform's ``REDIS_URL``, the embedded one too) under
+   ``histoloop:tile:v<ENCODING_VERSION>:<sha256 of the file>:<z>/<x>/<y>``, for
+   ``TILE_CACHE_SECONDS``, so every server process and host shares them and a replaced file (new
+   checksum) can never be answered with its predecessor's tiles.
+3. **Rendered** by large-image's ``getTile``, then stored in the shared cache.
+
+large-image's own ``cache_backend='redis'`` is deliberately not switched on: it caches every
+``getTile`` call, the numpy tiles behind every ``getRegion`` (ingest, patch reads for embedding)
+included, for 100 days, keyed by file path and not content, in the Redis that is also the Celery
+broker. A million-patch embedding pass would fill it. Its in-process cache stays as it is.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
+import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import large_image
 import numpy as np
+from django.conf import settings
 from large_image.constants import TILE_FORMAT_NUMPY
 from large_image.exceptions import TileSourceError, TileSourceXYZRangeError
 from PIL import Image
@@ -50,10 +76,19 @@ THUMBNAIL_SIZE = 512
 MAX_REGION_SIZE = 4096
 # The PIL source refuses larger plain images by default (4096); a 10k x 10k RGB PNG is ~300 MB decoded.
 MAX_SMALL_IMAGE_SIZE = 10_000
-# Bump when tile encoding changes, so browsers holding "immutable" tiles fetch the new ones.
-ENCODING_VERSION = "1"
+# Bump when tile encoding changes, so browsers holding "immutable" tiles fetch the new ones
+# (and the shared cache's keys change with it). 2: stored JPEG tiles passed through.
+ENCODING_VERSION = "2"
+TILE_CACHE_SECONDS = 7 * 24 * 3600
+TILE_CACHE_PREFIX = "histoloop:tile"
+STORED_SOURCES = 64  # slide files whose TIFF tile index is kept open per process
+# An Adobe APP14 marker with transform 0: "these components are R, G, B", for JPEG tiles a TIFF
+# declares RGB (Aperio's). Without it a browser's decoder, like libjpeg, takes three components for
+# YCbCr and shows false colours; libtiff is told by the TIFF tag instead.
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
 large_image.config.setConfig("max_small_image_size", MAX_SMALL_IMAGE_SIZE)
+logger = logging.getLogger(__name__)
 
 
 class SlideReadError(Exception):
@@ -116,8 +151,40 @@ def pyramid(source: TileSource) -> Pyramid:
     )
 
 
-def tile_jpeg(path: str | Path, z: int, x: int, y: int) -> bytes:
-    """One JPEG tile. Raises TileNotFound outside the pyramid."""
+def tile_jpeg(path: str | Path, z: int, x: int, y: int, checksum: str = "") -> bytes:
+    """One JPEG tile: the stored one where it can be passed through, else from the shared cache
+    (when ``checksum``, the file's sha256, is given) or rendered. Raises TileNotFound outside the pyramid."""
+    stored = stored_tiles(path, checksum)
+    if stored is not None:
+        data = stored.tile(z, x, y)
+        if data is not None:
+            return data
+    key = cache_key(checksum, z, x, y) if checksum else ""
+    if key:
+        cached = shared_cache.get(key)
+        if cached is not None:
+            return cached
+    data = render_tile(path, z, x, y)
+    if key:
+        shared_cache.set(key, data)
+    return data
+
+
+def cache_key(checksum: str, z: int, x: int, y: int) -> str:
+    """A tile's key in the shared cache: the file's content and the encoding, never its path."""
+    return f"{TILE_CACHE_PREFIX}:v{ENCODING_VERSION}:{checksum}:{z}/{x}/{y}"
+
+
+def stored_tile(path: str | Path, checksum: str, z: int, x: int, y: int) -> bytes | None:
+    """The stored JPEG of a tile if the file's passthrough index is already built in this process
+    (no file is opened here, so the event loop may call it), else None."""
+    with _stored_lock:
+        found = _stored.get((str(path), checksum))
+    return found.tile(z, x, y) if found is not None else None
+
+
+def render_tile(path: str | Path, z: int, x: int, y: int) -> bytes:
+    """A tile from large-image's getTile (decoded and re-encoded as JPEG where needed)."""
     source = open_source(path)
     if not pyramid(source).has_tile(z, x, y):
         raise TileNotFound(f"There is no tile {z}/{x}/{y} in this slide.")
@@ -126,6 +193,259 @@ def tile_jpeg(path: str | Path, z: int, x: int, y: int) -> bytes:
     except TileSourceXYZRangeError as exc:
         raise TileNotFound(f"There is no tile {z}/{x}/{y} in this slide.") from exc
     return _as_jpeg_bytes(data)
+
+
+class SharedTileCache:
+    """Finished tile bytes in the platform's Redis; a Redis outage only costs speed (logged once a minute)."""
+
+    def __init__(self, url: str, seconds: int = TILE_CACHE_SECONDS) -> None:
+        self.url = url
+        self.seconds = seconds
+        self._client: Any = None
+        self._async: tuple[Any, Any] | None = None
+        self._lock = threading.Lock()
+        self._quiet_until = 0.0
+
+    def client(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    import redis
+
+                    self._client = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
+        return self._client
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            value = self.client().get(key)
+        except Exception as exc:  # redis.RedisError, or an unusable URL
+            self._complain(exc)
+            return None
+        return bytes(value) if value is not None else None
+
+    async def aget(self, key: str) -> bytes | None:
+        """:meth:`get` on the running event loop, without a hop to a thread (the lean tile route)."""
+        try:
+            value = await self._async_client().get(key)
+        except Exception as exc:
+            self._complain(exc)
+            return None
+        return bytes(value) if value is not None else None
+
+    def _async_client(self) -> Any:
+        # redis.asyncio clients belong to the loop they were made on: one per loop (a server
+        # process has one; tests make a loop per request).
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async[0] is not loop:
+            import redis.asyncio
+
+            self._async = (loop, redis.asyncio.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2))
+        return self._async[1]
+
+    def set(self, key: str, value: bytes) -> None:
+        try:
+            self.client().set(key, value, ex=self.seconds)
+        except Exception as exc:
+            self._complain(exc)
+
+    def clear(self) -> int:
+        """Delete every cached tile (all slides, all versions); the number deleted."""
+        client = self.client()
+        keys = list(client.scan_iter(match=f"{TILE_CACHE_PREFIX}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+        return len(keys)
+
+    def _complain(self, exc: Exception) -> None:
+        import time
+
+        now = time.monotonic()
+        if now >= self._quiet_until:
+            self._quiet_until = now + 60
+            # Not the URL: it may carry a password.
+            logger.warning("The shared tile cache (Redis) is unavailable (%r); rendering tiles without it.", exc)
+
+
+shared_cache = SharedTileCache(settings.TILE_CACHE_URL)
+
+
+@dataclass(frozen=True)
+class StoredLevel:
+    """Where one z level's tiles lie in the file, and the JPEG tables to put in front of them."""
+
+    offsets: np.ndarray  # int64, one per tile, row-major
+    counts: np.ndarray
+    columns: int
+    rows: int
+    head: bytes  # SOI + the level's tables (or just SOI when each tile carries its own)
+    full_columns: int  # tiles wholly inside the level (the rest are cropped, so rendered)
+    full_rows: int
+
+
+class StoredTiles:
+    """The JPEG levels of one slide file that can be served as stored (see the module docstring)."""
+
+    def __init__(self, path: str, levels: dict[int, StoredLevel]) -> None:
+        self.path = path
+        self.levels = levels
+        self._fd = os.open(path, os.O_RDONLY) if levels else -1
+
+    def tile(self, z: int, x: int, y: int) -> bytes | None:
+        level = self.levels.get(z)
+        if level is None or not (0 <= x < level.full_columns and 0 <= y < level.full_rows):
+            return None
+        index = y * level.columns + x
+        count = int(level.counts[index])
+        if not count:  # a sparse tile: large-image fills it in
+            return None
+        frame = os.pread(self._fd, count, int(level.offsets[index]))
+        if len(frame) != count or frame[:2] != b"\xff\xd8":
+            return None  # truncated or not a JPEG frame: let the reader give the verdict
+        return level.head + frame[2:]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+_stored: OrderedDict[tuple[str, str], StoredTiles] = OrderedDict()
+_stored_lock = threading.Lock()
+_building: dict[tuple[str, str], threading.Lock] = {}
+
+
+def stored_tiles(path: str | Path, checksum: str = "") -> StoredTiles | None:
+    """The passthrough index of a slide file, built once per process (None if nothing can pass through).
+
+    One thread builds it (~0.2 s for an 80,000 px slide); the others asking meanwhile wait for it
+    rather than each parsing the file again (a viewer's first view asks for a dozen tiles at once).
+    """
+    key = (str(path), checksum)
+    with _stored_lock:
+        found = _stored.get(key)
+        if found is not None:
+            _stored.move_to_end(key)
+            return found if found.levels else None
+        building = _building.setdefault(key, threading.Lock())
+    with building:
+        with _stored_lock:
+            found = _stored.get(key)  # built by the thread we waited for
+        if found is None:
+            try:
+                found = StoredTiles(str(path), _passthrough_levels(str(path)))
+            except Exception:  # not a TIFF, or one tifffile cannot parse: everything is rendered
+                logger.debug("No stored JPEG tiles in %s", path, exc_info=True)
+                found = StoredTiles(str(path), {})
+            with _stored_lock:
+                _stored[key] = found
+                _building.pop(key, None)
+                while len(_stored) > STORED_SOURCES:
+                    _, old = _stored.popitem(last=False)
+                    old.close()
+    return found if found.levels else None
+
+
+def clear_stored_tiles() -> None:
+    with _stored_lock:
+        for entry in _stored.values():
+            entry.close()
+        _stored.clear()
+
+
+def _passthrough_levels(path: str) -> dict[int, StoredLevel]:
+    import tifffile
+
+    source = open_source(path)
+    geometry = pyramid(source)
+    if getattr(source, "_iccprofiles", None) and large_image.config.getConfig("icc_correction", True):
+        return {}  # large-image corrects the colours of the tiles it renders; stored ones would differ
+    levels: dict[int, StoredLevel] = {}
+    with tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            return {}
+        for level_pages in tif.series[0].levels:
+            page = level_pages.pages[0] if level_pages.pages else None
+            if page is None or not isinstance(page, tifffile.TiffPage):
+                continue
+            z = _z_of(page, geometry)
+            if z is None or z in levels:
+                continue
+            candidate = _stored_level(page, geometry, z)
+            if candidate is not None and _decodes_like_large_image(path, source, candidate, z, page):
+                levels[z] = candidate
+    return levels
+
+
+def _z_of(page: Any, geometry: Pyramid) -> int | None:
+    """The z level a TIFF page is exactly, or None."""
+    if page.imagewidth <= 0:
+        return None
+    for k in range(geometry.levels):
+        z = geometry.levels - 1 - k
+        if (page.imagewidth, page.imagelength) == geometry.level_size(z):
+            return z
+    return None
+
+
+def _stored_level(page: Any, geometry: Pyramid, z: int) -> StoredLevel | None:
+    import tifffile
+
+    if (
+        page.compression != tifffile.COMPRESSION.JPEG
+        or not page.is_tiled
+        or (page.tilewidth, page.tilelength) != (geometry.tile_width, geometry.tile_height)
+        or page.bitspersample != 8
+        or page.samplesperpixel != 3
+        or page.planarconfig != tifffile.PLANARCONFIG.CONTIG
+        or page.photometric not in (tifffile.PHOTOMETRIC.YCBCR, tifffile.PHOTOMETRIC.RGB)
+        or _tag(page, "Orientation", 1) != 1  # rotated or mirrored storage: large-image turns the tiles
+    ):
+        return None
+    columns, rows = geometry.tile_counts(z)
+    if len(page.dataoffsets) != columns * rows:
+        return None
+    width, height = geometry.level_size(z)
+    tables = page.jpegtables
+    head = b"\xff\xd8" + (ADOBE_RGB if page.photometric == tifffile.PHOTOMETRIC.RGB else b"")
+    head += bytes(tables)[2:-2] if tables else b""
+    return StoredLevel(
+        offsets=np.asarray(page.dataoffsets, dtype=np.int64),
+        counts=np.asarray(page.databytecounts, dtype=np.int64),
+        columns=columns,
+        rows=rows,
+        head=head,
+        full_columns=width // geometry.tile_width,
+        full_rows=height // geometry.tile_height,
+    )
+
+
+def _tag(page: Any, name: str, default: Any) -> Any:
+    tag = page.tags.get(name)
+    return default if tag is None else tag.value
+
+
+def _decodes_like_large_image(path: str, source: Any, level: StoredLevel, z: int, page: Any) -> bool:
+    """A sample tile of the level, passed through and decoded as a browser would (libjpeg), matches
+    large-image's pixels: the geometry is the same and the colour space is read the same way."""
+    if not level.full_columns or not level.full_rows:
+        return False
+    x, y = level.full_columns // 2, level.full_rows // 2
+    probe = StoredTiles(path, {z: level})
+    try:
+        data = probe.tile(z, x, y)
+    finally:
+        probe.close()
+    if data is None:
+        return False
+    try:
+        ours = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+    except Exception:
+        return False
+    theirs = as_rgb(np.asarray(source.getTile(x, y, z, numpyAllowed="always")))
+    theirs = theirs[: ours.shape[0], : ours.shape[1]].astype(np.int16)
+    return ours.shape == theirs.shape and float(np.abs(ours - theirs).mean()) < 2.0
 
 
 def thumbnail_jpeg(path: str | Path, max_size: int = THUMBNAIL_SIZE) -> bytes:

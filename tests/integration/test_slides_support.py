@@ -14,7 +14,7 @@ from django.test import Client, override_settings
 from PIL import Image
 
 from annotations.models import Project, Role, Slide
-from annotations.slides import access, ingest
+from annotations.slides import access, ingest, tiles
 from tests.conftest import SLIDES_DIR
 from tests.factories import ProjectFactory, member
 
@@ -75,6 +75,8 @@ FAST_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 def _fresh_access_cache(settings):  # type: ignore[no-untyped-def]
     settings.PASSWORD_HASHERS = FAST_HASHERS  # factories hash a password per user; PBKDF2 costs ~0.3 s each
     access.access_cache.clear()
+    tiles.shared_cache.clear()  # tiles cached by an earlier test (or run) would hide what a test renders
+    tiles.clear_stored_tiles()
     yield
     access.access_cache.clear()
 
