@@ -45,6 +45,8 @@ SPATIAL_BLOCK = 4
 # Cold start, "diverse" and "kcenter" select among at most this many unlabelled patches (a seeded uniform
 # sample above it): 50,000 × 1,904 float32 is 380 MB. Projects below it (every test, LC25000) see no change.
 SELECT_SAMPLE = 50_000
+# Self-training scans at most this many times MAX_PSEUDO_LABELS unlabelled patches for confident ones.
+PSEUDO_LABEL_SCAN_FACTOR = 5
 # Strategies that read the candidates' embeddings, not only their probabilities.
 EMBEDDING_STRATEGIES = ("diverse", "kcenter")
 
@@ -315,12 +317,23 @@ def platform_head(
     return train_head(x, y, class_names, backbone, config, tta=settings.TTA, progress=progress, should_stop=should_stop)
 
 
+def pseudo_label_candidates(pool: Pool, setup: RoundSetup) -> np.ndarray:
+    """The unlabelled patches self-training looks at for confident ones: all of them up to
+    PSEUDO_LABEL_SCAN_FACTOR × MAX_PSEUDO_LABELS (100,000 by default), else a seeded uniform sample of that
+    many, in pool order, so a head's pass over them costs the same at any pool size. Pools below the
+    limit (every test, LC25000) see no change."""
+    limit = PSEUDO_LABEL_SCAN_FACTOR * setup.settings.MAX_PSEUDO_LABELS
+    if len(pool.unlabelled) <= limit:
+        return pool.unlabelled
+    return np.sort(np.random.default_rng([setup.config.seed, limit]).choice(pool.unlabelled, limit, replace=False))
+
+
 def _fit_head(
     pool: Pool, emb: Rows, idx: np.ndarray, backbone: Backbone, setup: RoundSetup, *, progress: bool
 ) -> Classifier:
     return platform_head(
-        emb.take(idx), pool.y[idx], emb.subset(pool.unlabelled), setup.class_names, backbone, setup.config,
-        setup.settings, progress=setup.progress if progress else None, should_stop=setup.should_stop,
+        emb.take(idx), pool.y[idx], emb.subset(pseudo_label_candidates(pool, setup)), setup.class_names, backbone,
+        setup.config, setup.settings, progress=setup.progress if progress else None, should_stop=setup.should_stop,
     )  # fmt: skip
 
 
