@@ -87,6 +87,9 @@ def _slide_groups(slide_ids: np.ndarray, size: np.ndarray) -> Iterator[tuple[int
             yield int(slide_ids[part[0]]), int(size[part[0]]), np.sort(part)
 
 
+Group = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # slide key, pool indices, their (x, y), their rows
+
+
 def pool_embeddings(
     patch_size: int,
     patch_ids: np.ndarray,
@@ -101,10 +104,11 @@ def pool_embeddings(
     should_stop: StopFn | None = None,
 ) -> Rows:
     """The pool's embeddings (row i for patch ``patch_ids[i]``), computing from the pixels only what the store
-    lacks, one slide at a time: each slide's file is written once its missing patches are all embedded."""
+    lacks: each slide's file is written once its missing patches are all embedded, so a pass cancelled
+    half-way keeps the slides it finished."""
     store = store_for(backbone, patch_size, cfg)
     checksums = dict(Slide.objects.filter(pk__in=np.unique(slide_ids).tolist()).values_list("pk", "checksum"))
-    groups = []
+    groups: list[Group] = []
     todo = 0
     for i, (sid, psize, idx) in enumerate(_slide_groups(slide_ids, size)):
         key = slide_key(checksums.get(sid, ""), sid, psize, patch_size)
@@ -116,31 +120,8 @@ def pool_embeddings(
             check_stop(should_stop, "embed")
     n = len(patch_ids)
     report(progress, "embed", (n - todo) / max(1, n))
-    done = 0
-    for key, idx, xy, rows in groups:
-        missing = np.flatnonzero(rows < 0)
-        if not len(missing):
-            continue
-        vectors = np.empty((len(missing), store.dim), dtype=np.float32)
-        for start in range(0, len(missing), PIXEL_CHUNK):
-            check_stop(should_stop, "embed")
-            part = missing[start : start + PIXEL_CHUNK]
-            patches = load_patches(patch_ids[idx[part]])
-            vectors[start : start + len(part)] = embed(
-                backbone,
-                patch_images(patches),
-                image_size=image_size(patch_size),
-                batch_size=cfg.EMBED_BATCH_SIZE,
-                tta=cfg.TTA,
-                device=cfg.DEVICE,
-                should_stop=should_stop,
-            )
-            done += len(part)
-            report(progress, "embed", (n - todo + done) / max(1, n))
-        store.put_slide(key, xy[missing], vectors)
-        rows[:] = store.lookup(key, xy)
-        if (rows < 0).any():
-            raise LearnerError(f"The embedding store under {store.root} could not be written; check its disk space.")
+    if todo:
+        _embed_missing(store, groups, patch_ids, patch_size, backbone, cfg, progress, should_stop, n - todo, n)
     files = [store.vectors_path(key) for key, _, _, _ in groups]
     seg = np.empty(n, dtype=np.int32)
     row = np.empty(n, dtype=np.int64)
@@ -150,6 +131,55 @@ def pool_embeddings(
     if n * store.dim * 4 <= cfg.EMBEDDINGS_IN_MEMORY_MB * 2**20:
         return embeddings.in_memory()
     return embeddings
+
+
+def _embed_missing(
+    store: EmbeddingStore,
+    groups: list[Group],
+    patch_ids: np.ndarray,
+    patch_size: int,
+    backbone: Backbone,
+    cfg: LearnerSettings,
+    progress: ProgressFn | None,
+    should_stop: StopFn | None,
+    done_before: int,
+    n: int,
+) -> None:
+    """Embed from the pixels the patches the store lacks, PIXEL_CHUNK at a time across slides (a pool of
+    one-patch slides is batched like any other), writing each slide's file as soon as its last missing
+    patch is embedded; fills in the groups' rows."""
+    missing = [np.flatnonzero(rows < 0) for _, _, _, rows in groups]
+    flat_group = np.concatenate([np.full(len(m), g, dtype=np.int64) for g, m in enumerate(missing)])
+    flat_k = np.concatenate([np.arange(len(m), dtype=np.int64) for m in missing])
+    group_end = np.cumsum([len(m) for m in missing])  # flat offset just past each group's last missing patch
+    buffers: dict[int, np.ndarray] = {}
+    written = 0  # groups before this one are complete
+    for start in range(0, len(flat_group), PIXEL_CHUNK):
+        check_stop(should_stop, "embed")
+        gs, ks = flat_group[start : start + PIXEL_CHUNK], flat_k[start : start + PIXEL_CHUNK]
+        pool_idx = np.array([groups[g][1][missing[g][k]] for g, k in zip(gs.tolist(), ks.tolist(), strict=True)])
+        vectors = embed(
+            backbone,
+            patch_images(load_patches(patch_ids[pool_idx])),
+            image_size=image_size(patch_size),
+            batch_size=cfg.EMBED_BATCH_SIZE,
+            tta=cfg.TTA,
+            device=cfg.DEVICE,
+            should_stop=should_stop,
+        )
+        for g in np.unique(gs).tolist():
+            buffer = buffers.setdefault(g, np.empty((len(missing[g]), store.dim), dtype=np.float32))
+            buffer[ks[gs == g]] = vectors[gs == g]
+        end = start + len(gs)
+        while written < len(groups) and group_end[written] <= end:
+            if len(missing[written]):
+                key, _, xy, rows = groups[written]
+                store.put_slide(key, xy[missing[written]], buffers.pop(written))
+                rows[:] = store.lookup(key, xy)
+                if (rows < 0).any():
+                    raise LearnerError(f"The embedding store under {store.root} could not be written; check its disk.")
+            written += 1
+        report(progress, "embed", (done_before + end) / max(1, n))
 
 
 def _geometry(patches: list[Patch]) -> tuple[np.ndarray, ...]:
