@@ -102,7 +102,11 @@ class SlideRows:
         bounds = np.flatnonzero(np.diff(seg[order])) + 1
         for part in np.split(order, bounds):
             vectors = np.load(self.files[int(seg[part[0]])], mmap_mode="r")
-            out[part] = vectors[row[part]]
+            rows = row[part]
+            if np.all(np.diff(rows) == 1):  # a run of consecutive rows (a whole slide, in a chunked pass): a slice
+                out[part] = vectors[rows[0] : rows[-1] + 1]
+            else:
+                out[part] = vectors[rows]
             del vectors  # unmapped now: the pages read leave this process's resident set
         return out
 

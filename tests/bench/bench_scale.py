@@ -298,10 +298,11 @@ def peak_rss_mb() -> float:
 
 
 def table_counts() -> dict[str, int]:
+    """Rows per table (tasks per kind): their growth over a round is what the round inserted, except
+    consensus rows, which the annotators' votes create meanwhile."""
     from django.db import connection
 
     tables = [
-        "annotations_annotationtask",
         "annotations_consensus",
         "learner_modelversion",
         "learner_slidescores",
@@ -309,6 +310,8 @@ def table_counts() -> dict[str, int]:
     ]
     counts = {}
     with connection.cursor() as cursor:
+        cursor.execute("SELECT kind, count(*) FROM annotations_annotationtask GROUP BY kind")
+        counts.update({f"annotations_annotationtask[{kind}]": n for kind, n in cursor.fetchall()})
         for table in tables:
             cursor.execute("SELECT to_regclass(%s)", [table])
             if cursor.fetchone()[0] is None:
@@ -320,9 +323,15 @@ def table_counts() -> dict[str, int]:
 
 def round_under_load(project: Any, annotators: int, seed_embeddings: Callable[[Any], None]) -> dict[str, Any]:
     """One head-mode round while annotators work: stage times, RSS, rows written, lease latency."""
+    from annotations import consensus
     from learner import pipeline, services
 
     seed_embeddings(project)
+    # The consensus rows cast_vote would have kept for the votes the SQL build inserted, so the round's
+    # snapshot finds a project as a live one would be (and creates none of them itself).
+    started = time.perf_counter()
+    consensus.recompute_project_consensus(project)
+    print(f"consensus of the built votes in {time.perf_counter() - started:.1f} s", flush=True)
     crowd = Annotators(project, annotators)
     crowd.start()
     time.sleep(5)
@@ -338,6 +347,7 @@ def round_under_load(project: Any, annotators: int, seed_embeddings: Callable[[A
     crowd.stop()
     after_rows = table_counts()
     written = {t: after_rows.get(t, 0) - before_rows.get(t, 0) for t in after_rows}
+    written = {t: n for t, n in written.items() if n}
     print(f"round {round_.number}: {round_.state} in {seconds:.1f} s {round_.error}", flush=True)
     for stage, value in (round_.timings or {}).items():
         print(f"  stage {stage:<10} {value:8.2f} s")
@@ -449,7 +459,11 @@ def run(args: argparse.Namespace) -> int:
                 leases_during_round=measured["lease"]["during"]["n"],
                 lease_p95_ms_during_round=measured["lease"]["during"]["p95_ms"],
                 empty_leases_during_round=measured["empty"]["during"],
-                rows_written_per_round=sum(measured["rows_written"].values()),
+                # what the round inserted; consensus rows are the annotators' new votes meanwhile
+                rows_written_per_round=sum(
+                    n for table, n in measured["rows_written"].items() if table != "annotations_consensus"
+                ),
+                consensus_rows_created_during_round=measured["rows_written"].get("annotations_consensus", 0),
                 round_state=measured["state"],
             )
         print(json.dumps(result))
