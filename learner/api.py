@@ -6,6 +6,7 @@ import io
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
@@ -16,8 +17,8 @@ from rest_framework.response import Response
 from annotations.api import ADMIN_ONLY, ProjectScoped
 from annotations.models import Patch
 
-from . import services
-from .models import ModelVersion, PatchScore, TrainingRound
+from . import scores, services
+from .models import ModelVersion, TrainingRound
 
 
 class RoundSerializer(serializers.ModelSerializer):
@@ -108,10 +109,16 @@ class HeatmapView(ProjectScoped):
         if label not in names:
             return Response({"detail": f"Unknown label {label!r}; the model knows {', '.join(names)}."}, status=400)
         k = names.index(label)
-        rows = PatchScore.objects.filter(model_version=version, patch__slide_id=int(slide)).values_list(
-            "patch_id", "patch__x", "patch__y", "patch__size", "probs"
-        )
-        patches = [{"id": pid, "x": x, "y": y, "size": s, "prob": probs[k]} for pid, x, y, s, probs in rows]
+        ids, probs = scores.for_slide(version, int(slide))
+        geometry = Patch.objects.filter(project=project, slide_id=int(slide)).order_by("id")
+        rows = np.array(list(geometry.values_list("id", "x", "y", "size")), dtype=np.int64).reshape(-1, 4)
+        at = np.minimum(np.searchsorted(ids, rows[:, 0]), max(len(ids) - 1, 0))
+        scored = (at < len(ids)) & (ids[at] == rows[:, 0]) if len(ids) else np.zeros(len(rows), dtype=bool)
+        prob = np.round(probs[at[scored], k].astype(np.float64), 5).tolist() if len(ids) else []
+        patches = [
+            {"id": pid, "x": x, "y": y, "size": size, "prob": p}
+            for (pid, x, y, size), p in zip(rows[scored].tolist(), prob, strict=True)
+        ]
         return Response(
             {"model_version": version.pk, "round": version.round.number, "label": label, "patches": patches}
         )
@@ -125,20 +132,16 @@ class PredictionView(ProjectScoped):
     @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, project_id: int, patch_id: int) -> Response:
         project, _ = self.load(request, project_id)
-        if not Patch.objects.filter(project=project, pk=patch_id).exists():
+        patch = Patch.objects.filter(project=project, pk=patch_id).only("pk", "slide_id").first()
+        if patch is None:
             return Response({"detail": "No such patch in this project."}, status=404)
-        score = (
-            PatchScore.objects.filter(model_version__project=project, patch_id=patch_id)
-            .select_related("model_version")
-            .order_by("-model_version__created_at")
-            .first()
-        )
+        score = scores.for_patch(project.pk, patch.slide_id, patch.pk)
         if score is None:
             return Response({"detail": "No model has scored this patch yet; run a round."}, status=404)
         names = score.model_version.class_names
         body: dict[str, Any] = {
-            "model_version": score.model_version_id,
-            "probs": dict(zip(names, score.probs, strict=True)),
+            "model_version": score.model_version.pk,
+            "probs": dict(zip(names, [round(p, 5) for p in score.probs], strict=True)),
             "predicted": names[score.predicted],
             "uncertainty": score.uncertainty,
         }

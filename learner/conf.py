@@ -26,6 +26,12 @@ class LearnerSettings:
     # Head-mode embeddings also pool the backbone's last three stages (BackboneSpec.multiscale): +0.5 to 1
     # point of test accuracy on LC25000 at the same labels, at no extra forward cost (bench_active_learning).
     MULTISCALE: bool = True
+    # A pool whose embeddings fit in this many MB is read into memory once per round; a larger one is read
+    # from the per-slide files chunk by chunk, so a round's memory stays bounded whatever the pool size.
+    EMBEDDINGS_IN_MEMORY_MB: int = 512
+    # Self-training pseudo-labels at most this many confident pool patches (a seeded sample of them):
+    # more adds little to a linear head and its fit time grows with every row.
+    MAX_PSEUDO_LABELS: int = 20_000
 
 
 def learner_settings() -> LearnerSettings:

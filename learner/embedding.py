@@ -1,40 +1,57 @@
-"""A project's patches as the learner sees them: their pixels, their embedding cache keys, the platform's
+"""A project's patches as the learner sees them: their pixels, their embedding store, the platform's
 backbone and the one embed step that rounds, the simulation and the benchmarks share.
 
 Everything that decides which vector a patch gets (backbone name and weights, multiscale pooling, input
-size, TTA, the cache key) is decided here, so a simulation's source pass fills exactly the cache entries a
-round later reads.
+size, TTA, the store's slide key) is decided here, so a simulation's source pass fills exactly the store
+entries a round later reads.
+
+Embeddings are stored per slide (``learner.core.embedding_store``): one array file per (embedding model,
+slide checksum, patch geometry), never one file per patch. A pool's embeddings are handed to the stages as
+``Rows`` read chunk by chunk; a pool small enough (``LEARNER["EMBEDDINGS_IN_MEMORY_MB"]``) is read into
+memory once, as rounds always did.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from annotations.models import Patch
+from annotations.models import Consensus, Patch, Project, Slide
 from annotations.slides import tiles
 from learner.core.backbone import Backbone, create_backbone
 from learner.core.config import BackboneSpec
 from learner.core.data import LazyImages
-from learner.core.embeddings import embed
-from learner.core.errors import ProgressFn, StopFn
+from learner.core.embedding_store import EmbeddingStore, Rows, SlideRows
+from learner.core.embeddings import embed, embedding_model_id
+from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, report
 
 from .conf import LearnerSettings
 
 # Larger patches are resized to the backbone's usual input rather than embedded at full size.
 MAX_NATIVE_SIZE = 256
 RESIZED_TO = 224
+# Patch rows loaded (and their pixels embedded) at a time when a slide's embeddings are missing.
+PIXEL_CHUNK = 1024
 
 
-def patch_key(patch: Patch) -> str:
-    """Embedding cache key: the slide's content and the patch geometry, so identical pixels share it."""
-    return f"{patch.slide.checksum}:{patch.x}:{patch.y}:{patch.size}:{patch.project.patch_size}"
+def slide_key(checksum: str, slide_id: int, size: int, patch_size: int) -> str:
+    """The store's name for a slide's patches of one geometry: its content when known, so identical
+    pixels share it across projects (a slide without a checksum is keyed by its row, unshared)."""
+    content = checksum or f"slide-{slide_id}"
+    return f"{content}-{size}-{patch_size}"
 
 
 def patch_images(patches: list[Patch]) -> LazyImages:
     """The patches' pixels, read from their slides when asked for (``select_related("slide", "project")``)."""
     return LazyImages(lambda i: tiles.read_patch(patches[i]), len(patches))
+
+
+def load_patches(patch_ids: np.ndarray) -> list[Patch]:
+    """Patch rows (with slide and project) for these ids, in the order given: for reading pixels."""
+    by_id = Patch.objects.select_related("slide", "project").in_bulk([int(i) for i in patch_ids])
+    return [by_id[int(i)] for i in patch_ids]
 
 
 def image_size(patch_size: int) -> int:
@@ -55,6 +72,122 @@ def cache_dir(cfg: LearnerSettings) -> Path:
     return cfg.CACHE_DIR / "embeddings"
 
 
+def store_for(backbone: Backbone, patch_size: int, cfg: LearnerSettings) -> EmbeddingStore:
+    model_id = embedding_model_id(backbone, image_size(patch_size), cfg.TTA)
+    return EmbeddingStore(cache_dir(cfg) / "slides", model_id, backbone.num_features)
+
+
+def _slide_groups(slide_ids: np.ndarray, size: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(slide id, patch size, pool indices) for each slide and geometry of the pool."""
+    order = np.lexsort((size, slide_ids))
+    s, z = slide_ids[order], size[order]
+    bounds = np.flatnonzero((np.diff(s) != 0) | (np.diff(z) != 0)) + 1
+    for part in np.split(order, bounds):
+        if len(part):
+            yield int(slide_ids[part[0]]), int(size[part[0]]), np.sort(part)
+
+
+Group = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # slide key, pool indices, their (x, y), their rows
+
+
+def pool_embeddings(
+    patch_size: int,
+    patch_ids: np.ndarray,
+    slide_ids: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    size: np.ndarray,
+    backbone: Backbone,
+    cfg: LearnerSettings,
+    *,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> Rows:
+    """The pool's embeddings (row i for patch ``patch_ids[i]``), computing from the pixels only what the store
+    lacks: each slide's file is written once its missing patches are all embedded, so a pass cancelled
+    half-way keeps the slides it finished."""
+    store = store_for(backbone, patch_size, cfg)
+    checksums = dict(Slide.objects.filter(pk__in=np.unique(slide_ids).tolist()).values_list("pk", "checksum"))
+    groups: list[Group] = []
+    todo = 0
+    for i, (sid, psize, idx) in enumerate(_slide_groups(slide_ids, size)):
+        key = slide_key(checksums.get(sid, ""), sid, psize, patch_size)
+        xy = np.stack([x[idx], y[idx]], axis=1)
+        rows = store.lookup(key, xy)
+        todo += int((rows < 0).sum())
+        groups.append((key, idx, xy, rows))
+        if i % 100 == 99:
+            check_stop(should_stop, "embed")
+    n = len(patch_ids)
+    report(progress, "embed", (n - todo) / max(1, n))
+    if todo:
+        _embed_missing(store, groups, patch_ids, patch_size, backbone, cfg, progress, should_stop, n - todo, n)
+    files = [store.vectors_path(key) for key, _, _, _ in groups]
+    seg = np.empty(n, dtype=np.int32)
+    row = np.empty(n, dtype=np.int64)
+    for g, (_, idx, _, rows) in enumerate(groups):
+        seg[idx], row[idx] = g, rows
+    embeddings = SlideRows(files, seg, row, store.dim)
+    if n * store.dim * 4 <= cfg.EMBEDDINGS_IN_MEMORY_MB * 2**20:
+        return embeddings.in_memory()
+    return embeddings
+
+
+def _embed_missing(
+    store: EmbeddingStore,
+    groups: list[Group],
+    patch_ids: np.ndarray,
+    patch_size: int,
+    backbone: Backbone,
+    cfg: LearnerSettings,
+    progress: ProgressFn | None,
+    should_stop: StopFn | None,
+    done_before: int,
+    n: int,
+) -> None:
+    """Embed from the pixels the patches the store lacks, PIXEL_CHUNK at a time across slides (a pool of
+    one-patch slides is batched like any other), writing each slide's file as soon as its last missing
+    patch is embedded; fills in the groups' rows."""
+    missing = [np.flatnonzero(rows < 0) for _, _, _, rows in groups]
+    flat_group = np.concatenate([np.full(len(m), g, dtype=np.int64) for g, m in enumerate(missing)])
+    flat_k = np.concatenate([np.arange(len(m), dtype=np.int64) for m in missing])
+    group_end = np.cumsum([len(m) for m in missing])  # flat offset just past each group's last missing patch
+    buffers: dict[int, np.ndarray] = {}
+    written = 0  # groups before this one are complete
+    for start in range(0, len(flat_group), PIXEL_CHUNK):
+        check_stop(should_stop, "embed")
+        gs, ks = flat_group[start : start + PIXEL_CHUNK], flat_k[start : start + PIXEL_CHUNK]
+        pool_idx = np.array([groups[g][1][missing[g][k]] for g, k in zip(gs.tolist(), ks.tolist(), strict=True)])
+        vectors = embed(
+            backbone,
+            patch_images(load_patches(patch_ids[pool_idx])),
+            image_size=image_size(patch_size),
+            batch_size=cfg.EMBED_BATCH_SIZE,
+            tta=cfg.TTA,
+            device=cfg.DEVICE,
+            should_stop=should_stop,
+        )
+        for g in np.unique(gs).tolist():
+            buffer = buffers.setdefault(g, np.empty((len(missing[g]), store.dim), dtype=np.float32))
+            buffer[ks[gs == g]] = vectors[gs == g]
+        end = start + len(gs)
+        while written < len(groups) and group_end[written] <= end:
+            if len(missing[written]):
+                key, _, xy, rows = groups[written]
+                store.put_slide(key, xy[missing[written]], buffers.pop(written))
+                rows[:] = store.lookup(key, xy)
+                if (rows < 0).any():
+                    raise LearnerError(f"The embedding store under {store.root} could not be written; check its disk.")
+            written += 1
+        report(progress, "embed", (done_before + end) / max(1, n))
+
+
+def _geometry(patches: list[Patch]) -> tuple[np.ndarray, ...]:
+    return tuple(
+        np.array([getattr(p, f) for p in patches], dtype=np.int64) for f in ("pk", "slide_id", "x", "y", "size")
+    )
+
+
 def embed_patches(
     patches: list[Patch],
     backbone: Backbone,
@@ -63,18 +196,52 @@ def embed_patches(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> np.ndarray:
-    """Embeddings (N, features) of ``patches`` (all of one project), computing only what the cache lacks."""
+    """Embeddings (N, features) in memory of ``patches`` (all of one project), computing only what the
+    store lacks. For a pool of any size, rounds use ``pool_embeddings``."""
     if not patches:
         return np.zeros((0, backbone.num_features), dtype=np.float32)
-    return embed(
-        backbone,
-        patch_images(patches),
-        keys=[patch_key(p) for p in patches],
-        cache_dir=cache_dir(cfg),
-        image_size=image_size(patches[0].project.patch_size),
-        batch_size=cfg.EMBED_BATCH_SIZE,
-        tta=cfg.TTA,
-        device=cfg.DEVICE,
-        progress=progress,
-        should_stop=should_stop,
+    rows = pool_embeddings(
+        patches[0].project.patch_size, *_geometry(patches), backbone, cfg, progress=progress, should_stop=should_stop
     )
+    return rows.take(np.arange(len(patches)))
+
+
+def write_synthetic_embeddings(
+    project: Project, backbone: Backbone, cfg: LearnerSettings, *, seed: int = 0, spread: float = 0.05
+) -> int:
+    """Fill the store for every patch of the project's ready slides with synthetic vectors, for benchmarks
+    that time a round without pixels: one Gaussian cluster per class (the patch's final consensus label
+    where it has one, else a class drawn from the patch id and ``seed``), unit noise around centres
+    ``spread`` apart per feature, so a head trained on them learns something. Returns the patches written.
+    """
+    n_classes = project.label_classes.count()
+    if n_classes < 1:
+        raise LearnerError("The project needs label classes before synthetic embeddings can be clustered by label.")
+    store = store_for(backbone, project.patch_size, cfg)
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, spread, size=(n_classes, store.dim)).astype(np.float32)
+    order = {name: i for i, name in enumerate(project.label_classes.order_by("order").values_list("name", flat=True))}
+    final = (Consensus.Status.AGREED, Consensus.Status.EXPERT)
+    labelled = dict(
+        Consensus.objects.filter(project=project, status__in=final, label__isnull=False).values_list(
+            "patch_id", "label__name"
+        )
+    )
+    written = 0
+    slides = Slide.objects.filter(project=project, status=Slide.Status.READY).values_list("pk", "checksum")
+    for sid, checksum in slides.iterator():
+        rows = np.array(
+            Patch.objects.filter(slide_id=sid).order_by("id").values_list("id", "x", "y", "size"), dtype=np.int64
+        ).reshape(-1, 4)
+        for psize in np.unique(rows[:, 3]):
+            part = rows[rows[:, 3] == psize]
+            ids = part[:, 0]
+            cls = (ids * 2654435761 + seed) % n_classes  # a fixed class per patch for the unlabelled
+            for i, pid in enumerate(ids.tolist()):
+                if pid in labelled:
+                    cls[i] = order[labelled[pid]]
+            vectors = np.random.default_rng([seed, sid, int(psize)]).standard_normal((len(ids), store.dim), np.float32)
+            vectors += centres[cls]
+            store.put_slide(slide_key(checksum, sid, int(psize), project.patch_size), part[:, 1:3], vectors)
+            written += len(ids)
+    return written

@@ -1,4 +1,10 @@
-"""The machine side of the loop: training rounds, model versions and pool scores."""
+"""The machine side of the loop: training rounds, model versions and pool scores.
+
+A model version's scores are stored per slide (``SlideScores``: one row per slide holding the patch ids and
+their class probabilities as packed arrays), not a row per patch: a round over a million patches writes as
+many score rows as the project has slides. ``manage.py prune_models`` deletes old versions' weights files
+and scores and keeps their ModelVersion rows (which labels trained which model, with its metrics).
+"""
 
 from __future__ import annotations
 
@@ -61,6 +67,9 @@ class ModelVersion(models.Model):
     metrics = models.JSONField(default=dict)
     n_labels = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
+    pruned_at = models.DateTimeField(
+        null=True, blank=True, help_text="When prune_models deleted this version's weights file and scores."
+    )
 
     class Meta:
         ordering = ["project", "-created_at"]
@@ -69,15 +78,19 @@ class ModelVersion(models.Model):
         return f"model of round {self.round_id} ({self.backbone}, {self.train_mode})"
 
 
-class PatchScore(models.Model):
-    model_version = models.ForeignKey(ModelVersion, related_name="scores", on_delete=models.CASCADE)
-    patch = models.ForeignKey("annotations.Patch", related_name="scores", on_delete=models.CASCADE)
-    probs = models.JSONField(help_text="Class probabilities in the model version's class order.")
-    uncertainty = models.FloatField()
-    predicted = models.PositiveSmallIntegerField()
+class SlideScores(models.Model):
+    """One model version's class probabilities for the patches of one slide, as two packed arrays
+    (``learner.scores`` packs and reads them): ascending patch ids, and float32 probabilities in the model
+    version's class order, one row of classes per patch."""
+
+    model_version = models.ForeignKey(ModelVersion, related_name="slide_scores", on_delete=models.CASCADE)
+    slide = models.ForeignKey("annotations.Slide", related_name="model_scores", on_delete=models.CASCADE)
+    n_patches = models.PositiveIntegerField()
+    patch_ids = models.BinaryField(help_text="zlib-compressed little-endian int64, ascending.")
+    probs = models.BinaryField(help_text="zlib-compressed little-endian float32, patches x classes, row-major.")
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["model_version", "patch"], name="score_unique")]
+        constraints = [models.UniqueConstraint(fields=["model_version", "slide"], name="slide_scores_unique")]
 
     def __str__(self) -> str:
-        return f"score of patch {self.patch_id} by model {self.model_version_id}"
+        return f"scores of slide {self.slide_id} by model {self.model_version_id}"

@@ -28,10 +28,11 @@ from learner.core.classifier import Classifier, save_model
 from learner.core.errors import Cancelled, LearnerError
 from learner.core.strategies import margin
 
+from . import scores
 from .conf import LearnerSettings, learner_settings
 from .embedding import platform_backbone
 from .events import broadcast, round_payload
-from .models import ModelVersion, PatchScore, TrainingRound
+from .models import ModelVersion, TrainingRound
 from .reporter import RoundReporter
 from .round_stages import (
     RoundSetup,
@@ -48,6 +49,9 @@ from .round_stages import (
 
 logger = logging.getLogger(__name__)
 State = TrainingRound.State
+# The queue's tail (as many tasks as the batch) is looked for among this many of the new model's most
+# uncertain patches; below this pool size that is every patch, as before.
+TAIL_CANDIDATES = 50_000
 
 
 class RoundFailed(Exception):
@@ -60,13 +64,22 @@ class TrainedModel:
 
     classifier: Classifier
     patch_ids: np.ndarray  # the pool, in the order of ``proba``'s rows
+    slide_ids: np.ndarray  # each pool patch's slide
     proba: np.ndarray  # (pool, classes)
     labels: dict[int, int]  # the labels it was trained on: patch id -> class index
 
     @property
     def uncertainty(self) -> np.ndarray:
-        """1 - (top-1 minus top-2 probability) per pool patch: what a PatchScore stores and the queue ranks by."""
+        """1 - (top-1 minus top-2 probability) per pool patch: what the queue ranks by."""
         return margin(self.proba)
+
+    def most_uncertain(self, n: int) -> dict[int, float]:
+        """Uncertainty of the ``n`` most uncertain pool patches (all of them when the pool is smaller),
+        patch id -> score: the candidates for the queue's tail, which takes the most uncertain of them
+        that still have an open task. A pool of any size hands over a bounded dict."""
+        u = self.uncertainty
+        top = np.arange(len(u)) if len(u) <= n else np.argpartition(-u, n - 1)[:n]
+        return dict(zip(self.patch_ids[top].tolist(), u[top].tolist(), strict=True))
 
 
 @dataclass
@@ -101,8 +114,8 @@ class RoundRun:
 def run_round(round_id: int, *, write_scores: bool = True) -> TrainingRound:
     """Execute a queued round. Safe to call twice: only a queued round is started.
 
-    ``write_scores=False`` skips the PatchScore rows (one per pool patch per round): the simulator does
-    not read them, and at thousands of patches they are the slowest write of a round.
+    ``write_scores=False`` skips the SlideScores rows (one per slide of the pool): the simulator, whose
+    every image is a slide of its own, does not read them.
     """
     claimed = TrainingRound.objects.filter(pk=round_id, state=State.QUEUED).update(
         state=State.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now(), stage="snapshot"
@@ -152,7 +165,7 @@ def _execute(run: RoundRun) -> None:
 
     reporter.stage("snapshot")
     pool = snapshot(project, class_names)
-    if not pool.patches:
+    if not len(pool):
         raise RoundFailed("The project has no patches yet; add slides and wait until they are ready.")
 
     reporter.stage("embed")
@@ -186,7 +199,9 @@ def _execute(run: RoundRun) -> None:
     chosen = select(pool, emb, proba, setup)
 
     reporter.stage("publish")
-    model = TrainedModel(classifier=clf, patch_ids=pool.patch_ids, proba=proba, labels=pool.labels)
+    model = TrainedModel(
+        classifier=clf, patch_ids=pool.patch_ids, slide_ids=pool.slide_ids, proba=proba, labels=pool.labels
+    )
     publish(run, RoundResult(chosen, metrics, len(pool.labelled), class_names, model))
 
 
@@ -222,21 +237,8 @@ def _save_version(
         metrics=result.metrics,
         n_labels=result.n_labels,
     )
-    if not write_scores:
-        return
-    PatchScore.objects.bulk_create(
-        [
-            PatchScore(
-                model_version=version,
-                patch_id=int(pid),
-                probs=[round(float(v), 5) for v in p],
-                uncertainty=float(u),
-                predicted=int(np.argmax(p)),
-            )
-            for pid, p, u in zip(model.patch_ids, model.proba, model.uncertainty, strict=True)
-        ],
-        batch_size=2000,
-    )
+    if write_scores:
+        scores.write(version, model.patch_ids, model.slide_ids, model.proba)
 
 
 def publish(run: RoundRun, result: RoundResult) -> None:
@@ -252,8 +254,8 @@ def publish(run: RoundRun, result: RoundResult) -> None:
         rest = None
         if model is not None and weights_file is not None:
             _save_version(locked, project, result, model, weights_file, write_scores=run.write_scores)
-            # Tasks not chosen this round fall below the new batch, ordered by the new model's uncertainty.
-            rest = dict(zip(model.patch_ids.tolist(), model.uncertainty.tolist(), strict=True))
+            # The most uncertain open tasks not chosen this round come next, below the new batch.
+            rest = model.most_uncertain(TAIL_CANDIDATES)
         queue.publish_round(
             project, round_id=locked.pk, chosen=result.chosen, rest_priority=rest, round_number=locked.number
         )

@@ -1,33 +1,40 @@
 """The stages of a training round, each a function of plain data: snapshot → embed → split → train → evaluate
 → score → select.
 
-Each stage takes what earlier stages returned (a Pool, embedding and probability arrays, a LabelSplit, a
-Classifier) and the round's RoundSetup (the project's choices, the settings, the progress and cancel
-callbacks), and returns arrays, a Classifier or a metrics dict. Only ``snapshot`` touches the database (it
-recomputes consensus and reads the labels); nothing here writes what the round produces. ``learner.pipeline``
+Each stage takes what earlier stages returned (a Pool of arrays, the pool's embeddings as ``Rows``, probability
+arrays, a LabelSplit, a Classifier) and the round's RoundSetup (the project's choices, the settings, the
+progress and cancel callbacks), and returns arrays, a Classifier or a metrics dict. ``snapshot`` streams the
+pool from the database (it recomputes consensus and reads the labels); Patch rows are loaded afterwards only
+where pixels are read, a chunk at a time. Nothing here writes what the round produces. ``learner.pipeline``
 runs the stages in order and publishes their output in one transaction.
+
+Memory stays bounded whatever the pool size: the pool is arrays (a few tens of bytes per patch), embeddings
+are read from the per-slide store chunk by chunk, self-training pseudo-labels at most MAX_PSEUDO_LABELS
+patches, and selections that read embeddings look at most at SELECT_SAMPLE candidates.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from django.db.models import OuterRef, Subquery
 
 from annotations import consensus
-from annotations.models import AnnotationTask, Consensus, Patch, Project
+from annotations.models import AnnotationTask, Consensus, Patch, Project, Slide
 from learner.core.backbone import Backbone
 from learner.core.classifier import Classifier
 from learner.core.config import TrainConfig
-from learner.core.errors import ProgressFn, StopFn
+from learner.core.data import LazyImages
+from learner.core.embedding_store import Rows
+from learner.core.errors import ProgressFn, StopFn, check_stop, report
 from learner.core.evaluation import evaluate
 from learner.core.strategies import cold_start, select_batch
 from learner.core.training import finetune, self_train_head, train_head
 
 from .conf import LearnerSettings
-from .embedding import embed_patches, image_size, patch_images
+from .embedding import PIXEL_CHUNK, image_size, load_patches, patch_images, pool_embeddings
 
 FINAL_LABEL_STATUSES = (Consensus.Status.AGREED, Consensus.Status.EXPERT)
 # An expert gold set at least this large (in two classes or more) becomes the validation set and is kept
@@ -35,6 +42,13 @@ FINAL_LABEL_STATUSES = (Consensus.Status.AGREED, Consensus.Status.EXPERT)
 MIN_GOLD_FOR_VALIDATION = 30
 # On a single slide the split unit is a square of this many patches a side, so neighbours stay together.
 SPATIAL_BLOCK = 4
+# Cold start, "diverse" and "kcenter" select among at most this many unlabelled patches (a seeded uniform
+# sample above it): 50,000 × 1,904 float32 is 380 MB. Projects below it (every test, LC25000) see no change.
+SELECT_SAMPLE = 50_000
+# Self-training scans at most this many times MAX_PSEUDO_LABELS unlabelled patches for confident ones.
+PSEUDO_LABEL_SCAN_FACTOR = 5
+# Strategies that read the candidates' embeddings, not only their probabilities.
+EMBEDDING_STRATEGIES = ("diverse", "kcenter")
 
 
 @dataclass(frozen=True)
@@ -83,22 +97,49 @@ class RoundSetup:
 
 @dataclass
 class Pool:
-    """Every patch of the project's ready slides, in a fixed order, with what the round knows of it."""
+    """Every patch of the project's ready slides, in id order, as arrays (never model instances): what the
+    round knows of each patch and where it lies, for a pool of any size."""
 
-    patch_ids: np.ndarray
-    patches: list[Patch]
+    patch_ids: np.ndarray  # int64, ascending
+    slide_ids: np.ndarray  # int64
+    xs: np.ndarray  # int64, level-0 position on the slide
+    ys: np.ndarray
+    sizes: np.ndarray  # int64, level-0 edge
+    is_gold: np.ndarray  # bool
     labels: dict[int, int]  # patch id -> class index (final consensus only)
-    groups: list[str]  # split unit per patch: slide group, else slide, else spatial block
-    split_unit: str
-    arms: dict[int, str] = field(default_factory=dict)  # patch id -> arm that chose it
+    slide_groups: dict[int, str]  # slide id -> its group ("" when none)
+    patch_size: int  # the project's: the side patches are read at
+    split_unit: str = field(init=False)  # what a split holds out whole: "group", "slide" or "spatial block"
+    arms: dict[int, str] = field(default_factory=dict)  # labelled patch id -> arm that chose it
     y: np.ndarray = field(init=False)  # class index per pool patch, -1 where unlabelled
     labelled: np.ndarray = field(init=False)  # pool indices with a label
     unlabelled: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.y = np.array([self.labels.get(int(pid), -1) for pid in self.patch_ids], dtype=np.int64)
+        self.y = np.full(len(self.patch_ids), -1, dtype=np.int64)
+        if self.labels:
+            ids = np.fromiter(self.labels, dtype=np.int64, count=len(self.labels))
+            at = np.searchsorted(self.patch_ids, ids)
+            inside = (at < len(self.patch_ids)) & (self.patch_ids[np.minimum(at, len(self.patch_ids) - 1)] == ids)
+            self.y[at[inside]] = np.array([self.labels[int(i)] for i in ids[inside]], dtype=np.int64)
         self.labelled = np.flatnonzero(self.y >= 0).astype(np.int64)
         self.unlabelled = np.flatnonzero(self.y < 0).astype(np.int64)
+        self.split_unit = _split_unit(np.unique(self.slide_ids), self.slide_groups)
+
+    def __len__(self) -> int:
+        return len(self.patch_ids)
+
+    def units(self, idx: np.ndarray) -> np.ndarray:
+        """The split unit of each pool patch ``idx``: its slide group, else its slide, else a spatial block
+        of SPATIAL_BLOCK patches a side (a single slide), so neighbours stay together."""
+        slides = self.slide_ids[idx]
+        if self.split_unit == "group":
+            return np.array([self.slide_groups[int(s)] for s in slides])
+        if self.split_unit == "slide":
+            return np.array([f"slide-{s}" for s in slides])
+        span = self.sizes[idx] * SPATIAL_BLOCK
+        bx, by = self.xs[idx] // span, self.ys[idx] // span
+        return np.array([f"block-{a}-{b}" for a, b in zip(bx.tolist(), by.tolist(), strict=True)])
 
 
 @dataclass(frozen=True)
@@ -114,14 +155,36 @@ class LabelSplit:
 # --- snapshot ------------------------------------------------------------------------------------------------------
 
 
-def _split_units(patches: list[Patch]) -> tuple[list[str], str]:
+def _split_unit(slides: np.ndarray, slide_groups: dict[int, str]) -> str:
     """Split by slide group, else by slide; a single slide is split into spatial blocks of patches."""
-    if len({p.slide.group for p in patches if p.slide.group}) >= 2 and all(p.slide.group for p in patches):
-        return [p.slide.group for p in patches], "group"
-    if len({p.slide_id for p in patches}) >= 2:
-        return [f"slide-{p.slide_id}" for p in patches], "slide"
-    block = SPATIAL_BLOCK
-    return [f"block-{p.x // (p.size * block)}-{p.y // (p.size * block)}" for p in patches], "spatial block"
+    groups = [slide_groups.get(int(s), "") for s in slides]
+    if len({g for g in groups if g}) >= 2 and all(groups):
+        return "group"
+    if len(slides) >= 2:
+        return "slide"
+    return "spatial block"
+
+
+# Patch rows read per database round trip while streaming the pool.
+SNAPSHOT_CHUNK = 50_000
+
+
+def _pool_rows(project: Project) -> np.ndarray:
+    """(id, slide, x, y, size, is_gold) of every patch of the project's ready slides, by id, streamed in chunks."""
+    query = (
+        Patch.objects.filter(project=project, slide__status="ready")
+        .order_by("id")
+        .values_list("id", "slide_id", "x", "y", "size", "is_gold")
+    )
+    parts, batch = [], []
+    for row in query.iterator(chunk_size=SNAPSHOT_CHUNK):
+        batch.append(row)
+        if len(batch) == SNAPSHOT_CHUNK:
+            parts.append(np.array(batch, dtype=np.int64))
+            batch = []
+    if batch or not parts:
+        parts.append(np.array(batch, dtype=np.int64).reshape(-1, 6))
+    return np.concatenate(parts)
 
 
 def snapshot(project: Project, class_names: list[str]) -> Pool:
@@ -130,36 +193,42 @@ def snapshot(project: Project, class_names: list[str]) -> Pool:
     Votes cast after this point are used by the next round.
     """
     consensus.recompute_project_consensus(project)
-    latest_arm = AnnotationTask.objects.filter(patch=OuterRef("pk"), kind=AnnotationTask.Kind.CROWD).order_by("-id")
-    patches = list(
-        Patch.objects.filter(project=project, slide__status="ready")
-        .select_related("slide", "project")
-        .annotate(arm=Subquery(latest_arm.values("arm")[:1]))
-        .order_by("id")
-    )
+    rows = _pool_rows(project)
     index = {name: i for i, name in enumerate(class_names)}
-    labels = {
-        pid: index[name]
-        for pid, name in Consensus.objects.filter(
-            project=project, status__in=FINAL_LABEL_STATUSES, label__isnull=False
-        ).values_list("patch_id", "label__name")
-    }
-    groups, unit = _split_units(patches)
+    final = Consensus.objects.filter(project=project, status__in=FINAL_LABEL_STATUSES, label__isnull=False)
+    labels = {pid: index[name] for pid, name in final.values_list("patch_id", "label__name")}
+    # The arm of each labelled patch's latest crowd task (what the live control compares); none for the rest.
+    latest = (
+        AnnotationTask.objects.filter(
+            project=project, kind=AnnotationTask.Kind.CROWD, patch_id__in=final.values("patch_id")
+        )
+        .order_by("patch_id", "-id")
+        .distinct("patch_id")
+        .values_list("patch_id", "arm")
+    )
+    slide_groups = dict(Slide.objects.filter(project=project, status="ready").values_list("pk", "group"))
     return Pool(
-        patch_ids=np.array([p.pk for p in patches], dtype=np.int64),
-        patches=patches,
+        patch_ids=rows[:, 0].copy(),
+        slide_ids=rows[:, 1].copy(),
+        xs=rows[:, 2].copy(),
+        ys=rows[:, 3].copy(),
+        sizes=rows[:, 4].copy(),
+        is_gold=rows[:, 5].astype(bool),
         labels=labels,
-        groups=groups,
-        split_unit=unit,
-        arms={p.pk: p.arm for p in patches if getattr(p, "arm", "")},
+        slide_groups=slide_groups,
+        patch_size=project.patch_size,
+        arms={pid: arm for pid, arm in latest if arm},
     )
 
 
 # --- embed ---------------------------------------------------------------------------------------------------------
 
 
-def embed_pool(pool: Pool, backbone: Backbone, setup: RoundSetup) -> np.ndarray:
-    return embed_patches(pool.patches, backbone, setup.settings, progress=setup.progress, should_stop=setup.should_stop)
+def embed_pool(pool: Pool, backbone: Backbone, setup: RoundSetup) -> Rows:
+    return pool_embeddings(
+        pool.patch_size, pool.patch_ids, pool.slide_ids, pool.xs, pool.ys, pool.sizes, backbone, setup.settings,
+        progress=setup.progress, should_stop=setup.should_stop,
+    )  # fmt: skip
 
 
 # --- split ---------------------------------------------------------------------------------------------------------
@@ -167,7 +236,7 @@ def embed_pool(pool: Pool, backbone: Backbone, setup: RoundSetup) -> np.ndarray:
 
 def gold_validation(pool: Pool) -> np.ndarray:
     """The labelled gold patches (pool indices) when there are enough to validate on, else none."""
-    gold = np.array([i for i in pool.labelled if pool.patches[i].is_gold], dtype=np.int64)
+    gold = pool.labelled[pool.is_gold[pool.labelled]]
     if len(gold) < MIN_GOLD_FOR_VALIDATION or len(np.unique(pool.y[gold])) < 2:
         return np.array([], dtype=np.int64)
     return gold
@@ -186,21 +255,22 @@ def too_few_labels(pool: Pool, settings: LearnerSettings) -> str | None:
 
 
 def split_by_group(
-    labelled: np.ndarray, groups: list[str], fraction: float, seed: int
+    labelled: np.ndarray, units: Sequence[str] | np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out whole groups (never single patches) until about ``fraction`` of the labels are held out.
+    """Hold out whole units (never single patches) until about ``fraction`` of the labels are held out.
 
-    ``labelled`` are pool indices. Returns (train indices, validation indices).
+    ``labelled`` are pool indices and ``units[j]`` the split unit of ``labelled[j]``. Returns (train
+    indices, validation indices).
     """
     rng = np.random.default_rng(seed)
-    unit_of = np.array([groups[i] for i in labelled])
-    units = np.unique(unit_of)
-    rng.shuffle(units)
+    unit_of = np.asarray(units)
+    units_ = np.unique(unit_of)
+    rng.shuffle(units_)
     target = max(1, round(fraction * len(labelled)))
     held: list[str] = []
     count = 0
-    for unit in units:
-        if count >= target or len(held) == len(units) - 1:
+    for unit in units_:
+        if count >= target or len(held) == len(units_) - 1:
             break
         held.append(unit)
         count += int((unit_of == unit).sum())
@@ -215,7 +285,7 @@ def split_labels(pool: Pool, setup: RoundSetup) -> LabelSplit:
     if len(gold):
         return LabelSplit(train=np.setdiff1d(pool.labelled, gold), val=gold, unit="gold", gold=True)
     fraction, seed = setup.settings.VALIDATION_FRACTION, setup.config.seed
-    train, val = split_by_group(pool.labelled, pool.groups, fraction, seed)
+    train, val = split_by_group(pool.labelled, pool.units(pool.labelled), fraction, seed)
     if len(val) == 0 or len(np.unique(pool.y[train])) < 2:
         train, val = pool.labelled, np.array([], dtype=np.int64)
     return LabelSplit(train=train, val=val, unit=pool.split_unit, gold=False)
@@ -227,7 +297,7 @@ def split_labels(pool: Pool, setup: RoundSetup) -> LabelSplit:
 def platform_head(
     x: np.ndarray,
     y: np.ndarray,
-    unlabelled: np.ndarray,
+    unlabelled: np.ndarray | Rows,
     class_names: list[str],
     backbone: Backbone,
     config: TrainConfig,
@@ -236,37 +306,54 @@ def platform_head(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> Classifier:
-    """The head-mode model a round deploys: self-trained on the unlabelled embeddings when
-    LEARNER SELF_TRAINING is on, else the plain head on the labels."""
+    """The head-mode model a round deploys: self-trained on the unlabelled embeddings (at most
+    LEARNER MAX_PSEUDO_LABELS of them) when LEARNER SELF_TRAINING is on, else the plain head on the labels."""
     if settings.SELF_TRAINING:
         return self_train_head(
             x, y, unlabelled, class_names, backbone, config, threshold=settings.SELF_TRAINING_THRESHOLD,
-            tta=settings.TTA, progress=progress, should_stop=should_stop,
+            max_pseudo_labels=settings.MAX_PSEUDO_LABELS, tta=settings.TTA, progress=progress,
+            should_stop=should_stop,
         )  # fmt: skip
     return train_head(x, y, class_names, backbone, config, tta=settings.TTA, progress=progress, should_stop=should_stop)
 
 
+def pseudo_label_candidates(pool: Pool, setup: RoundSetup) -> np.ndarray:
+    """The unlabelled patches self-training looks at for confident ones: all of them up to
+    PSEUDO_LABEL_SCAN_FACTOR × MAX_PSEUDO_LABELS (100,000 by default), else a seeded uniform sample of that
+    many, in pool order, so a head's pass over them costs the same at any pool size. Pools below the
+    limit (every test, LC25000) see no change."""
+    limit = PSEUDO_LABEL_SCAN_FACTOR * setup.settings.MAX_PSEUDO_LABELS
+    if len(pool.unlabelled) <= limit:
+        return pool.unlabelled
+    return np.sort(np.random.default_rng([setup.config.seed, limit]).choice(pool.unlabelled, limit, replace=False))
+
+
 def _fit_head(
-    pool: Pool, emb: np.ndarray, idx: np.ndarray, backbone: Backbone, setup: RoundSetup, *, progress: bool
+    pool: Pool, emb: Rows, idx: np.ndarray, backbone: Backbone, setup: RoundSetup, *, progress: bool
 ) -> Classifier:
     return platform_head(
-        emb[idx], pool.y[idx], emb[pool.unlabelled], setup.class_names, backbone, setup.config, setup.settings,
-        progress=setup.progress if progress else None, should_stop=setup.should_stop,
+        emb.take(idx), pool.y[idx], emb.subset(pseudo_label_candidates(pool, setup)), setup.class_names, backbone,
+        setup.config, setup.settings, progress=setup.progress if progress else None, should_stop=setup.should_stop,
     )  # fmt: skip
 
 
-def train(pool: Pool, emb: np.ndarray, split: LabelSplit, backbone: Backbone, setup: RoundSetup) -> Classifier:
+def pool_images(pool: Pool, idx: np.ndarray) -> LazyImages:
+    """The pixels of pool patches ``idx`` (their Patch rows loaded now: keep ``idx`` to a chunk or a label set)."""
+    return patch_images(load_patches(pool.patch_ids[idx]))
+
+
+def train(pool: Pool, emb: Rows, split: LabelSplit, backbone: Backbone, setup: RoundSetup) -> Classifier:
     """A head on the embeddings, or the whole network fine-tuned on the pixels (project.train_mode)."""
     if setup.train_mode != "finetune":
         return _fit_head(pool, emb, split.train, backbone, setup, progress=True)
     has_val = len(split.val) > 0
     result = finetune(
         backbone.spec,
-        patch_images([pool.patches[i] for i in split.train]),
+        pool_images(pool, split.train),
         pool.y[split.train],
         setup.class_names,
         setup.config,
-        val_images=patch_images([pool.patches[i] for i in split.val]) if has_val else None,
+        val_images=pool_images(pool, split.val) if has_val else None,
         val_labels=pool.y[split.val] if has_val else None,
         progress=setup.progress,
         should_stop=setup.should_stop,
@@ -275,7 +362,7 @@ def train(pool: Pool, emb: np.ndarray, split: LabelSplit, backbone: Backbone, se
 
 
 def refit_for_deployment(
-    pool: Pool, emb: np.ndarray, split: LabelSplit, backbone: Backbone, setup: RoundSetup
+    pool: Pool, emb: Rows, split: LabelSplit, backbone: Backbone, setup: RoundSetup
 ) -> Classifier | None:
     """In head mode with labels held out: a head refitted on every label (seconds), which the round deploys,
     while the held-out metrics stand as its estimate. None when the trained model is the one to deploy
@@ -288,21 +375,25 @@ def refit_for_deployment(
 # --- evaluate, score -----------------------------------------------------------------------------------------------
 
 
-def predict(clf: Classifier, pool: Pool, emb: np.ndarray, idx: np.ndarray, setup: RoundSetup) -> np.ndarray:
-    """Probabilities for the pool patches ``idx``: from the embeddings for a head, from the pixels otherwise."""
+def predict(clf: Classifier, pool: Pool, emb: Rows, idx: np.ndarray, setup: RoundSetup) -> np.ndarray:
+    """Probabilities (float32) for the pool patches ``idx``: from the embeddings for a head, chunk by chunk;
+    from the pixels otherwise, a chunk of Patch rows at a time."""
+    proba = np.empty((len(idx), len(setup.class_names)), dtype=np.float32)
     if clf.mode == "head":
-        return clf.predict_proba(emb[idx])
-    return clf.predict_proba(
-        patch_images([pool.patches[i] for i in idx]),
-        device=setup.settings.DEVICE,
-        progress=setup.progress,
-        should_stop=setup.should_stop,
-    )
+        for positions, rows in emb.chunks(idx):
+            check_stop(setup.should_stop, "score")
+            proba[positions] = clf.predict_proba(rows)
+        return proba
+    for start in range(0, len(idx), PIXEL_CHUNK):
+        part = idx[start : start + PIXEL_CHUNK]
+        proba[start : start + len(part)] = clf.predict_proba(
+            pool_images(pool, part), device=setup.settings.DEVICE, should_stop=setup.should_stop
+        )
+        report(setup.progress, "score", (start + len(part)) / len(idx))
+    return proba
 
 
-def arm_metrics(
-    pool: Pool, emb: np.ndarray, split: LabelSplit, backbone: Backbone, setup: RoundSetup
-) -> dict[str, Any]:
+def arm_metrics(pool: Pool, emb: Rows, split: LabelSplit, backbone: Backbone, setup: RoundSetup) -> dict[str, Any]:
     """The live control: a head trained only on the random arm's labels vs one on as many strategy labels."""
     train_idx, val, y = split.train, split.val, pool.y
     arm_of = np.array([pool.arms.get(int(pool.patch_ids[i]), "") for i in train_idx])
@@ -315,11 +406,12 @@ def arm_metrics(
     strategy_idx = rng.choice(strategy_idx, size=n, replace=False)
     random_idx = rng.choice(random_idx, size=n, replace=False)
     out: dict[str, Any] = {}
+    val_emb = emb.take(val)
     for arm, idx in (("strategy", strategy_idx), ("random", random_idx)):
         if len(np.unique(y[idx])) < 2:
             continue
-        clf = train_head(emb[idx], y[idx], setup.class_names, backbone, setup.config)
-        m = evaluate(y[val], clf.predict_proba(emb[val]), setup.class_names)
+        clf = train_head(emb.take(idx), y[idx], setup.class_names, backbone, setup.config)
+        m = evaluate(y[val], clf.predict_proba(val_emb), setup.class_names)
         out[arm] = {
             "n_labels": int(n),
             "accuracy": m["accuracy"],
@@ -331,7 +423,7 @@ def arm_metrics(
 
 
 def evaluate_model(
-    clf: Classifier, pool: Pool, emb: np.ndarray, split: LabelSplit, backbone: Backbone, setup: RoundSetup
+    clf: Classifier, pool: Pool, emb: Rows, split: LabelSplit, backbone: Backbone, setup: RoundSetup
 ) -> dict[str, Any]:
     """The round's metrics: sizes and split, and the held-out scores when labels were held out."""
     metrics: dict[str, Any] = {
@@ -350,35 +442,50 @@ def evaluate_model(
     return metrics
 
 
-def score(clf: Classifier, pool: Pool, emb: np.ndarray, setup: RoundSetup) -> np.ndarray:
-    """The model's probabilities for every pool patch, (pool, classes)."""
-    return predict(clf, pool, emb, np.arange(len(pool.patches)), setup)
+def score(clf: Classifier, pool: Pool, emb: Rows, setup: RoundSetup) -> np.ndarray:
+    """The model's probabilities for every pool patch, (pool, classes) float32."""
+    return predict(clf, pool, emb, np.arange(len(pool), dtype=np.int64), setup)
 
 
 # --- select --------------------------------------------------------------------------------------------------------
 
 
-def select(pool: Pool, emb: np.ndarray, proba: np.ndarray | None, setup: RoundSetup) -> list[tuple[int, str]]:
+def _candidates(unlabelled: np.ndarray, seed: int) -> np.ndarray:
+    """The unlabelled patches a clustering or distance-based selection looks at: all of them up to
+    SELECT_SAMPLE, else a seeded uniform sample of that many (in pool order), so its memory and time stay
+    bounded (SELECT_SAMPLE rows of embeddings); a uniform sample keeps the random arm unbiased."""
+    if len(unlabelled) <= SELECT_SAMPLE:
+        return unlabelled
+    return np.sort(np.random.default_rng([seed, SELECT_SAMPLE]).choice(unlabelled, SELECT_SAMPLE, replace=False))
+
+
+def select(pool: Pool, emb: Rows, proba: np.ndarray | None, setup: RoundSetup) -> list[tuple[int, str]]:
     """The next batch as (patch id, arm), best first: by the project's strategy over the model's
-    probabilities, or, with no model yet (``proba=None``, a cold start), spread over the embedding space."""
+    probabilities, or, with no model yet (``proba=None``, a cold start), spread over the embedding space.
+    Uncertainty strategies rank the whole unlabelled pool from its probabilities alone; cold start,
+    "diverse" and "kcenter" read embeddings, of at most SELECT_SAMPLE candidates."""
     unlabelled = pool.unlabelled
     if not len(unlabelled):
         return []
     n = min(setup.batch_size, len(unlabelled))
     seed = setup.config.seed
     if proba is None:
+        candidates = _candidates(unlabelled, seed)
         picks = cold_start(
-            emb[unlabelled], n, random_fraction=setup.random_fraction, rng=seed, should_stop=setup.should_stop
+            emb.take(candidates), n, random_fraction=setup.random_fraction, rng=seed, should_stop=setup.should_stop
         )
     else:
+        needs_embeddings = setup.strategy in EMBEDDING_STRATEGIES
+        candidates = _candidates(unlabelled, seed) if needs_embeddings else unlabelled
+        centres = _candidates(pool.labelled, seed) if setup.strategy == "kcenter" else None
         picks = select_batch(
             setup.strategy,
             n,
-            proba=proba[unlabelled],
-            embeddings=emb[unlabelled],
-            labelled_embeddings=emb[pool.labelled],
+            proba=proba[candidates],
+            embeddings=emb.take(candidates) if needs_embeddings else None,
+            labelled_embeddings=emb.take(centres) if centres is not None else None,
             random_fraction=setup.random_fraction,
             rng=seed,
             should_stop=setup.should_stop,
         )
-    return [(int(pool.patch_ids[unlabelled[s.index]]), s.arm) for s in picks]
+    return [(int(pool.patch_ids[candidates[s.index]]), s.arm) for s in picks]

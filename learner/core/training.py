@@ -20,6 +20,7 @@ from learner.core.backbone import Backbone, create_model
 from learner.core.classifier import Classifier, LinearHead
 from learner.core.config import BackboneSpec, TrainConfig
 from learner.core.data import ImageSource, StainNormaliser, as_source, augment, load_batch, normalise
+from learner.core.embedding_store import Rows, as_rows
 from learner.core.embeddings import forward_batches, prepare_model, resolve_device, to_device
 from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, report
 from learner.core.evaluation import evaluate
@@ -120,12 +121,13 @@ def train_head(
 def self_train_head(
     embeddings: np.ndarray,
     labels: Sequence[int] | np.ndarray,
-    unlabelled: np.ndarray,
+    unlabelled: np.ndarray | Rows,
     class_names: Sequence[str],
     backbone: Backbone,
     config: TrainConfig | None = None,
     *,
     threshold: float = 0.95,
+    max_pseudo_labels: int | None = None,
     image_size: int | None = None,
     tta: bool = False,
     progress: ProgressFn | None = None,
@@ -134,23 +136,38 @@ def self_train_head(
     """Self-training (one round of pseudo-labelling): fit the head on the labels, let it label the
     unlabelled embeddings it is sure of (max probability > `threshold`), and fit again on both.
 
-    Uses the unlabelled pool the loop has anyway; no label beyond the given ones. The returned head's
-    `extra["pseudo_labels"]` says how many pool items joined."""
+    Uses the unlabelled pool the loop has anyway; no label beyond the given ones. `unlabelled` is an array
+    or `Rows` read chunk by chunk (a pool of any size); with `max_pseudo_labels`, more confident items than
+    that are sampled down to it (seeded by `config.seed`, kept in pool order), which bounds the second
+    fit's size and memory whatever the pool. The returned head's `extra["pseudo_labels"]` says how many
+    pool items joined."""
+    config = config or TrainConfig()
     head = train_head(
         embeddings, labels, class_names, backbone, config, image_size=image_size, tta=tta, should_stop=should_stop
     )
-    unlabelled = np.asarray(unlabelled, dtype=np.float32)
-    if len(unlabelled) == 0:
+    pool = as_rows(np.asarray(unlabelled, dtype=np.float32) if isinstance(unlabelled, np.ndarray) else unlabelled)
+    if len(pool) == 0:
         head.extra["pseudo_labels"] = 0
         return head
-    proba = head.predict_proba(unlabelled)
-    sure = proba.max(1) > threshold
-    x = np.concatenate([np.asarray(embeddings, dtype=np.float32), unlabelled[sure]])
-    y = np.concatenate([np.asarray(labels, dtype=np.int64), proba[sure].argmax(1)])
+    sure_parts, label_parts = [], []
+    for positions, rows in pool.chunks():
+        check_stop(should_stop, "train")
+        proba = head.predict_proba(rows)
+        sure = proba.max(1) > threshold
+        sure_parts.append(positions[sure])
+        label_parts.append(proba[sure].argmax(1))
+    sure_idx, pseudo = np.concatenate(sure_parts), np.concatenate(label_parts)
+    order = np.argsort(sure_idx, kind="stable")  # pool order, as one pass over an array gives
+    sure_idx, pseudo = sure_idx[order], pseudo[order]
+    if max_pseudo_labels is not None and len(sure_idx) > max_pseudo_labels:
+        keep = np.sort(np.random.default_rng(config.seed).choice(len(sure_idx), max_pseudo_labels, replace=False))
+        sure_idx, pseudo = sure_idx[keep], pseudo[keep]
+    x = np.concatenate([np.asarray(embeddings, dtype=np.float32), pool.take(sure_idx)])
+    y = np.concatenate([np.asarray(labels, dtype=np.int64), pseudo.astype(np.int64)])
     final = train_head(
         x, y, class_names, backbone, config, image_size=image_size, tta=tta, progress=progress, should_stop=should_stop
     )
-    final.extra.update(n_train=len(x) - int(sure.sum()), pseudo_labels=int(sure.sum()))
+    final.extra.update(n_train=len(x) - len(sure_idx), pseudo_labels=len(sure_idx))
     return final
 
 

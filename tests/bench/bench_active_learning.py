@@ -50,13 +50,14 @@ def reuse_bench_cache(source: sim.SourceSet) -> int:
     cfg = learner_settings()
     backbone = embedding.platform_backbone(source.project.backbone, cfg)
     model_id = embedding_model_id(backbone, embedding.image_size(source.project.patch_size), cfg.TTA)
-    bench, platform = EmbeddingCache(BENCH_CACHE), EmbeddingCache(embedding.cache_dir(cfg))
+    bench = EmbeddingCache(BENCH_CACHE)
+    platform = embedding.store_for(backbone, source.project.patch_size, cfg)
     patches = Patch.objects.select_related("slide", "project").in_bulk(list(source.patch_ids))
     pairs = []
     for pid in source.patch_ids:
         patch = patches[int(pid)]
-        key = embedding.patch_key(patch)
-        if platform.path(model_id, key).is_file():
+        key = embedding.slide_key(patch.slide.checksum, patch.slide_id, patch.size, patch.project.patch_size)
+        if platform.lookup(key, np.array([[patch.x, patch.y]]))[0] >= 0:
             continue
         rel = str(Path(patch.slide.metadata["sim_path"]).relative_to(DATA))
         if bench.path(model_id, rel).is_file():
@@ -69,8 +70,8 @@ def reuse_bench_cache(source: sim.SourceSet) -> int:
     if np.abs(fresh - stored).max() > 1e-3:
         say(f"bench cache differs from the platform's embeddings ({np.abs(fresh - stored).max():.2g}); not reused")
         return 0
-    for rel, key, _ in pairs:
-        platform.put(model_id, key, np.asarray(bench.get(model_id, rel)))
+    for rel, key, patch in pairs:
+        platform.put_slide(key, np.array([[patch.x, patch.y]]), np.asarray(bench.get(model_id, rel))[None, :])
     return len(pairs)
 
 

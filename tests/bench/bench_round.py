@@ -5,7 +5,7 @@
 Runs ``learner.pipeline.run_round`` (the Celery task's body) in this process on a project cloned from
 the simulation's source project (every LC25000 image ingested once as a one-patch slide; created on
 first use, which takes a while), with ``--labels`` expert votes. Prints the time per stage and the
-total from labels to a new queue, with PatchScore rows written as the web platform does. The first
+total from labels to a new queue, with the per-slide scores written as the web platform does. The first
 embedding pass is reported separately in images/s, on ``--embed-sample`` images with no cache.
 Needs ../shared/data/lc25000_lung; uses DATABASE_URL/REDIS_URL like manage.py.
 """

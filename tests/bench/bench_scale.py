@@ -29,8 +29,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -296,17 +298,20 @@ def peak_rss_mb() -> float:
 
 
 def table_counts() -> dict[str, int]:
+    """Rows per table (tasks per kind): their growth over a round is what the round inserted, except
+    consensus rows, which the annotators' votes create meanwhile."""
     from django.db import connection
 
     tables = [
-        "annotations_annotationtask",
         "annotations_consensus",
         "learner_modelversion",
-        "learner_patchscore",
-        "learner_trainininground",
+        "learner_slidescores",
+        "learner_traininground",
     ]
     counts = {}
     with connection.cursor() as cursor:
+        cursor.execute("SELECT kind, count(*) FROM annotations_annotationtask GROUP BY kind")
+        counts.update({f"annotations_annotationtask[{kind}]": n for kind, n in cursor.fetchall()})
         for table in tables:
             cursor.execute("SELECT to_regclass(%s)", [table])
             if cursor.fetchone()[0] is None:
@@ -318,9 +323,15 @@ def table_counts() -> dict[str, int]:
 
 def round_under_load(project: Any, annotators: int, seed_embeddings: Callable[[Any], None]) -> dict[str, Any]:
     """One head-mode round while annotators work: stage times, RSS, rows written, lease latency."""
+    from annotations import consensus
     from learner import pipeline, services
 
     seed_embeddings(project)
+    # The consensus rows cast_vote would have kept for the votes the SQL build inserted, so the round's
+    # snapshot finds a project as a live one would be (and creates none of them itself).
+    started = time.perf_counter()
+    consensus.recompute_project_consensus(project)
+    print(f"consensus of the built votes in {time.perf_counter() - started:.1f} s", flush=True)
     crowd = Annotators(project, annotators)
     crowd.start()
     time.sleep(5)
@@ -336,6 +347,7 @@ def round_under_load(project: Any, annotators: int, seed_embeddings: Callable[[A
     crowd.stop()
     after_rows = table_counts()
     written = {t: after_rows.get(t, 0) - before_rows.get(t, 0) for t in after_rows}
+    written = {t: n for t, n in written.items() if n}
     print(f"round {round_.number}: {round_.state} in {seconds:.1f} s {round_.error}", flush=True)
     for stage, value in (round_.timings or {}).items():
         print(f"  stage {stage:<10} {value:8.2f} s")
@@ -348,6 +360,7 @@ def round_under_load(project: Any, annotators: int, seed_embeddings: Callable[[A
         "round_seconds": seconds,
         "timings": round_.timings,
         "round_peak_rss_mb": max(peak_rss_mb(), rss_before),
+        "rss_before_round_mb": rss_before,
         "rows_written": written,
         "lease": phases,
         "empty": crowd.empty,
@@ -355,9 +368,21 @@ def round_under_load(project: Any, annotators: int, seed_embeddings: Callable[[A
     }
 
 
-def no_embeddings(project: Any) -> None:
-    raise SystemExit(
-        "bench_scale: no synthetic embedding store yet; run with --no-round (see the scale issue, part 1)."
+def seed_embeddings(project: Any) -> None:
+    """Synthetic vectors in the round's embedding store (one file per slide), clustered by label, so the
+    round finds every embedding cached and reads no pixels."""
+    from learner import embedding
+    from learner.conf import learner_settings
+
+    cfg = learner_settings()
+    backbone = embedding.platform_backbone(project.backbone, cfg)
+    started = time.perf_counter()
+    n = embedding.write_synthetic_embeddings(project, backbone, cfg, seed=0)
+    print(
+        f"synthetic embeddings: {n:,} x {backbone.num_features} float32 "
+        f"({n * backbone.num_features * 4 / 2**30:.1f} GiB) in {time.perf_counter() - started:.1f} s "
+        f"under {embedding.cache_dir(cfg)}",
+        flush=True,
     )
 
 
@@ -376,6 +401,21 @@ def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
     os.environ.setdefault("DEBUG", "0")  # DEBUG keeps every query in memory
     os.environ.setdefault("SECRET_KEY", "bench-scale-" + "x" * 40)
+    # The round's embedding store and weights in a scratch folder (a million synthetic vectors are 7 GiB),
+    # removed at the end unless --keep.
+    scratch = Path(tempfile.mkdtemp(prefix="bench_scale_"))
+    os.environ.setdefault("LEARNER_CACHE_DIR", str(scratch / "cache"))
+    os.environ.setdefault("LEARNER_WEIGHTS_DIR", str(scratch / "models"))
+    try:
+        return run(args)
+    finally:
+        if args.keep:
+            print(f"kept {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
     with scratch_database(args.keep) as url:
         os.environ["DATABASE_URL"] = url
         os.environ["DATABASE_POOL"] = "0"  # threads each keep their own connection
@@ -386,7 +426,8 @@ def main() -> int:
 
         call_command("migrate", verbosity=0)
         print(f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, database {url.rsplit('/', 1)[-1]}")
-        sizes = [int(s) for s in args.sizes.split(",") if s] + [args.patches]
+        # the smaller sizes below --patches, then --patches itself (each size built once)
+        sizes = [*sorted({int(s) for s in args.sizes.split(",") if s and int(s) < args.patches}), args.patches]
         figures: dict[int, dict[str, Any]] = {}
         largest = None
         for size in sizes:
@@ -405,14 +446,24 @@ def main() -> int:
             "lease_vote_p95_ms_by_size": {str(s): figures[s]["lease_vote"]["p95_ms"] for s in sizes},
         }
         if not args.no_round and largest is not None:
-            seed = getattr(sys.modules[__name__], "seed_embeddings", no_embeddings)
-            measured = round_under_load(largest, args.annotators, seed)
+            measured = round_under_load(largest, args.annotators, seed_embeddings)
             result.update(
                 round_seconds=measured["round_seconds"],
                 round_peak_rss_mb=measured["round_peak_rss_mb"],
+                rss_before_round_mb=measured["rss_before_round_mb"],
+                round_timings=measured["timings"],
+                rows_written_by_table=measured["rows_written"],
+                lease_p95_ms_before_round=measured["lease"]["before"]["p95_ms"],
+                lease_median_ms_during_round=measured["lease"]["during"]["median_ms"],
+                lease_max_ms_during_round=measured["lease"]["during"]["max_ms"],
+                leases_during_round=measured["lease"]["during"]["n"],
                 lease_p95_ms_during_round=measured["lease"]["during"]["p95_ms"],
                 empty_leases_during_round=measured["empty"]["during"],
-                rows_written_per_round=sum(measured["rows_written"].values()),
+                # what the round inserted; consensus rows are the annotators' new votes meanwhile
+                rows_written_per_round=sum(
+                    n for table, n in measured["rows_written"].items() if table != "annotations_consensus"
+                ),
+                consensus_rows_created_during_round=measured["rows_written"].get("annotations_consensus", 0),
                 round_state=measured["state"],
             )
         print(json.dumps(result))

@@ -14,7 +14,7 @@ from annotations import voting
 from annotations.models import AnnotationTask, Patch, Role
 from annotations.routing import websocket_urlpatterns
 from learner import pipeline, round_stages, services
-from learner.models import ModelVersion, PatchScore, TrainingRound
+from learner.models import ModelVersion, SlideScores, TrainingRound
 from tests.factories import ProjectFactory, api_client, member
 from tests.integration.conftest import wait_for
 from tests.integration.lc25000 import CLASS_NAMES, add_lc25000_slides, manifest_rows
@@ -86,7 +86,10 @@ def test_a_round_run_by_a_real_worker_streams_progress_and_queues_the_chosen_pat
 
     version = ModelVersion.objects.get(round=round_)
     assert len(version.label_snapshot) == 24
-    assert PatchScore.objects.filter(model_version=version).count() == Patch.objects.filter(project=project).count()
+    # Scores: one row per slide, holding every patch of the pool.
+    score_rows = SlideScores.objects.filter(model_version=version)
+    assert score_rows.count() == Patch.objects.filter(project=project).values("slide").distinct().count()
+    assert sum(score_rows.values_list("n_patches", flat=True)) == Patch.objects.filter(project=project).count()
     assert round_.metrics["split"] == "group" and round_.metrics["n_val"] > 0
     # Held out by group: metrics are computed on groups the model never saw. (Whether the model beats
     # chance is tested on a larger held-out set in tests/unit/test_learner_*; 5 patches cannot show it.)

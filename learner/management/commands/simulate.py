@@ -53,7 +53,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--no-extra-heads", action="store_true", help="Skip the plain-head (no self-training) analysis."
         )
-        parser.add_argument("--write-scores", action="store_true", help="Write PatchScores as the web rounds do.")
+        parser.add_argument(
+            "--write-scores", action="store_true", help="Write the per-slide scores (SlideScores) as the web rounds do."
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         try:

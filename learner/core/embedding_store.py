@@ -1,0 +1,211 @@
+"""Embeddings on disk, one array file per slide, and a pool's embeddings read from them chunk by chunk.
+
+A slide's vectors live in one float32 ``.npy`` (rows × features, memory-mappable) beside a companion
+``.xy.npy`` (rows × 2, int64) naming each row's patch by its position on the slide. The slide key is the
+caller's: content (the slide's checksum) plus patch geometry, so identical pixels share a file whatever
+project or database they belong to. Both files are replaced atomically and only once a slide's missing
+rows are all computed, so a cancelled pass keeps every finished slide and redoes only the one it was in.
+
+``Rows`` is what the learner's stages read embeddings through: ``take`` (some rows, in the order asked)
+and ``chunks`` (all of them, a bounded block at a time). ``ArrayRows`` wraps an array already in memory
+(small pools, hand-made tests); ``SlideRows`` reads the slide files, opening each memory map only for
+the rows of one chunk and closing it afterwards, so the pages it touched leave the process again and its
+resident memory stays bounded whatever the pool size.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+# Rows per block for chunked reading: 16,384 × 1,904 float32 is 125 MB.
+CHUNK_ROWS = 16_384
+
+
+class Rows(Protocol):
+    """A pool's embeddings, however they are held."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (pool indices) as a float32 array, in the order given."""
+        ...
+
+    def chunks(self, idx: np.ndarray | None = None, size: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions into ``idx``, or pool indices when ``idx`` is None; their rows), at most ``size``
+        rows at a time, every position exactly once, in an order that reads the files sequentially."""
+        ...
+
+    def subset(self, idx: np.ndarray) -> Rows:
+        """The rows ``idx`` as a pool of their own."""
+        ...
+
+
+@dataclass(frozen=True)
+class ArrayRows:
+    """Embeddings already in memory."""
+
+    array: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return int(self.array.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(self.array[np.asarray(idx, dtype=np.int64)], dtype=np.float32)
+
+    def chunks(self, idx: np.ndarray | None = None, size: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        # In memory already: one block, so results match a single pass over the array to the last bit.
+        n = len(self.array) if idx is None else len(idx)
+        if n:
+            yield np.arange(n, dtype=np.int64), self.array if idx is None else self.take(np.asarray(idx))
+
+    def subset(self, idx: np.ndarray) -> ArrayRows:
+        return ArrayRows(self.take(idx))
+
+
+def as_rows(x: np.ndarray | Rows) -> Rows:
+    return ArrayRows(x) if isinstance(x, np.ndarray) else x
+
+
+@dataclass(frozen=True)
+class SlideRows:
+    """A pool's embeddings in slide files: pool index i is row ``row[i]`` of ``files[seg[i]]``."""
+
+    files: Sequence[Path]
+    seg: np.ndarray  # int32 per pool index
+    row: np.ndarray  # int64 per pool index
+    dim: int
+
+    def __len__(self) -> int:
+        return len(self.seg)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((len(idx), self.dim), dtype=np.float32)
+        if not len(idx):
+            return out
+        seg, row = self.seg[idx], self.row[idx]
+        order = np.lexsort((row, seg))
+        bounds = np.flatnonzero(np.diff(seg[order])) + 1
+        for part in np.split(order, bounds):
+            vectors = np.load(self.files[int(seg[part[0]])], mmap_mode="r")
+            rows = row[part]
+            if np.all(np.diff(rows) == 1):  # a run of consecutive rows (a whole slide, in a chunked pass): a slice
+                out[part] = vectors[rows[0] : rows[-1] + 1]
+            else:
+                out[part] = vectors[rows]
+            del vectors  # unmapped now: the pages read leave this process's resident set
+        return out
+
+    def chunks(self, idx: np.ndarray | None = None, size: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        pool = np.arange(len(self.seg), dtype=np.int64) if idx is None else np.asarray(idx, dtype=np.int64)
+        order = np.lexsort((self.row[pool], self.seg[pool]))
+        for start in range(0, len(order), size):
+            positions = order[start : start + size]
+            yield positions, self.take(pool[positions])
+
+    def subset(self, idx: np.ndarray) -> SlideRows:
+        idx = np.asarray(idx, dtype=np.int64)
+        return SlideRows(self.files, self.seg[idx], self.row[idx], self.dim)
+
+    def in_memory(self) -> ArrayRows:
+        return ArrayRows(self.take(np.arange(len(self.seg))))
+
+
+def xy_keys(xy: np.ndarray) -> np.ndarray:
+    """One int64 per (x, y) position (both below 2**31)."""
+    xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
+    return (xy[:, 0] << 32) | xy[:, 1]
+
+
+def _save_atomic(target: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class EmbeddingStore:
+    """Per-slide embedding files of one embedding model under ``root/<model id>/<xx>/<slide key>.npy``."""
+
+    root: Path
+    model_id: str
+    dim: int
+
+    def vectors_path(self, slide_key: str) -> Path:
+        return self.root / self.model_id / slide_key[:2] / f"{slide_key}.npy"
+
+    def _xy_path(self, slide_key: str) -> Path:
+        return self.root / self.model_id / slide_key[:2] / f"{slide_key}.xy.npy"
+
+    def _read_xy(self, slide_key: str) -> np.ndarray | None:
+        """The slide's recorded positions, or None when it has no complete, consistent file."""
+        try:
+            xy = np.load(self._xy_path(slide_key))
+            vectors = np.load(self.vectors_path(slide_key), mmap_mode="r")
+        except (FileNotFoundError, ValueError, EOFError, OSError):
+            return None
+        if vectors.ndim != 2 or vectors.shape != (len(xy), self.dim) or vectors.dtype != np.float32:
+            return None  # another embedding size, or a pair caught between two writers' replaces: a miss
+        return np.asarray(xy, dtype=np.int64).reshape(-1, 2)
+
+    def lookup(self, slide_key: str, xy: np.ndarray) -> np.ndarray:
+        """The file row of each position in ``xy`` (n × 2), -1 where the slide's file lacks it."""
+        wanted = xy_keys(xy)
+        rows = np.full(len(wanted), -1, dtype=np.int64)
+        stored = self._read_xy(slide_key)
+        if stored is None or not len(stored) or not len(wanted):
+            return rows
+        keys = xy_keys(stored)
+        sorter = np.argsort(keys, kind="stable")
+        at = np.minimum(np.searchsorted(keys[sorter], wanted), len(keys) - 1)
+        hit = keys[sorter][at] == wanted
+        rows[hit] = sorter[at[hit]]
+        return rows
+
+    def put_slide(self, slide_key: str, xy: np.ndarray, vectors: np.ndarray) -> None:
+        """Add these positions' vectors to the slide's file (rows already there keep their place and value).
+
+        The xy file is replaced before the vectors, and a reader takes a pair of different lengths as a
+        miss, so a reader never pairs a position with another position's vector.
+        """
+        xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(xy), self.dim):
+            raise ValueError(
+                f"Expected {len(xy)} vectors of {self.dim} features, got an array of shape {vectors.shape}."
+            )
+        _, first = np.unique(xy_keys(xy), return_index=True)  # a position given twice: the first counts
+        first.sort()
+        xy, vectors = xy[first], vectors[first]
+        stored = self._read_xy(slide_key)
+        if stored is not None and len(stored):
+            new = ~np.isin(xy_keys(xy), xy_keys(stored))
+            if not new.any():
+                return
+            old = np.load(self.vectors_path(slide_key), mmap_mode="r")
+            xy = np.concatenate([stored, xy[new]])
+            vectors = np.concatenate([np.asarray(old), vectors[new]])
+            del old
+        target = self.vectors_path(slide_key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomic(self._xy_path(slide_key), xy)
+        _save_atomic(target, np.ascontiguousarray(vectors))

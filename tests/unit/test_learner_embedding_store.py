@@ -1,0 +1,135 @@
+"""The per-slide embedding store and pools read from it in chunks, on hand-made arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch import nn
+
+from learner.core.backbone import Backbone, Normalisation
+from learner.core.config import BackboneSpec, TrainConfig
+from learner.core.embedding_store import ArrayRows, EmbeddingStore, SlideRows
+from learner.core.training import self_train_head
+
+DIM = 4
+
+
+def store(tmp_path: Path) -> EmbeddingStore:
+    return EmbeddingStore(tmp_path, "model-a", DIM)
+
+
+def vectors(n: int, offset: float = 0.0) -> np.ndarray:
+    return (np.arange(n * DIM, dtype=np.float32).reshape(n, DIM) + offset) / 10
+
+
+def test_a_slide_written_once_is_found_by_position_and_unknown_positions_are_misses(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    xy = np.array([[0, 0], [224, 0], [0, 224]])
+    s.put_slide("abc-224-224", xy, vectors(3))
+    rows = s.lookup("abc-224-224", np.array([[0, 224], [448, 448], [0, 0]]))
+    assert rows.tolist() == [2, -1, 0]
+    assert s.lookup("other-224-224", xy).tolist() == [-1, -1, -1]
+    on_disk = np.load(s.vectors_path("abc-224-224"), mmap_mode="r")
+    np.testing.assert_array_equal(on_disk[rows[2]], vectors(3)[0])
+
+
+def test_adding_patches_to_a_slide_keeps_the_rows_already_there(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.put_slide("abc", np.array([[0, 0], [1, 0]]), vectors(2))
+    # one position again (with another value: the stored one stands), one new, one new given twice
+    s.put_slide("abc", np.array([[1, 0], [2, 0], [3, 0], [3, 0]]), vectors(4, offset=100))
+    rows = s.lookup("abc", np.array([[0, 0], [1, 0], [2, 0], [3, 0]]))
+    assert rows.tolist() == [0, 1, 2, 3]
+    on_disk = np.load(s.vectors_path("abc"))
+    np.testing.assert_array_equal(on_disk[:2], vectors(2))
+    np.testing.assert_array_equal(on_disk[2], vectors(4, offset=100)[1])
+    np.testing.assert_array_equal(on_disk[3], vectors(4, offset=100)[2])
+
+
+def test_a_slide_whose_files_disagree_reads_as_missing(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.put_slide("abc", np.array([[0, 0], [1, 0]]), vectors(2))
+    # a writer stopped between replacing the positions and the vectors: three positions, two vectors
+    np.save(s.vectors_path("abc").with_suffix(".xy.npy"), np.array([[0, 0], [1, 0], [2, 0]]))
+    assert s.lookup("abc", np.array([[0, 0]])).tolist() == [-1]
+    # and another embedding size is a miss too, never a wrongly shaped hit
+    assert EmbeddingStore(tmp_path, "model-a", DIM + 1).lookup("abc", np.array([[0, 0]])).tolist() == [-1]
+
+
+def test_it_refuses_vectors_that_do_not_match_the_positions(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Expected 2 vectors of 4 features"):
+        store(tmp_path).put_slide("abc", np.array([[0, 0], [1, 0]]), vectors(3))
+
+
+def two_slide_pool(tmp_path: Path) -> tuple[SlideRows, np.ndarray]:
+    """A pool of 7 patches over two slide files, interleaved, and the array it stands for."""
+    s = store(tmp_path)
+    a, b = vectors(3), vectors(4, offset=50)
+    s.put_slide("a", np.array([[i, 0] for i in range(3)]), a)
+    s.put_slide("b", np.array([[i, 0] for i in range(4)]), b)
+    seg = np.array([1, 0, 1, 0, 1, 1, 0], dtype=np.int32)
+    row = np.array([3, 0, 0, 2, 1, 2, 1], dtype=np.int64)
+    expected = np.stack([(a, b)[g][r] for g, r in zip(seg, row, strict=True)])
+    return SlideRows([s.vectors_path("a"), s.vectors_path("b")], seg, row, DIM), expected
+
+
+def test_a_pool_over_slide_files_gives_rows_in_the_order_asked(tmp_path: Path) -> None:
+    pool, expected = two_slide_pool(tmp_path)
+    idx = np.array([6, 0, 3, 3, 5])
+    np.testing.assert_array_equal(pool.take(idx), expected[idx])
+    np.testing.assert_array_equal(pool.subset(np.array([2, 4])).take(np.array([1, 0])), expected[[4, 2]])
+    np.testing.assert_array_equal(pool.in_memory().array, expected)
+
+
+def test_chunks_cover_every_row_once_and_never_exceed_their_size(tmp_path: Path) -> None:
+    pool, expected = two_slide_pool(tmp_path)
+    seen = np.zeros(len(pool), dtype=int)
+    for positions, rows in pool.chunks(size=3):
+        assert len(positions) <= 3
+        np.testing.assert_array_equal(rows, expected[positions])
+        seen[positions] += 1
+    assert seen.tolist() == [1] * 7
+    idx = np.array([5, 1, 2])
+    for positions, rows in pool.chunks(idx, size=2):
+        np.testing.assert_array_equal(rows, expected[idx[positions]])
+
+
+def test_an_array_in_memory_is_one_chunk() -> None:
+    array = vectors(5)
+    chunks = list(ArrayRows(array).chunks(size=2))
+    assert len(chunks) == 1 and chunks[0][0].tolist() == [0, 1, 2, 3, 4]
+
+
+def toy_backbone() -> Backbone:
+    return Backbone(nn.Identity(), BackboneSpec(), "toy", Normalisation((0.5,) * 3, (0.5,) * 3), DIM)
+
+
+def test_self_training_caps_its_pseudo_labels_and_reads_a_slide_pool_like_an_array(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    centres = np.array([[4, 0, 0, 0], [0, 4, 0, 0]], dtype=np.float32)
+    labels = np.array([0, 1] * 10)
+    x = centres[labels] + rng.normal(0, 0.5, (20, DIM)).astype(np.float32)
+    pool_labels = rng.integers(0, 2, 400)
+    unlabelled = centres[pool_labels] + rng.normal(0, 0.5, (400, DIM)).astype(np.float32)
+    s = store(tmp_path)
+    s.put_slide("a", np.array([[i, 0] for i in range(250)]), unlabelled[:250])
+    s.put_slide("b", np.array([[i, 0] for i in range(150)]), unlabelled[250:])
+    seg = np.array([0] * 250 + [1] * 150, dtype=np.int32)
+    row = np.concatenate([np.arange(250), np.arange(150)])
+    on_disk = SlideRows([s.vectors_path("a"), s.vectors_path("b")], seg, row, DIM)
+    config = TrainConfig(seed=3)
+    names, sure = ["a", "b"], 0.6  # a strongly regularised head on 20 labels is seldom 95% sure
+
+    free = self_train_head(x, labels, unlabelled, names, toy_backbone(), config, threshold=sure)
+    assert free.extra["pseudo_labels"] > 100  # well-separated clusters: most of the pool is sure
+    from_disk = self_train_head(x, labels, on_disk, names, toy_backbone(), config, threshold=sure)
+    assert from_disk.extra["pseudo_labels"] == free.extra["pseudo_labels"]
+    np.testing.assert_allclose(from_disk.predict_proba(x), free.predict_proba(x), atol=1e-5)
+
+    kwargs = {"threshold": sure, "max_pseudo_labels": 50}
+    capped = self_train_head(x, labels, on_disk, names, toy_backbone(), config, **kwargs)  # type: ignore[arg-type]
+    assert capped.extra["pseudo_labels"] == 50 and capped.extra["n_train"] == 20
+    again = self_train_head(x, labels, on_disk, names, toy_backbone(), config, **kwargs)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(again.predict_proba(x), capped.predict_proba(x))  # the sample is seeded
