@@ -141,6 +141,8 @@ def main() -> int:
     embedded.ensure_environment()
     media = Path(tempfile.mkdtemp(prefix="histoloop-bench-frontend-"))
     os.environ["MEDIA_ROOT"] = str(media)
+    # Importing histoloop (its Celery app) already set DJANGO_SETTINGS_MODULE, so also say DEBUG=1 here.
+    os.environ.setdefault("DEBUG", "1")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")  # DEBUG=1, as in the tests
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # Playwright's loop shares this thread with the ORM
     import django

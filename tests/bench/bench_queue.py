@@ -177,6 +177,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=5, help="unrecorded paced traffic per server (s)")
     args = parser.parse_args()
 
+    # Importing histoloop (its Celery app) already set DJANGO_SETTINGS_MODULE, so also say DEBUG=1 here.
+    os.environ.setdefault("DEBUG", "1")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")  # DEBUG=1, as in the tests
     embedded.ensure_environment()
     import django

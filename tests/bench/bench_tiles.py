@@ -141,6 +141,8 @@ def main() -> int:
     os.environ.setdefault("SECURE_SSL_REDIRECT", "0")  # plain HTTP on loopback
     media = Path(tempfile.mkdtemp(prefix="histoloop-bench-media-"))
     os.environ["MEDIA_ROOT"] = str(media)
+    # Importing histoloop (its Celery app) already set DJANGO_SETTINGS_MODULE, so also say DEBUG=1 here.
+    os.environ.setdefault("DEBUG", "1")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")  # DEBUG=1, as in the tests
     with scratch_database(keep=False) as url:
         os.environ["DATABASE_URL"] = url

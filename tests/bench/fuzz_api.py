@@ -42,6 +42,8 @@ def main() -> int:
     embedded.ensure_environment()
     media = Path(tempfile.mkdtemp(prefix="histoloop-bench-fuzz-"))
     os.environ["MEDIA_ROOT"] = str(media)
+    # Importing histoloop (its Celery app) already set DJANGO_SETTINGS_MODULE, so also say DEBUG=1 here.
+    os.environ.setdefault("DEBUG", "1")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
     os.environ.setdefault("FAST_PASSWORD_HASHING", "1")
     # A database of the run's own: the admin's requests create projects and members at will.
