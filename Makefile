@@ -38,12 +38,17 @@ lint: install
 test: install frontend chromium
 	$(BIN)/python -m histoloop.embedded run -- $(MAKE) --no-print-directory test-python test-e2e
 
+# DJANGO_SETTINGS_MODULE is given here because `embedded run` imports histoloop, whose Celery app
+# sets it to histoloop.settings (DEBUG off) in the environment it hands on; pytest-django lets the
+# environment win over pyproject's tests.settings.
+TEST_ENV := FAST_PASSWORD_HASHING=1 DJANGO_SETTINGS_MODULE=tests.settings
+
 test-python: lint
-	FAST_PASSWORD_HASHING=1 $(BIN)/python -m pytest tests/unit tests/integration -p no:cacheprovider
+	$(TEST_ENV) $(BIN)/python -m pytest tests/unit tests/integration -p no:cacheprovider
 
 # Browser tests in their own pytest process (an event loop left running breaks later tests).
 test-e2e:
-	FAST_PASSWORD_HASHING=1 DJANGO_ALLOW_ASYNC_UNSAFE=true $(BIN)/python -m pytest tests/e2e -p no:cacheprovider
+	$(TEST_ENV) DJANGO_ALLOW_ASYNC_UNSAFE=true $(BIN)/python -m pytest tests/e2e -p no:cacheprovider
 
 bench: install
 	$(BIN)/python -m histoloop.embedded run -- sh -c 'for b in tests/bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done'
