@@ -107,7 +107,7 @@ class ExportView(ProjectScoped):
         ],
         responses={
             (200, "text/csv"): OpenApiTypes.STR,
-            (200, "application/json"): OpenApiTypes.OBJECT,
+            (200, "application/json"): {"type": "array", "items": {"type": "object"}},
             (200, "application/geo+json"): OpenApiTypes.OBJECT,
         },
     )

@@ -37,7 +37,7 @@ urlpatterns = [
     # training rounds, heatmaps, predictions
     path("api/v1/", include("learner.urls")),
     # anything else under /api/ (a malformed id included) is a JSON 404, not an HTML page
-    re_path(r"^api/(?P<path>.*)$", api_not_found),
+    re_path(r"^api/(?P<path>[\s\S]*)$", api_not_found),  # [\s\S]: an encoded newline in the path too
     # the pages: home, annotator, viewer, dashboard, slide upload
     path("", include("frontend.urls")),
 ]

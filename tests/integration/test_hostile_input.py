@@ -231,3 +231,13 @@ def test_a_body_over_the_in_memory_limit_is_a_json_413(world) -> None:  # type: 
     )
     assert "larger than" in refused(response, 413)
     assert state(project) == before
+
+
+@pytest.mark.parametrize("path", ["labels/abc/", "labels/%0A/", "members/-1/", "nothing-here/"])
+def test_an_api_url_that_names_no_endpoint_is_a_json_404_for_any_method(world, path) -> None:  # type: ignore[no-untyped-def]
+    project, _, admin, _, _ = world
+    before = state(project)
+    for method in ("GET", "DELETE", "PATCH"):
+        response = api_client(admin).generic(method, f"/api/v1/projects/{project.pk}/{path}")
+        assert "No such endpoint" in refused(response, 404)
+    assert state(project) == before
