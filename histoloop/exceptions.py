@@ -11,6 +11,7 @@ from typing import Any
 from django.core.exceptions import RequestDataTooBig
 from django.db import DataError
 from django.http import HttpRequest, JsonResponse
+from django.urls import Resolver404, resolve
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -38,4 +39,12 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
 @csrf_exempt  # a 404 for any method: there is no form here for a cross-site request to abuse
 def api_not_found(request: HttpRequest, path: str = "") -> JsonResponse:
     """Any /api/ URL that names no endpoint (a malformed id included): a JSON 404, as the API's own are."""
+    if not request.path.endswith("/"):
+        try:
+            match = resolve(request.path + "/")
+        except Resolver404:  # pragma: no cover - the catch-all matches every /api/ path
+            match = None
+        if match is not None and match.func is not api_not_found:
+            # What APPEND_SLASH would have redirected to, said plainly (a redirect loses a POST body).
+            return JsonResponse({"detail": f"No such endpoint; did you mean {request.path}/ ?"}, status=404)
     return JsonResponse({"detail": "No such endpoint or object; see /api/v1/docs/."}, status=404)

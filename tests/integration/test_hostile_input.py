@@ -241,3 +241,9 @@ def test_an_api_url_that_names_no_endpoint_is_a_json_404_for_any_method(world, p
         response = api_client(admin).generic(method, f"/api/v1/projects/{project.pk}/{path}")
         assert "No such endpoint" in refused(response, 404)
     assert state(project) == before
+
+
+def test_an_api_url_missing_its_trailing_slash_says_which_one_was_meant(world) -> None:  # type: ignore[no-untyped-def]
+    project, _, admin, _, _ = world
+    response = api_client(admin).get(f"/api/v1/projects/{project.pk}/labels")
+    assert f"did you mean /api/v1/projects/{project.pk}/labels/" in refused(response, 404)
