@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from histoloop.units import human_bytes
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -51,15 +53,6 @@ class UploadRoute:
 
 class BodyTooLarge(Exception):
     pass
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TB"  # pragma: no cover
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -132,14 +125,14 @@ class RequestBodyLimit:
     async def _limit(self, scope: Scope, announced: int | None) -> tuple[int, str]:
         """The route's limit and the sentence for a body over it."""
         small = (
-            f"The request body is larger than the {human_size(self.max_bytes)} this address accepts; "
+            f"The request body is larger than the {human_bytes(self.max_bytes)} this address accepts; "
             "nothing was read. Send a smaller request."
         )
         route = self._upload_route(scope)
         if route is None:
             return self.max_bytes, small
         large = (
-            f"The request body is larger than the {human_size(route.limit)} limit for {route.what}; "
+            f"The request body is larger than the {human_bytes(route.limit)} limit for {route.what}; "
             "nothing was kept. Send a smaller file."
         )
         if announced is not None and announced <= self.max_bytes:
@@ -147,7 +140,7 @@ class RequestBodyLimit:
         if self.authenticate is not None and await self.authenticate(scope):
             return route.limit, large
         return self.max_bytes, (
-            f"{route.what.capitalize()} larger than {human_size(self.max_bytes)} are accepted only from a "
+            f"{route.what.capitalize()} larger than {human_bytes(self.max_bytes)} are accepted only from a "
             "logged-in user: log in (or send an Authorization: Token header) and try again."
         )
 

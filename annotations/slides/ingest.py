@@ -39,6 +39,7 @@ from django.utils.text import get_valid_filename
 from annotations import queue
 from annotations.domain import tissue
 from annotations.models import Patch, Project, Slide
+from histoloop.units import human_bytes
 
 from . import media, tiles
 
@@ -65,15 +66,6 @@ class SlideRejected(Exception):
 
 def supported_formats() -> str:
     return ", ".join(SUPPORTED_EXTENSIONS)
-
-
-def human_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TB"  # pragma: no cover
 
 
 def too_large(limit: int | None = None) -> SlideRejected:
