@@ -96,3 +96,11 @@ def queue_every_patch(project: Project) -> int:
     """Queue every patch of the project's ready slides in a seeded spread (as ingest does per slide)."""
     rows = Patch.objects.filter(project=project, slide__status="ready").values_list("pk", "slide_id")
     return queue.enqueue_patches(project, queue.seeded_spread(rows, project.seed))
+
+
+def copy_slide(slide: Slide, project: Project, **overrides: object) -> Slide:
+    """A new row over the same files and facts, copied the way learner.simulation.clone_pool copies slides."""
+    from learner.simulation.runs import SLIDE_FIELDS
+
+    values = Slide.objects.filter(pk=slide.pk).values(*SLIDE_FIELDS).get()
+    return Slide.objects.create(project=project, **{**values, **overrides})

@@ -112,26 +112,12 @@ class Seeded:
 def make_project(committed: Callable[[], AbstractContextManager[None]], template_slide: Any) -> Callable[..., Seeded]:
     """A fresh project with a copy of the ingested slide (same file, same patch grid)."""
     from annotations.models import Patch, Slide
-    from tests.factories import ProjectFactory
+    from tests.factories import ProjectFactory, copy_slide
 
     def make(*, queue: bool = True, **project_fields: Any) -> Seeded:
         with committed():
             project = ProjectFactory(**project_fields)
-            slide = Slide.objects.create(
-                project=project,
-                name=template_slide.name,
-                file=template_slide.file.name,
-                format=template_slide.format,
-                status=Slide.Status.READY,
-                width=template_slide.width,
-                height=template_slide.height,
-                levels=template_slide.levels,
-                mpp=template_slide.mpp,
-                magnification=template_slide.magnification,
-                checksum=template_slide.checksum,
-                size_bytes=template_slide.size_bytes,
-                thumbnail=template_slide.thumbnail.name,
-            )
+            slide = copy_slide(template_slide, project, status=Slide.Status.READY)
             Patch.objects.bulk_create(
                 Patch(
                     project=project,

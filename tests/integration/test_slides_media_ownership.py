@@ -19,7 +19,7 @@ from PIL import Image
 
 from annotations.models import Patch, Role, Slide
 from annotations.slides import ingest
-from tests.factories import ProjectFactory, member
+from tests.factories import ProjectFactory, copy_slide, member
 
 from . import test_slides_support as support
 from .test_slides_support import assert_no_stray_media, ingest_file, jpeg, media_files, shared_slide
@@ -57,23 +57,6 @@ def solid_jpeg(colour: str) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), colour).save(buffer, format="JPEG")
     return buffer.getvalue()
-
-
-def clone(slide: Slide, project) -> Slide:  # type: ignore[no-untyped-def]
-    """A row over the same files, the way learner.simulation.clone_pool and the e2e projects copy slides."""
-    return Slide.objects.create(
-        project=project,
-        name=slide.name,
-        file=slide.file.name,
-        thumbnail=slide.thumbnail.name,
-        format=slide.format,
-        status=slide.status,
-        width=slide.width,
-        height=slide.height,
-        levels=slide.levels,
-        checksum=slide.checksum,
-        size_bytes=slide.size_bytes,
-    )
 
 
 def test_paths_are_unique_across_repeated_adds_of_the_same_name(media, project):  # type: ignore[no-untyped-def]
@@ -146,7 +129,7 @@ def test_an_add_that_fails_after_storing_the_file_removes_only_that_file(media, 
 
 def test_removing_a_clone_never_deletes_its_sources_files(media, project):  # type: ignore[no-untyped-def]
     source = ingest_file(project, shared_slide(SMALL))
-    copy = clone(source, ProjectFactory())
+    copy = copy_slide(source, ProjectFactory())
     shared = {source.file.name, source.thumbnail.name}
 
     ingest.fail_slide(copy, "The pool project is finished.")
@@ -163,7 +146,7 @@ def test_re_ingesting_a_clone_gives_it_its_own_thumbnail_and_leaves_the_sources(
     source = ingest_file(project, shared_slide(SMALL))
     marker = solid_jpeg("red")
     (media / source.thumbnail.name).write_bytes(marker)
-    copy = clone(source, ProjectFactory())
+    copy = copy_slide(source, ProjectFactory())
 
     copy = ingest.ingest(copy.pk)
 
@@ -195,7 +178,7 @@ def test_a_clone_serves_the_thumbnail_its_row_stores(media, project):  # type: i
     marker = solid_jpeg("red")
     (media / source.thumbnail.name).write_bytes(marker)
     pool = ProjectFactory()
-    copy = clone(source, pool)
+    copy = copy_slide(source, pool)
     client = Client()
     client.force_login(member(pool, Role.CROWD))
 
@@ -253,7 +236,7 @@ def test_deleting_a_project_releases_its_slides_files_on_commit(media, project, 
     slide = ingest_file(project, shared_slide(SMALL))
     kept = ingest_file(project, shared_slide("boxes_0.dcm"))
     pool = ProjectFactory()
-    copy_of_kept = clone(kept, pool)
+    copy_of_kept = copy_slide(kept, pool)
     theirs = other_install(media, project.pk, slide.pk)
     ours = {slide.file.name, slide.thumbnail.name}
     own_folder = media / Path(slide.file.name).parent
