@@ -66,8 +66,13 @@ def start_request(port: int, path: str, content_length: int | None, extra_header
 def read_response(sock: socket.socket) -> tuple[int, bytes]:
     """(status, everything the server sent until it closed the connection)."""
     data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        # A server closing with request bytes still unread sends a reset after its answer.
+        if not data:
+            raise
     return int(data.split(b" ", 2)[1]), data
 
 
@@ -87,8 +92,9 @@ def bytes_accepted_after_refusal(sock: socket.socket, limit: int = 64 * 1024**2)
 def test_a_huge_announced_body_is_refused_at_once_and_never_read(server: tuple[int, Path]) -> None:
     port, spool = server
     sock = start_request(port, "/api/v1/projects/1/votes/", 10**12)
-    sock.sendall(b"x" * 65536)
     started = time.monotonic()
+    # The answer comes with no byte of the body sent (sending some first races the server's close:
+    # its kernel then resets the connection and may drop the answer before we read it).
     status, response = read_response(sock)  # returns once the server closes the connection
     assert status == 413
     assert b'"detail": "The request body is larger than the 4.0 MB this address accepts' in response
