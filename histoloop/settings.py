@@ -281,6 +281,9 @@ LEARNER = {
     "PRETRAINED": os.environ.get("LEARNER_PRETRAINED", "package"),
     "MULTISCALE": env_bool("LEARNER_MULTISCALE", True),
     "SELF_TRAINING": env_bool("LEARNER_SELF_TRAINING", True),
+    "CPU_BACKEND": os.environ.get("LEARNER_CPU_BACKEND", "auto"),
+    "EMBED_READER": os.environ.get("LEARNER_EMBED_READER", "threads"),
+    "EMBED_READERS": int(os.environ.get("LEARNER_EMBED_READERS", "2")),
 }
 
 LOGGING = {

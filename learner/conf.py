@@ -32,6 +32,14 @@ class LearnerSettings:
     # Self-training pseudo-labels at most this many confident pool patches (a seeded sample of them):
     # more adds little to a linear head and its fit time grows with every row.
     MAX_PSEUDO_LABELS: int = 20_000
+    # The CPU embedding pass's inference backend (learner.core.runtime): "auto" (the fastest installed
+    # runtime whose embeddings equal torch's within EMBED_ATOL; ONNX Runtime), "torch", "onnxruntime" or
+    # "openvino". A GPU and fine-tune training always use torch. bench_embed.py measures them.
+    CPU_BACKEND: str = "auto"
+    # How patches are decoded while the network runs (learner.core.data.Reader): "threads" (a pool over
+    # large-image, whose decoders release the GIL), "processes" (DataLoader workers) or "serial".
+    EMBED_READER: str = "threads"
+    EMBED_READERS: int = 2
 
 
 def learner_settings() -> LearnerSettings:

@@ -27,6 +27,7 @@ from learner.core.embedding_store import EmbeddingStore, Rows, SlideRows
 from learner.core.embeddings import embed, embedding_model_id
 from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, report
 
+from . import inference
 from .conf import LearnerSettings
 
 # Larger patches are resized to the backbone's usual input rather than embedded at full size.
@@ -45,7 +46,12 @@ def slide_key(checksum: str, slide_id: int, size: int, patch_size: int) -> str:
 
 def patch_images(patches: list[Patch]) -> LazyImages:
     """The patches' pixels, read from their slides when asked for (``select_related("slide", "project")``)."""
-    return LazyImages(lambda i: tiles.read_patch(patches[i]), len(patches))
+    return LazyImages(
+        lambda i: tiles.read_patch(patches[i]),
+        len(patches),
+        locality=inference.locality(patches),
+        worker_init=inference.drop_slide_handles,
+    )
 
 
 def load_patches(patch_ids: np.ndarray) -> list[Patch]:
@@ -166,6 +172,7 @@ def _embed_missing(
             tta=cfg.TTA,
             device=cfg.DEVICE,
             should_stop=should_stop,
+            **inference.embed_options(cfg),
         )
         for g in np.unique(gs).tolist():
             buffer = buffers.setdefault(g, np.empty((len(missing[g]), store.dim), dtype=np.float32))

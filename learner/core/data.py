@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -27,10 +28,18 @@ class ImageSource(Protocol):
 
 @dataclass(frozen=True)
 class LazyImages:
-    """Images produced on demand by `load(i)`, e.g. patches read from a slide by the Django side."""
+    """Images produced on demand by `load(i)`, e.g. patches read from a slide by the Django side.
+
+    `locality(i)` (optional) is a sort key that puts images stored near each other next to each other,
+    e.g. (slide, y, x): a pass reads in that order, so neighbouring patches come from tiles just decoded.
+    `worker_init()` (optional) runs first in each reader worker process (e.g. to drop file handles that
+    the fork copied from the parent, whose shared offsets would mix up reads).
+    """
 
     load: Callable[[int], Image.Image]
     length: int
+    locality: Callable[[int], Any] | None = None
+    worker_init: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return self.length
@@ -130,6 +139,121 @@ def load_batch(
             img = stain(img)
         tensors.append(to_tensor(img, image_size))
     return torch.stack(tensors)
+
+
+def read_order(images: ImageSource, indices: Sequence[int]) -> list[int]:
+    """`indices` in the order they are best read: by the source's locality key when it has one (stable)."""
+    key = getattr(images, "locality", None)
+    if key is None:
+        return [int(i) for i in indices]
+    return sorted((int(i) for i in indices), key=key)
+
+
+# --- parallel reading ----------------------------------------------------------------------------------------------
+
+ReaderKind = Literal["serial", "threads", "processes"]
+READERS: tuple[str, ...] = ("serial", "threads", "processes")
+
+
+@dataclass(frozen=True)
+class Reader:
+    """How a pass decodes its images: in the calling thread, in a pool of threads (the slide decoders,
+    libjpeg/OpenJPEG via large-image and tifffile, release the GIL) or in DataLoader worker processes.
+    `prefetch` batches are decoded ahead of the one being embedded, so decoding overlaps the forward pass;
+    `pin` puts each batch in page-locked memory (for an asynchronous copy to a GPU)."""
+
+    kind: ReaderKind = "serial"
+    workers: int = 2
+    prefetch: int = 2
+    pin: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in READERS:
+            raise LearnerError(f"Unknown patch reader '{self.kind}'. Use one of {', '.join(READERS)}.")
+        if self.workers < 1 or self.prefetch < 1:
+            raise LearnerError("A patch reader needs at least one worker and one batch of prefetch.")
+
+
+def read_batches(
+    images: ImageSource,
+    chunks: Sequence[Sequence[int]],
+    image_size: int,
+    stain: StainNormaliser | None = None,
+    reader: Reader | None = None,
+) -> Iterator[torch.Tensor]:
+    """The unnormalised [0, 1] NCHW batch of each chunk of indices, in the order of `chunks`."""
+    reader = reader or Reader()
+    if reader.kind == "serial":
+        batches: Iterator[torch.Tensor] = (load_batch(images, chunk, image_size, stain) for chunk in chunks)
+    elif reader.kind == "threads":
+        batches = _thread_batches(images, chunks, image_size, stain, reader)
+    else:
+        batches = _process_batches(images, chunks, image_size, stain, reader)
+    if reader.pin and torch.cuda.is_available() and reader.kind != "processes":  # the DataLoader pins its own
+        batches = (batch.pin_memory() for batch in batches)
+    return batches
+
+
+def _thread_batches(
+    images: ImageSource, chunks: Sequence[Sequence[int]], image_size: int, stain: StainNormaliser | None, reader: Reader
+) -> Iterator[torch.Tensor]:
+    """One task per image on a thread pool, `prefetch` chunks submitted ahead; stacked in order."""
+
+    def one(i: int) -> torch.Tensor:
+        img = images[i]
+        return to_tensor(stain(img) if stain is not None else img, image_size)
+
+    with ThreadPoolExecutor(reader.workers, thread_name_prefix="patch-reader") as pool:
+        pending: list[list[Future[torch.Tensor]]] = []
+        try:
+            for chunk in chunks:
+                pending.append([pool.submit(one, int(i)) for i in chunk])
+                if len(pending) > reader.prefetch:
+                    yield torch.stack([f.result() for f in pending.pop(0)])
+            while pending:
+                yield torch.stack([f.result() for f in pending.pop(0)])
+        finally:
+            for futures in pending:  # a pass stopped early: do not decode what nobody will read
+                for future in futures:
+                    future.cancel()
+
+
+class _Chunks(torch.utils.data.Dataset[torch.Tensor]):
+    def __init__(
+        self, images: ImageSource, chunks: Sequence[Sequence[int]], image_size: int, stain: StainNormaliser | None
+    ) -> None:
+        self.images, self.chunks, self.image_size, self.stain = images, chunks, image_size, stain
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return load_batch(self.images, self.chunks[j], self.image_size, self.stain)
+
+
+def _process_batches(
+    images: ImageSource, chunks: Sequence[Sequence[int]], image_size: int, stain: StainNormaliser | None, reader: Reader
+) -> Iterator[torch.Tensor]:
+    """A DataLoader whose worker processes (forked: the source need not pickle) each decode whole chunks."""
+    init = getattr(images, "worker_init", None)
+
+    def worker_init(_worker: int) -> None:
+        torch.set_num_threads(1)
+        if init is not None:
+            init()
+
+    loader = torch.utils.data.DataLoader(
+        _Chunks(images, chunks, image_size, stain),
+        batch_size=None,
+        shuffle=False,
+        num_workers=min(reader.workers, max(1, len(chunks))),
+        prefetch_factor=reader.prefetch,
+        pin_memory=reader.pin and torch.cuda.is_available(),
+        worker_init_fn=worker_init,
+        multiprocessing_context="fork",
+        persistent_workers=False,
+    )
+    yield from loader
 
 
 def dihedral(batch: torch.Tensor, k: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,18 @@ import torch
 from torch import nn
 
 from learner.core.backbone import Backbone, Normalisation
-from learner.core.data import ImageSource, StainNormaliser, as_source, dihedral, load_batch, normalise
+from learner.core.data import (
+    ImageSource,
+    Reader,
+    StainNormaliser,
+    as_source,
+    dihedral,
+    normalise,
+    read_batches,
+    read_order,
+)
 from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, report
+from learner.core.runtime import select_runtime
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -96,6 +107,27 @@ def embedding_model_id(backbone: Backbone, image_size: int, tta: bool, cache_tag
     return "-".join(parts)
 
 
+@dataclass
+class PassTimings:
+    """Where an embedding pass spent its wall time: waiting for the reader's next batch, in the forward
+    pass (including the copy to the device and back) and handing rows on (the store). Summed over calls."""
+
+    read_wait_s: float = 0.0
+    forward_s: float = 0.0
+    store_s: float = 0.0
+    images: int = 0
+
+    def split(self) -> dict[str, float]:
+        total = self.read_wait_s + self.forward_s + self.store_s
+        return {
+            "images": self.images,
+            "read_wait_s": round(self.read_wait_s, 3),
+            "forward_s": round(self.forward_s, 3),
+            "store_s": round(self.store_s, 3),
+            "forward_share": round(self.forward_s / total, 3) if total else 0.0,
+        }
+
+
 def forward_batches(
     fn: Callable[[torch.Tensor], torch.Tensor],
     images: ImageSource,
@@ -111,24 +143,45 @@ def forward_batches(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     on_batch: Callable[[Sequence[int], np.ndarray], None] | None = None,
+    reader: Reader | None = None,
+    timings: PassTimings | None = None,
 ) -> np.ndarray:
-    """Run `fn` (already in eval mode) over `images[indices]` in batches; returns float32 rows in `indices` order."""
+    """Run `fn` (already in eval mode) over `images[indices]` in batches; returns float32 rows in `indices` order.
+
+    `reader` decodes the batches (serially by default; in threads or processes ahead of the forward pass)."""
     outputs: list[np.ndarray] = []
     total = max(1, len(indices))
-    for start in range(0, len(indices), batch_size):
-        check_stop(should_stop, stage)
-        chunk = list(indices[start : start + batch_size])
-        x = to_device(normalise(load_batch(images, chunk, image_size, stain), normalisation), device)
-        with inference_context(device):
-            if tta:
-                out = torch.stack([fn(dihedral(x, k)).float() for k in range(8)]).mean(0)
-            else:
-                out = fn(x).float()
-        rows = out.cpu().numpy().astype(np.float32)
-        if on_batch is not None:
-            on_batch(chunk, rows)
-        outputs.append(rows)
-        report(progress, stage, (start + len(chunk)) / total)
+    chunks = [list(indices[start : start + batch_size]) for start in range(0, len(indices), batch_size)]
+    batches = read_batches(images, chunks, image_size, stain, reader)
+    timings = timings if timings is not None else PassTimings()
+    done = 0
+    try:
+        for chunk in chunks:
+            check_stop(should_stop, stage)
+            started = time.perf_counter()
+            loaded = next(batches)
+            fed = time.perf_counter()
+            x = to_device(normalise(loaded, normalisation), device)
+            with inference_context(device):
+                if tta:
+                    out = torch.stack([fn(dihedral(x, k)).float() for k in range(8)]).mean(0)
+                else:
+                    out = fn(x).float()
+            rows = out.cpu().numpy().astype(np.float32)
+            computed = time.perf_counter()
+            if on_batch is not None:
+                on_batch(chunk, rows)
+            outputs.append(rows)
+            done += len(chunk)
+            report(progress, stage, done / total)
+            timings.read_wait_s += fed - started
+            timings.forward_s += computed - fed
+            timings.store_s += time.perf_counter() - computed
+            timings.images += len(chunk)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # stops a reader's workers when the pass ends early
     check_stop(should_stop, stage)
     if not outputs:
         return np.zeros((0, 0), dtype=np.float32)
@@ -149,6 +202,10 @@ def embed(
     device: str = "auto",
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    backend: str = "torch",
+    runtime_cache: str | Path | None = None,
+    reader: Reader | None = None,
+    timings: PassTimings | None = None,
 ) -> np.ndarray:
     """Embeddings (N, num_features) float32 for every image, computing only those not in the cache.
 
@@ -156,6 +213,10 @@ def embed(
     cache is further keyed by backbone, weights id, image size, TTA and `cache_tag`, which must name
     anything else that changes pixels (e.g. the stain normalisation target). `tta` averages the
     embeddings of the 8 dihedral transforms (8x the compute).
+
+    `backend` ("torch", "onnxruntime", "openvino" or "auto", see ``learner.core.runtime``) runs the forward
+    pass on the CPU from an export cached under `runtime_cache`; any device other than the CPU uses torch.
+    Images are read in the source's locality order (``LazyImages.locality``) by `reader`.
     """
     source = as_source(images)
     n = len(source)
@@ -188,6 +249,15 @@ def embed(
     dev = resolve_device(device)
     model = prepare_model(backbone.model, dev)
     model.eval()
+    runtime = select_runtime(
+        model,
+        dev,
+        backend=backend,
+        model_id=embedding_model_id(backbone, image_size, False),
+        image_size=image_size,
+        cache_dir=Path(runtime_cache) if runtime_cache is not None else None,
+    )
+    todo = read_order(source, todo)
 
     def store(chunk: Sequence[int], rows: np.ndarray) -> None:
         result[list(chunk)] = rows
@@ -201,7 +271,7 @@ def embed(
         report(progress, stage, (done_before + fraction * len(todo)) / max(1, n))
 
     forward_batches(
-        lambda x: pooled_features(model, x),
+        runtime,
         source,
         todo,
         image_size=image_size,
@@ -214,5 +284,7 @@ def embed(
         progress=scaled if progress is not None else None,
         should_stop=should_stop,
         on_batch=store,
+        reader=reader,
+        timings=timings,
     )
     return result
