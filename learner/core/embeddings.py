@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +116,7 @@ class PassTimings:
     forward_s: float = 0.0
     store_s: float = 0.0
     images: int = 0
+    batch_s: list[float] = field(default_factory=list)  # wall time of each batch, reader wait included
 
     def split(self) -> dict[str, float]:
         total = self.read_wait_s + self.forward_s + self.store_s
@@ -178,6 +179,7 @@ def forward_batches(
             timings.forward_s += computed - fed
             timings.store_s += time.perf_counter() - computed
             timings.images += len(chunk)
+            timings.batch_s.append(time.perf_counter() - started)
     finally:
         close = getattr(batches, "close", None)
         if close is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,20 @@ def eager(backbone: Backbone, images: list[Image.Image]) -> np.ndarray:
     return embed(backbone, images, image_size=SIZE, batch_size=3, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def exported(backbone: Backbone, images: list[Image.Image], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A runtime cache holding the default backbone's export (made once: exporting takes seconds)."""
+    root = tmp_path_factory.mktemp("runtime")
+    embed(backbone, images[:2], image_size=SIZE, device="cpu", backend="onnxruntime", runtime_cache=root)
+    return root
+
+
+@pytest.fixture
+def cache_dir(exported: Path, tmp_path: Path) -> Path:
+    shutil.copytree(exported, tmp_path / "runtime")
+    return tmp_path / "runtime"
+
+
 class CountingExports:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
@@ -60,8 +75,9 @@ class CountingExports:
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_backend_embeddings_equal_eager_within_tolerance(
-    backend: str, backbone: Backbone, images: list[Image.Image], eager: np.ndarray, tmp_path: Path
+    backend: str, backbone: Backbone, images: list[Image.Image], eager: np.ndarray, cache_dir: Path
 ) -> None:
+    tmp_path = cache_dir
     got = embed(backbone, images, image_size=SIZE, batch_size=4, device="cpu", backend=backend, runtime_cache=tmp_path)
     assert got.shape == eager.shape == (len(images), backbone.num_features)
     assert np.abs(got - eager).max() <= runtime.EMBED_ATOL
@@ -83,9 +99,12 @@ def test_export_is_reused_from_the_cache(
 ) -> None:
     exports = CountingExports(monkeypatch)
     first = embed(backbone, images, image_size=SIZE, device="cpu", backend="onnxruntime", runtime_cache=tmp_path)
+    onnx_file = tmp_path / embedding_model_id(backbone, SIZE, False) / "model.onnx"
+    written = onnx_file.stat().st_mtime_ns
     runtime.forget_loaded()  # as a new worker process would: load from disk, not from memory
     again = embed(backbone, images, image_size=SIZE, device="cpu", backend="openvino", runtime_cache=tmp_path)
     assert exports.count == 1
+    assert onnx_file.stat().st_mtime_ns == written
     assert np.abs(first - again).max() <= 2 * runtime.EMBED_ATOL
 
 
@@ -95,11 +114,11 @@ def test_a_corrupt_or_missing_export_is_rebuilt(
     backbone: Backbone,
     images: list[Image.Image],
     eager: np.ndarray,
-    tmp_path: Path,
+    cache_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    tmp_path = cache_dir
     exports = CountingExports(monkeypatch)
-    embed(backbone, images[:2], image_size=SIZE, device="cpu", backend="onnxruntime", runtime_cache=tmp_path)
     cache = runtime.ExportCache(tmp_path, embedding_model_id(backbone, SIZE, False))
     if damage == "truncate":
         cache.onnx_path.write_bytes(cache.onnx_path.read_bytes()[:4096])
@@ -113,8 +132,10 @@ def test_a_corrupt_or_missing_export_is_rebuilt(
         record["sha256"] = runtime._sha256(cache.onnx_path)
         cache.record_path.write_text(json.dumps(record))
     runtime.forget_loaded()
-    got = embed(backbone, images, image_size=SIZE, batch_size=3, device="cpu", backend="onnxruntime", runtime_cache=tmp_path)
-    assert exports.count == 2
+    got = embed(
+        backbone, images, image_size=SIZE, batch_size=3, device="cpu", backend="onnxruntime", runtime_cache=tmp_path
+    )
+    assert exports.count == 1
     assert np.abs(got - eager).max() <= runtime.EMBED_ATOL
     assert cache.valid(runtime.parameters_digest(backbone.model))
 
@@ -137,8 +158,9 @@ def test_other_weights_under_the_same_model_id_rebuild_the_export(
 
 
 def test_a_runtime_outside_the_tolerance_is_never_used(
-    backbone: Backbone, images: list[Image.Image], eager: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    backbone: Backbone, images: list[Image.Image], eager: np.ndarray, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    tmp_path = cache_dir
     real = runtime._LOADERS["onnxruntime"]
 
     def drifting(path: Path):  # type: ignore[no-untyped-def]
