@@ -45,8 +45,9 @@ def test_parallel_reader_returns_the_requested_patches_in_order(path: Path, read
         expected = load_batch(images, chunk, SIDE)  # one at a time, in the calling thread
         assert batch.shape == (len(chunk), 3, SIDE, SIDE)
         assert torch.equal(batch, expected)
-    # Different patches really do differ, so an out-of-order batch would have failed above.
-    assert not torch.equal(got[0][0], got[0][1])
+    # The patches really differ (tissue, not only background), so an out-of-order batch would have failed above.
+    distinct = {image.numpy().tobytes() for batch in got for image in batch}
+    assert len(distinct) >= 12
 
 
 def test_processes_run_the_source_worker_init(tmp_path: Path) -> None:
