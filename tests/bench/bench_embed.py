@@ -1,7 +1,8 @@
 """Embedding speed on the real-size slide: CPU inference backends × patch readers, end to end, against
 today's path (one reader, torch eager) measured in the same run.
 
-    .venv/bin/python tests/bench/bench_embed.py [--patches 1024] [--slide PATH] [--device cpu|cuda] [--no-compile]
+    .venv/bin/python tests/bench/bench_embed.py [--patches 1024] [--slide PATH] [--device cpu|cuda] [--batch N]
+                                                [--no-compile]
 
 Makes ``make_wsi.py``'s 80,000 x 60,000 px fixture unless it exists, and ingests it (and the JPEG 2000
 TCGA slide from ``../shared/data``) through the platform's import path (``ingest.add_slide_from_path`` +
@@ -305,6 +306,7 @@ def main() -> int:
     parser.add_argument("--slide", type=Path, default=None, help="default: make_wsi.py's 80,000 x 60,000 fixture")
     parser.add_argument("--patches", type=int, default=1024, help="patches embedded end to end per variant")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch", type=int, default=None, help="end-to-end batch size (default EMBED_BATCH_SIZE)")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out of step 1")
     args = parser.parse_args()
     slide_file = args.slide or make_wsi.default_path(80_000, 60_000)
@@ -344,6 +346,8 @@ def run(args: argparse.Namespace, slide_file: Path, work: Path) -> dict[str, Any
     from tests.factories import ProjectFactory
 
     cfg = learner_settings()
+    if args.batch:
+        cfg = dataclasses.replace(cfg, EMBED_BATCH_SIZE=args.batch)
     print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; load {load()}", flush=True)
     project = ProjectFactory(name=f"bench-embed-{os.getpid()}")
     fixture = ingest_slide(project, slide_file)
