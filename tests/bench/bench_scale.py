@@ -1,7 +1,8 @@
 """The queue and a round at real size: a million patches over a hundred slides.
 
     .venv/bin/python tests/bench/bench_scale.py [--patches 1000000] [--slides 100] [--sizes 10000,100000]
-        [--annotators 20] [--annotator-processes 2] [--pairs 300] [--no-round] [--keep]
+        [--annotators 20] [--annotator-processes 2] [--pace 2.0] [--pairs 300] [--no-round] [--keep]
+        [--profile FILE]
 
 Uses the PostgreSQL server of DATABASE_URL (embedded when unset) but a database of its own,
 ``bench_scale_<pid>``, created, migrated and dropped at the end (``--keep`` leaves it), so nothing
@@ -28,8 +29,11 @@ The last line is one JSON object with the figures the scale issue asks for.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
+import random
 import resource
 import shutil
 import statistics
@@ -262,9 +266,15 @@ class Annotators:
     (``AnnotatorProcesses``) so the round's Python work does not show up as lease latency."""
 
     def __init__(
-        self, project: Any, n: int, students: list[Any] | None = None, phase: Callable[[], str] | None = None
+        self,
+        project: Any,
+        n: int,
+        students: list[Any] | None = None,
+        phase: Callable[[], str] | None = None,
+        pace: float = 0.02,
     ) -> None:
         self.project = project
+        self.pace = pace  # seconds from one lease to the next (at least), per annotator
         self.students = (project.students if students is None else students)[:n]
         self.phase = "before"
         self._phase_of = phase or (lambda: self.phase)
@@ -280,6 +290,8 @@ class Annotators:
         from annotations import queue, voting
 
         try:
+            # Annotators start out of step, so a slow pace does not send every lease at the same instant.
+            self._stop.wait(random.Random(user.pk).uniform(0, self.pace))
             while not self._stop.is_set():
                 phase = self._phase_of()
                 started = time.perf_counter()
@@ -287,10 +299,10 @@ class Annotators:
                 self.lease[phase].append(time.perf_counter() - started)
                 if task is None:
                     self.empty[phase] += 1
-                    time.sleep(0.05)
+                    self._stop.wait(0.05)
                     continue
                 voting.cast_vote(self.project, user, "crowd", patch_id=task.patch_id, label="benign", task_id=task.pk)
-                time.sleep(0.02)  # a fast student: ~30 votes a minute each
+                self._stop.wait(max(0.0, self.pace - (time.perf_counter() - started)))
         except Exception as exc:  # pragma: no cover - reported
             self.errors.append(f"{type(exc).__name__}: {exc}")
         finally:
@@ -307,7 +319,7 @@ class Annotators:
 
 
 def _annotator_process(
-    project_id: int, student_ids: list[int], phase: Any, ready: Any, stop: Any, results: Any
+    project_id: int, student_ids: list[int], pace: float, phase: Any, ready: Any, stop: Any, results: Any
 ) -> None:
     """A spawned process's body: Django set up against the same database (the parent's environment), its
     share of the annotator threads, their figures sent back on ``results`` once ``stop`` is set."""
@@ -320,7 +332,8 @@ def _annotator_process(
 
     project = Project.objects.get(pk=project_id)
     by_id = get_user_model().objects.in_bulk(student_ids)
-    crowd = Annotators(project, len(student_ids), [by_id[i] for i in student_ids], lambda: PHASES[phase.value])
+    students = [by_id[i] for i in student_ids]
+    crowd = Annotators(project, len(student_ids), students, lambda: PHASES[phase.value], pace=pace)
     crowd.start()
     ready.set()
     stop.wait()
@@ -334,7 +347,7 @@ class AnnotatorProcesses:
     latencies are gathered when they stop. Out of the round's process, a lease's latency is the
     database's and the machine's, not the round's hold on the GIL."""
 
-    def __init__(self, project: Any, n: int, processes: int) -> None:
+    def __init__(self, project: Any, n: int, processes: int, pace: float) -> None:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
@@ -347,7 +360,7 @@ class AnnotatorProcesses:
         self._procs = [
             ctx.Process(
                 target=_annotator_process,
-                args=(project.pk, ids[i::processes], self._phase, self._ready[i], self._stop, self._results),
+                args=(project.pk, ids[i::processes], pace, self._phase, self._ready[i], self._stop, self._results),
                 daemon=True,
             )
             for i in range(processes)
@@ -426,7 +439,12 @@ def reprioritised(project: Any, round_: Any) -> int:
 
 
 def round_under_load(
-    project: Any, annotators: int, seed_embeddings: Callable[[Any], None], processes: int = 2
+    project: Any,
+    annotators: int,
+    seed_embeddings: Callable[[Any], None],
+    processes: int = 2,
+    pace: float = 2.0,
+    profile: str = "",
 ) -> dict[str, Any]:
     """One head-mode round while annotators work: stage times, RSS, rows written, lease latency."""
     from annotations import consensus
@@ -439,7 +457,9 @@ def round_under_load(
     consensus.recompute_project_consensus(project)
     print(f"consensus of the built votes in {time.perf_counter() - started:.1f} s", flush=True)
     crowd: Annotators | AnnotatorProcesses = (
-        AnnotatorProcesses(project, annotators, processes) if processes > 0 else Annotators(project, annotators)
+        AnnotatorProcesses(project, annotators, processes, pace)
+        if processes > 0 and annotators > 0
+        else Annotators(project, annotators, pace=pace)
     )
     crowd.start()
     time.sleep(5)
@@ -447,9 +467,16 @@ def round_under_load(
     rss_before = peak_rss_mb()
     crowd.phase = "during"
     round_ = services.start_round(project, launch=False)
+    profiler = cProfile.Profile() if profile else None
     started = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     round_ = pipeline.run_round(round_.pk)
     seconds = time.perf_counter() - started
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(profile)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     crowd.phase = "after"
     time.sleep(5)
     crowd.stop()
@@ -510,6 +537,13 @@ def main() -> int:
         default=2,
         help="processes the annotator threads are spread over (0: threads in the round's own process)",
     )
+    parser.add_argument(
+        "--pace",
+        type=float,
+        default=2.0,
+        help="seconds from one lease to the next per annotator during the round (2: a fast student, 30 votes a minute)",
+    )
+    parser.add_argument("--profile", default="", help="cProfile the round into this file (and print its top)")
     parser.add_argument("--pairs", type=int, default=300)
     parser.add_argument("--no-round", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
@@ -564,7 +598,9 @@ def run(args: argparse.Namespace) -> int:
             "lease_vote_p95_ms_by_size": {str(s): figures[s]["lease_vote"]["p95_ms"] for s in sizes},
         }
         if not args.no_round and largest is not None:
-            measured = round_under_load(largest, args.annotators, seed_embeddings, args.annotator_processes)
+            measured = round_under_load(
+                largest, args.annotators, seed_embeddings, args.annotator_processes, args.pace, args.profile
+            )
             result.update(
                 round_seconds=measured["round_seconds"],
                 round_peak_rss_mb=measured["round_peak_rss_mb"],
@@ -584,6 +620,10 @@ def run(args: argparse.Namespace) -> int:
                 rows_written_goal=3 * measured["batch_size"] + args.slides,
                 consensus_rows_created_during_round=measured["rows_written"].get("annotations_consensus", 0),
                 round_state=measured["state"],
+                annotators=args.annotators,
+                annotator_processes=args.annotator_processes,
+                annotator_pace_s=args.pace,
+                load_average=list(os.getloadavg()),
             )
         print(json.dumps(result))
     return 0
