@@ -29,6 +29,9 @@ from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Vote
 # Expert reviews sort above every crowd task (round priorities are 10,000 x round number + rank).
 EXPERT_REVIEW_PRIORITY = 1e6
 CONSENSUS_UPDATE_FIELDS = ["label", "confidence", "posterior", "method", "vote_count", "agreement", "status"]
+# A bulk recompute leaves a row alone when its probabilities moved by less than this and nothing else
+# changed (label, status, method and vote count are compared exactly, so no decision is left stale).
+PROBABILITY_TOLERANCE = 1e-3
 
 
 def label_names(project: Project) -> list[str]:
@@ -179,12 +182,24 @@ def recompute_project_consensus(project: Project) -> int:
 
 
 def _changed(row: Consensus, fields: dict[str, Any]) -> bool:
+    """Whether a recomputed row differs from the stored one by more than PROBABILITY_TOLERANCE.
+
+    The label, status, method and vote count must match exactly. The probabilities may drift by less:
+    an iterative method re-estimates every annotator from every vote, so one new vote moves every
+    patch's posterior in the last decimals, and rewriting every voted patch's row for that made each
+    round's snapshot write O(voted patches) rows."""
     for field, value in fields.items():
         if field == "label":
             if row.label_id != (value.pk if value is not None else None):
                 return True
         elif field in ("confidence", "agreement"):
-            if abs(getattr(row, field) - value) > 1e-9:
+            if abs(getattr(row, field) - value) > PROBABILITY_TOLERANCE:
+                return True
+        elif field == "posterior":
+            stored = row.posterior or {}
+            if stored.keys() != value.keys() or any(
+                abs(stored[k] - v) > PROBABILITY_TOLERANCE for k, v in value.items()
+            ):
                 return True
         elif getattr(row, field) != value:
             return True
