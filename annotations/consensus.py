@@ -8,7 +8,10 @@ Two ways to compute it, one mapping to rows:
   voted patch with the project's method, Dawid-Skene and GLAD included, seeded with the gold labels.
 
 Whenever a patch ends ``contested``, :func:`send_contested_to_experts` queues it for expert review;
-it is the only place that rule is written.
+it is the only place that rule is written. It runs where the status is written: after a vote that
+leaves its patch contested (in the vote's transaction), and for the rows a bulk recompute turned
+contested (in the recompute's transaction). A round's publish does not sweep the project for
+contested patches: they were routed when they became so, and a round writes only its batch.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Vote
 # Expert reviews sort above every crowd task (round priorities are 10,000 x round number + rank).
 EXPERT_REVIEW_PRIORITY = 1e6
 CONSENSUS_UPDATE_FIELDS = ["label", "confidence", "posterior", "method", "vote_count", "agreement", "status"]
+# A bulk recompute leaves a row alone when its probabilities moved by less than this and nothing else
+# changed (label, status, method and vote count are compared exactly, so no decision is left stale).
+PROBABILITY_TOLERANCE = 1e-3
 
 
 def label_names(project: Project) -> list[str]:
@@ -72,23 +78,21 @@ def gold_labels(project: Project, records: list[VoteRecord] | None = None) -> di
     return {int(item): label for item, label in experts.items() if item in gold_ids}
 
 
-def send_contested_to_experts(
-    project: Project, patch_ids: Iterable[int] | None = None, *, round_id: int | None = None
-) -> int:
+def send_contested_to_experts(project: Project, patch_ids: Iterable[int] | None = None) -> int:
     """Queue an expert review for each contested patch (of ``patch_ids``, else of the project).
 
-    A patch with a live review keeps it (a round's call adopts it into the round). Returns the
-    number of reviews created.
+    Idempotent: a patch with a live review keeps it (no second one, its priority unchanged). Returns
+    the number of reviews created.
     """
     contested = Consensus.objects.filter(project=project, status=Consensus.Status.CONTESTED)
     if patch_ids is not None:
         contested = contested.filter(patch_id__in=list(patch_ids))
-    return _queue_reviews(project, contested.values_list("patch_id", flat=True), round_id=round_id)
+    return _queue_reviews(project, contested.values_list("patch_id", flat=True))
 
 
-def _queue_reviews(project: Project, patch_ids: Iterable[int], *, round_id: int | None = None) -> int:
+def _queue_reviews(project: Project, patch_ids: Iterable[int]) -> int:
     priorities = dict.fromkeys(patch_ids, EXPERT_REVIEW_PRIORITY)
-    return queue.enqueue_patches(project, priorities, kind=AnnotationTask.Kind.EXPERT, round_id=round_id)
+    return queue.enqueue_patches(project, priorities, kind=AnnotationTask.Kind.EXPERT)
 
 
 def recompute_consensus(project: Project, patch: Patch | int, labels: list[LabelClass] | None = None) -> Consensus:
@@ -132,7 +136,9 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
 def recompute_project_consensus(project: Project) -> int:
     """Batch consensus with the project's method (the iterative ones run here), seeded with gold.
 
-    Returns the number of consensus rows written.
+    Returns the number of consensus rows written. The patches it turned contested (new rows, or rows
+    that were not contested before) get their expert review in the same transaction; contested rows
+    it leaves as they were were routed when they became contested.
     """
     records = vote_records(project)
     if not records:
@@ -151,10 +157,15 @@ def recompute_project_consensus(project: Project) -> int:
         .only("id", "patch_id", *CONSENSUS_UPDATE_FIELDS)
         .iterator(chunk_size=10_000)
     }
-    create, update = [], []
+    create, update, contested = [], [], []
     for item, result in results.items():
         row = existing.get(int(item))
         fields = consensus_fields(result, by_name.get(result.label or ""))
+        becomes_contested = result.status == Consensus.Status.CONTESTED and (
+            row is None or row.status != Consensus.Status.CONTESTED
+        )
+        if becomes_contested:
+            contested.append(int(item))
         if row is None:
             create.append(Consensus(patch_id=int(item), project=project, **fields))
         elif _changed(row, fields):
@@ -165,16 +176,30 @@ def recompute_project_consensus(project: Project) -> int:
     with transaction.atomic():
         Consensus.objects.bulk_create(create, batch_size=1000)
         Consensus.objects.bulk_update(update, CONSENSUS_UPDATE_FIELDS, batch_size=1000)
+        if contested:
+            send_contested_to_experts(project, contested)
     return len(results)
 
 
 def _changed(row: Consensus, fields: dict[str, Any]) -> bool:
+    """Whether a recomputed row differs from the stored one by more than PROBABILITY_TOLERANCE.
+
+    The label, status, method and vote count must match exactly. The probabilities may drift by less:
+    an iterative method re-estimates every annotator from every vote, so one new vote moves every
+    patch's posterior in the last decimals, and rewriting every voted patch's row for that made each
+    round's snapshot write O(voted patches) rows."""
     for field, value in fields.items():
         if field == "label":
             if row.label_id != (value.pk if value is not None else None):
                 return True
         elif field in ("confidence", "agreement"):
-            if abs(getattr(row, field) - value) > 1e-9:
+            if abs(getattr(row, field) - value) > PROBABILITY_TOLERANCE:
+                return True
+        elif field == "posterior":
+            stored = row.posterior or {}
+            if stored.keys() != value.keys() or any(
+                abs(stored[k] - v) > PROBABILITY_TOLERANCE for k, v in value.items()
+            ):
                 return True
         elif getattr(row, field) != value:
             return True

@@ -22,7 +22,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from django.utils import timezone
 
-from annotations import consensus, queue
+from annotations import queue
 from annotations.models import LabelClass, Project
 from learner.core.classifier import Classifier, save_model
 from learner.core.errors import Cancelled, LearnerError
@@ -259,7 +259,6 @@ def publish(run: RoundRun, result: RoundResult) -> None:
         queue.publish_round(
             project, round_id=locked.pk, chosen=result.chosen, rest_priority=rest, round_number=locked.number
         )
-        consensus.send_contested_to_experts(project, round_id=locked.pk)
         result.metrics["selected"] = {"n": len(result.chosen), "arms": dict(Counter(arm for _, arm in result.chosen))}
         locked.state = State.SUCCEEDED
         locked.stage = State.SUCCEEDED

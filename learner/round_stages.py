@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from django.db import connection
 
 from annotations import consensus
 from annotations.models import AnnotationTask, Consensus, Patch, Project, Slide
@@ -165,26 +166,39 @@ def _split_unit(slides: np.ndarray, slide_groups: dict[int, str]) -> str:
     return "spatial block"
 
 
-# Patch rows read per database round trip while streaming the pool.
-SNAPSHOT_CHUNK = 50_000
+# The pool's columns, in the order of _pool_rows' array.
+POOL_COLUMNS = ("id", "slide_id", "x", "y", "size", "is_gold")
+# One row of ``COPY ... (FORMAT binary)`` of POOL_COLUMNS, each cast to bigint: a field count, then each
+# field's length and its big-endian value. Fixed width, so the whole answer is one numpy array.
+_COPY_ROW = np.dtype([("n", ">i2")] + [f for c in POOL_COLUMNS for f in ((f"{c}_len", ">i4"), (c, ">i8"))])
+_COPY_HEADER = 19  # signature (11 bytes), flags (4), header extension length (4, zero)
 
 
 def _pool_rows(project: Project) -> np.ndarray:
-    """(id, slide, x, y, size, is_gold) of every patch of the project's ready slides, by id, streamed in chunks."""
-    query = (
-        Patch.objects.filter(project=project, slide__status="ready")
-        .order_by("id")
-        .values_list("id", "slide_id", "x", "y", "size", "is_gold")
+    """(id, slide, x, y, size, is_gold) of every patch of the project's ready slides, by id, as an int64 array.
+
+    Read with one ``COPY ... TO STDOUT (FORMAT binary)``: at a million patches that is 74 MB parsed by numpy
+    in one go, where fetching rows builds six Python objects per patch."""
+    patch, slide = Patch._meta.db_table, Slide._meta.db_table
+    columns = ", ".join(f"p.{c}::bigint" if c != "is_gold" else "p.is_gold::int::bigint" for c in POOL_COLUMNS)
+    sql = (
+        f"COPY (SELECT {columns} FROM {patch} p JOIN {slide} s ON s.id = p.slide_id "
+        f"WHERE p.project_id = {int(project.pk)} AND s.status = 'ready' ORDER BY p.id) TO STDOUT (FORMAT binary)"
     )
-    parts, batch = [], []
-    for row in query.iterator(chunk_size=SNAPSHOT_CHUNK):
-        batch.append(row)
-        if len(batch) == SNAPSHOT_CHUNK:
-            parts.append(np.array(batch, dtype=np.int64))
-            batch = []
-    if batch or not parts:
-        parts.append(np.array(batch, dtype=np.int64).reshape(-1, 6))
-    return np.concatenate(parts)
+    buffer = bytearray()
+    with connection.cursor() as cursor, cursor.cursor.copy(sql) as copy:
+        for block in copy:
+            buffer += block
+    body = memoryview(buffer)[_COPY_HEADER : len(buffer) - 2]  # the trailer is a field count of -1
+    rows = np.frombuffer(body, dtype=_COPY_ROW)
+    if len(rows) and (
+        (rows["n"] != len(POOL_COLUMNS)).any() or any((rows[f"{c}_len"] != 8).any() for c in POOL_COLUMNS)
+    ):
+        raise ValueError("Unexpected COPY row layout while reading the pool.")  # a NULL or a type change
+    out = np.empty((len(rows), len(POOL_COLUMNS)), dtype=np.int64)
+    for j, c in enumerate(POOL_COLUMNS):
+        out[:, j] = rows[c]
+    return out
 
 
 def snapshot(project: Project, class_names: list[str]) -> Pool:

@@ -1,7 +1,8 @@
 """The queue and a round at real size: a million patches over a hundred slides.
 
     .venv/bin/python tests/bench/bench_scale.py [--patches 1000000] [--slides 100] [--sizes 10000,100000]
-        [--annotators 20] [--pairs 300] [--no-round] [--keep]
+        [--annotators 20] [--annotator-processes 2] [--pace 2.0] [--pairs 300] [--no-round] [--keep]
+        [--profile FILE]
 
 Uses the PostgreSQL server of DATABASE_URL (embedded when unset) but a database of its own,
 ``bench_scale_<pid>``, created, migrated and dropped at the end (``--keep`` leaves it), so nothing
@@ -17,8 +18,10 @@ Measured, in-process (the platform's own functions, one database connection per 
   ``stats.queue_counts`` (what the dashboard reads: cached);
 - unless ``--no-round``: one head-mode round (``pipeline.run_round``, the Celery task's body) on
   the largest project with synthetic cached embeddings, while ``--annotators`` threads lease and
-  vote the whole time: every stage's time, the round's peak RSS, rows written per table, and the
-  annotators' lease latency and empty answers before, during and after the round.
+  vote the whole time, spread over ``--annotator-processes`` spawned processes (0: threads in the
+  round's own process, where they compete with it for the GIL): every stage's time, the round's
+  peak RSS, rows written per table, and the annotators' lease latency and empty answers before,
+  during and after the round.
 
 The last line is one JSON object with the figures the scale issue asks for.
 """
@@ -26,8 +29,11 @@ The last line is one JSON object with the figures the scale issue asks for.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
+import random
 import resource
 import shutil
 import statistics
@@ -248,13 +254,30 @@ def queue_figures(project: Any, pairs: int) -> dict[str, Any]:
     }
 
 
-class Annotators:
-    """``n`` threads leasing and voting as students, recording each lease's latency and empty answers."""
+PHASES = ("before", "during", "after")
 
-    def __init__(self, project: Any, n: int) -> None:
+
+class Annotators:
+    """``n`` threads leasing and voting as students, recording each lease's latency and empty answers.
+
+    ``phase`` (a callable) says which phase a lease belongs to; by default the ``phase`` attribute, which
+    the caller sets. The threads share the caller's process (and its GIL): the smoke test's round runs in
+    a Celery worker process, so that is fine there; the benchmark runs them in processes of their own
+    (``AnnotatorProcesses``) so the round's Python work does not show up as lease latency."""
+
+    def __init__(
+        self,
+        project: Any,
+        n: int,
+        students: list[Any] | None = None,
+        phase: Callable[[], str] | None = None,
+        pace: float = 0.02,
+    ) -> None:
         self.project = project
-        self.students = project.students[:n]
+        self.pace = pace  # seconds from one lease to the next (at least), per annotator
+        self.students = (project.students if students is None else students)[:n]
         self.phase = "before"
+        self._phase_of = phase or (lambda: self.phase)
         self.lease: dict[str, list[float]] = {"before": [], "during": [], "after": []}
         self.empty: dict[str, int] = {"before": 0, "during": 0, "after": 0}
         self.errors: list[str] = []
@@ -267,17 +290,19 @@ class Annotators:
         from annotations import queue, voting
 
         try:
+            # Annotators start out of step, so a slow pace does not send every lease at the same instant.
+            self._stop.wait(random.Random(user.pk).uniform(0, self.pace))
             while not self._stop.is_set():
-                phase = self.phase
+                phase = self._phase_of()
                 started = time.perf_counter()
                 task = queue.lease_next_task(self.project, user, "crowd")
                 self.lease[phase].append(time.perf_counter() - started)
                 if task is None:
                     self.empty[phase] += 1
-                    time.sleep(0.05)
+                    self._stop.wait(0.05)
                     continue
                 voting.cast_vote(self.project, user, "crowd", patch_id=task.patch_id, label="benign", task_id=task.pk)
-                time.sleep(0.02)  # a fast student: ~30 votes a minute each
+                self._stop.wait(max(0.0, self.pace - (time.perf_counter() - started)))
         except Exception as exc:  # pragma: no cover - reported
             self.errors.append(f"{type(exc).__name__}: {exc}")
         finally:
@@ -291,6 +316,87 @@ class Annotators:
         self._stop.set()
         for thread in self._threads:
             thread.join(30)
+
+
+def _annotator_process(
+    project_id: int, student_ids: list[int], pace: float, phase: Any, ready: Any, stop: Any, results: Any
+) -> None:
+    """A spawned process's body: Django set up against the same database (the parent's environment), its
+    share of the annotator threads, their figures sent back on ``results`` once ``stop`` is set."""
+    import django
+
+    django.setup()
+    from django.contrib.auth import get_user_model
+
+    from annotations.models import Project
+
+    project = Project.objects.get(pk=project_id)
+    by_id = get_user_model().objects.in_bulk(student_ids)
+    students = [by_id[i] for i in student_ids]
+    crowd = Annotators(project, len(student_ids), students, lambda: PHASES[phase.value], pace=pace)
+    crowd.start()
+    ready.set()
+    stop.wait()
+    crowd.stop()
+    results.put({"lease": crowd.lease, "empty": crowd.empty, "errors": crowd.errors})
+
+
+class AnnotatorProcesses:
+    """``n`` annotator threads spread over ``processes`` spawned processes (Django set up in each, against
+    the same database), with the same ``phase``, ``lease``, ``empty`` and ``errors`` as ``Annotators``:
+    latencies are gathered when they stop. Out of the round's process, a lease's latency is the
+    database's and the machine's, not the round's hold on the GIL."""
+
+    def __init__(self, project: Any, n: int, processes: int, pace: float) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        ids = [u.pk for u in project.students[:n]]
+        processes = max(1, min(processes, len(ids)))
+        self._phase = ctx.Value("i", 0)
+        self._stop = ctx.Event()
+        self._results = ctx.Queue()
+        self._ready = [ctx.Event() for _ in range(processes)]
+        self._procs = [
+            ctx.Process(
+                target=_annotator_process,
+                args=(project.pk, ids[i::processes], pace, self._phase, self._ready[i], self._stop, self._results),
+                daemon=True,
+            )
+            for i in range(processes)
+        ]
+        self.lease: dict[str, list[float]] = {p: [] for p in PHASES}
+        self.empty: dict[str, int] = dict.fromkeys(PHASES, 0)
+        self.errors: list[str] = []
+
+    @property
+    def phase(self) -> str:
+        return PHASES[self._phase.value]
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self._phase.value = PHASES.index(value)
+
+    def start(self) -> None:
+        from django.db import connections
+
+        connections.close_all()  # nothing of this process's connection state to hand over
+        for proc in self._procs:
+            proc.start()
+        for ready in self._ready:
+            if not ready.wait(120):
+                raise RuntimeError("an annotator process did not start within 120 s")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for _ in self._procs:
+            got = self._results.get(timeout=120)
+            for p in PHASES:
+                self.lease[p].extend(got["lease"][p])
+                self.empty[p] += got["empty"][p]
+            self.errors.extend(got["errors"])
+        for proc in self._procs:
+            proc.join(30)
 
 
 def peak_rss_mb() -> float:
@@ -321,7 +427,25 @@ def table_counts() -> dict[str, int]:
     return counts
 
 
-def round_under_load(project: Any, annotators: int, seed_embeddings: Callable[[Any], None]) -> dict[str, Any]:
+def reprioritised(project: Any, round_: Any) -> int:
+    """Crowd tasks older than the round that its publish moved into its priority band (tasks it created are
+    counted as inserts)."""
+    from annotations import queue
+    from annotations.models import AnnotationTask
+
+    band = queue.ROUND_PRIORITY_STEP * round_.number - 1
+    tasks = AnnotationTask.objects.filter(project=project, kind="crowd", priority__gt=band)
+    return tasks.filter(created_at__lt=round_.started_at).count()
+
+
+def round_under_load(
+    project: Any,
+    annotators: int,
+    seed_embeddings: Callable[[Any], None],
+    processes: int = 2,
+    pace: float = 2.0,
+    profile: str = "",
+) -> dict[str, Any]:
     """One head-mode round while annotators work: stage times, RSS, rows written, lease latency."""
     from annotations import consensus
     from learner import pipeline, services
@@ -332,22 +456,37 @@ def round_under_load(project: Any, annotators: int, seed_embeddings: Callable[[A
     started = time.perf_counter()
     consensus.recompute_project_consensus(project)
     print(f"consensus of the built votes in {time.perf_counter() - started:.1f} s", flush=True)
-    crowd = Annotators(project, annotators)
+    crowd: Annotators | AnnotatorProcesses = (
+        AnnotatorProcesses(project, annotators, processes, pace)
+        if processes > 0 and annotators > 0
+        else Annotators(project, annotators, pace=pace)
+    )
     crowd.start()
     time.sleep(5)
     before_rows = table_counts()
     rss_before = peak_rss_mb()
     crowd.phase = "during"
     round_ = services.start_round(project, launch=False)
+    profiler = cProfile.Profile() if profile else None
     started = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     round_ = pipeline.run_round(round_.pk)
     seconds = time.perf_counter() - started
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(profile)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     crowd.phase = "after"
     time.sleep(5)
     crowd.stop()
     after_rows = table_counts()
     written = {t: after_rows.get(t, 0) - before_rows.get(t, 0) for t in after_rows}
     written = {t: n for t, n in written.items() if n}
+    # Rows the round updated rather than inserted: the crowd tasks publish moved into the round's band
+    # (the batch above ROUND_PRIORITY_STEP x number, the uncertain tail just below it). Only publish writes
+    # a priority, so the band counts them exactly, whatever the annotators did to those tasks since.
+    written["annotations_annotationtask[crowd, re-prioritised]"] = reprioritised(project, round_)
     print(f"round {round_.number}: {round_.state} in {seconds:.1f} s {round_.error}", flush=True)
     for stage, value in (round_.timings or {}).items():
         print(f"  stage {stage:<10} {value:8.2f} s")
@@ -392,6 +531,19 @@ def main() -> int:
     parser.add_argument("--slides", type=int, default=100)
     parser.add_argument("--sizes", default="10000,100000", help="smaller projects measured for flatness")
     parser.add_argument("--annotators", type=int, default=20)
+    parser.add_argument(
+        "--annotator-processes",
+        type=int,
+        default=2,
+        help="processes the annotator threads are spread over (0: threads in the round's own process)",
+    )
+    parser.add_argument(
+        "--pace",
+        type=float,
+        default=2.0,
+        help="seconds from one lease to the next per annotator during the round (2: a fast student, 30 votes a minute)",
+    )
+    parser.add_argument("--profile", default="", help="cProfile the round into this file (and print its top)")
     parser.add_argument("--pairs", type=int, default=300)
     parser.add_argument("--no-round", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
@@ -446,7 +598,9 @@ def run(args: argparse.Namespace) -> int:
             "lease_vote_p95_ms_by_size": {str(s): figures[s]["lease_vote"]["p95_ms"] for s in sizes},
         }
         if not args.no_round and largest is not None:
-            measured = round_under_load(largest, args.annotators, seed_embeddings)
+            measured = round_under_load(
+                largest, args.annotators, seed_embeddings, args.annotator_processes, args.pace, args.profile
+            )
             result.update(
                 round_seconds=measured["round_seconds"],
                 round_peak_rss_mb=measured["round_peak_rss_mb"],
@@ -463,8 +617,13 @@ def run(args: argparse.Namespace) -> int:
                 rows_written_per_round=sum(
                     n for table, n in measured["rows_written"].items() if table != "annotations_consensus"
                 ),
+                rows_written_goal=3 * measured["batch_size"] + args.slides,
                 consensus_rows_created_during_round=measured["rows_written"].get("annotations_consensus", 0),
                 round_state=measured["state"],
+                annotators=args.annotators,
+                annotator_processes=args.annotator_processes,
+                annotator_pace_s=args.pace,
+                load_average=list(os.getloadavg()),
             )
         print(json.dumps(result))
     return 0

@@ -40,3 +40,27 @@ def test_batch_consensus_rewrites_only_the_rows_that_changed(labelled) -> None: 
     assert len(updates) == 1 and updates[0].count("WHEN") >= 1
     changed = Consensus.objects.get(patch=patches[1])
     assert changed.label is not None
+
+
+def test_batch_consensus_leaves_rows_whose_probabilities_only_drifted(labelled) -> None:  # type: ignore[no-untyped-def]
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    project, patches, *_ = labelled
+    consensus.recompute_project_consensus(project)
+    row = Consensus.objects.get(patch=patches[0])
+    label = row.label.name
+
+    def stored_drift(delta: float) -> None:
+        posterior = {k: v + (delta if k == label else 0.0) for k, v in row.posterior.items()}
+        Consensus.objects.filter(pk=row.pk).update(posterior=posterior, confidence=row.confidence + delta)
+
+    # An iterative method's re-estimate moves every posterior in the last decimals: no rewrite for that.
+    stored_drift(consensus.PROBABILITY_TOLERANCE / 10)
+    with CaptureQueriesContext(connection) as queries:
+        consensus.recompute_project_consensus(project)
+    assert not [q for q in queries.captured_queries if q["sql"].startswith(("UPDATE", "INSERT"))]
+    # A move larger than the tolerance is written back.
+    stored_drift(consensus.PROBABILITY_TOLERANCE * 10)
+    consensus.recompute_project_consensus(project)
+    assert Consensus.objects.get(pk=row.pk).confidence == pytest.approx(row.confidence, abs=1e-9)
