@@ -196,10 +196,9 @@ LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.TokenAuthentication",
-    ],
+    # Session, then token authentication (DRF's), each credential's user remembered for a while:
+    # annotations.member_cache says how long and what clears it.
+    "DEFAULT_AUTHENTICATION_CLASSES": ["annotations.member_cache.CachedAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "histoloop.schema.AutoSchema",
     "EXCEPTION_HANDLER": "histoloop.exceptions.exception_handler",
