@@ -50,6 +50,7 @@ def cursor() -> Iterator[Any]:
 
 
 def rows(sql: str, params: Sequence[Any] | dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The rows of a statement that returns rows (a SELECT, or a write with RETURNING)."""
     with cursor() as cur:
         cur.execute(sql, params)
-        return list(cur.fetchall()) if cur.description is not None else []
+        return list(cur.fetchall())
