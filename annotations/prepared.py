@@ -6,7 +6,8 @@ as text anew (5 ms for the lease query at a million tasks, against 0.5 ms to run
 statements each next-task and vote request runs are therefore written once, as SQL with
 parameters, and sent with server-side binding and ``prepare=True``: psycopg prepares each on the
 first use on a connection and reuses it for the life of the connection (the connection pool keeps
-connections, and so their prepared statements, across requests), so PostgreSQL plans it once.
+connections, and so their prepared statements, across requests), and PostgreSQL plans it once
+(``plan_cache_mode=force_generic_plan`` on the connection, histoloop.settings).
 
 Django's query log (``assertNumQueries``, ``CaptureQueriesContext``) still sees these statements,
 and database errors still arrive as ``django.db`` exceptions, because the cursor is wrapped the
@@ -33,7 +34,7 @@ class _PreparingCursor(ServerBindingCursor):
     def execute(
         self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
     ) -> Any:
-        return super().execute(query, params, prepare=getattr(settings, "DATABASE_PREPARED", True), binary=binary)
+        return super().execute(query, params, prepare=settings.DATABASE_PREPARED, binary=binary)
 
 
 @contextmanager
