@@ -90,9 +90,12 @@ class _Entries:
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
 
-    def clear(self) -> None:
+    def clear(self, generation: Any = None) -> None:
+        """Forget every entry; ``generation`` is the shared number this process just set, if it did."""
         with self._lock:
             self._entries.clear()
+            if generation is not None:
+                self._generation = generation
 
 
 entries = _Entries()
@@ -100,12 +103,13 @@ entries = _Entries()
 
 def forget_everything(**_: Any) -> None:
     """Clear this process's entries and tell the other processes to clear theirs."""
-    entries.clear()
+    generation = None
     try:
-        if not cache.add(GENERATION_KEY, 1, timeout=None):
-            cache.incr(GENERATION_KEY)
+        generation = 1 if cache.add(GENERATION_KEY, 1, timeout=None) else cache.incr(GENERATION_KEY)
     except Exception:
         logger.warning("member cache: could not bump the generation; other processes rely on the TTL", exc_info=True)
+    # This process knows the number it set, so it does not clear what it remembers after this again.
+    entries.clear(generation)
 
 
 for _model in (get_user_model(), Token, Membership, Project):
