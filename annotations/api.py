@@ -15,6 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from . import queue, stats, voting
+from .member_cache import member_project
 from .models import Consensus, LabelClass, Membership, Patch, Project, Role, Vote
 from .permissions import project_for, projects_with_roles
 from .serializers import (
@@ -36,6 +37,8 @@ from .serializers import (
     VoteInputSerializer,
     VoteResultSerializer,
     VoteSerializer,
+    task_data,
+    vote_data,
 )
 
 ADMIN_ONLY = (Role.ADMIN,)
@@ -61,11 +64,16 @@ class ProjectScoped(APIView):
 
     roles: tuple[str, ...] | None = None
     write_roles: tuple[str, ...] | None = ADMIN_ONLY
+    # True for views that never change the project: the membership and project come from
+    # annotations.member_cache instead of a query per request.
+    remembered_membership = False
 
     def load(self, request: Request, project_id: int) -> tuple[Project, str]:
         roles = self.roles
         if request.method not in ("GET", "HEAD", "OPTIONS") and self.write_roles is not None:
             roles = self.write_roles
+        if self.remembered_membership:
+            return member_project(request.user, project_id, roles=roles)
         return project_for(request.user, project_id, roles=roles)
 
 
@@ -199,6 +207,7 @@ class NextTaskView(ProjectScoped):
     now; null when nothing is left), so the annotator can load it while the first is labelled."""
 
     write_roles = None
+    remembered_membership = True
 
     @extend_schema(
         request=None,
@@ -210,11 +219,10 @@ class NextTaskView(ProjectScoped):
         task = queue.lease_next_task(project, request.user, role)
         if task is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
-        shown = {"role": role}
-        body = TaskSerializer(task, context=shown).data
+        body = task_data(task, role)
         if _truthy(request.query_params.get("ahead", "")):
             ahead = queue.lease_ahead(project, request.user, role, task)
-            body["ahead"] = TaskSerializer(ahead, context=shown).data if ahead else None
+            body["ahead"] = task_data(ahead, role) if ahead else None
         return Response(body)
 
     get = post
@@ -235,6 +243,7 @@ class SkipTaskView(ProjectScoped):
 
 class VoteListView(ProjectScoped):
     write_roles = None
+    remembered_membership = True
 
     @extend_schema(
         parameters=[OpenApiParameter("patch", OpenApiTypes.INT, description="Only the votes on this patch.")],
@@ -268,18 +277,17 @@ class VoteListView(ProjectScoped):
             )
         except queue.QueueError as exc:
             return _error(exc)
-        body: dict[str, Any] = {"vote": VoteSerializer(outcome.vote).data}
+        body: dict[str, Any] = {"vote": vote_data(outcome.vote)}
         if role != Role.CROWD:
             body["consensus"] = ConsensusSerializer(outcome.consensus).data
-        shown = {"role": role}
         if data.validated_data["next"]:
             # Saves the annotator a round trip: the next lease comes back with the vote.
             task = queue.lease_next_task(project, request.user, role)
-            body["next"] = TaskSerializer(task, context=shown).data if task else None
+            body["next"] = task_data(task, role) if task else None
         if data.validated_data["ahead"]:
             # The client already holds the task it shows next: lease one more to load ahead.
             ahead = queue.lease_next_task(project, request.user, role, fresh=True)
-            body["ahead"] = TaskSerializer(ahead, context=shown).data if ahead else None
+            body["ahead"] = task_data(ahead, role) if ahead else None
         if outcome.gold_answer is not None:
             body["gold"] = {
                 "correct": outcome.gold_answer.pk == outcome.vote.label_id,

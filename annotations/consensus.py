@@ -20,8 +20,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.db import transaction
+from django.utils import timezone
+from psycopg.types.json import Jsonb
 
-from . import queue
+from . import prepared, queue
 from .domain.agreement import expert_labels
 from .domain.consensus import ConsensusResult, VoteRecord, batch_consensus, consensus_for_item
 from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Vote
@@ -95,6 +97,24 @@ def _queue_reviews(project: Project, patch_ids: Iterable[int]) -> int:
     return queue.enqueue_patches(project, priorities, kind=AnnotationTask.Kind.EXPERT)
 
 
+_ACTIVE_VOTES_SQL = """
+SELECT annotator_id, label_id, role FROM annotations_vote
+WHERE patch_id = %(patch)s AND is_active ORDER BY created_at, id
+"""
+# One row per patch (patch_id is unique); a new row starts without a model version, an existing one keeps its own.
+_UPSERT_CONSENSUS_SQL = """
+INSERT INTO annotations_consensus
+    (patch_id, project_id, label_id, confidence, posterior, method, vote_count, agreement, status, updated_at)
+VALUES (%(patch)s, %(project)s, %(label)s, %(confidence)s, %(posterior)s, %(method)s, %(vote_count)s, %(agreement)s,
+        %(status)s, %(updated_at)s)
+ON CONFLICT (patch_id) DO UPDATE SET
+    project_id = EXCLUDED.project_id, label_id = EXCLUDED.label_id, confidence = EXCLUDED.confidence,
+    posterior = EXCLUDED.posterior, method = EXCLUDED.method, vote_count = EXCLUDED.vote_count,
+    agreement = EXCLUDED.agreement, status = EXCLUDED.status, updated_at = EXCLUDED.updated_at
+RETURNING id
+"""
+
+
 def recompute_consensus(project: Project, patch: Patch | int, labels: list[LabelClass] | None = None) -> Consensus:
     """Recompute one patch's consensus from its active votes with the project's cheap method.
 
@@ -103,7 +123,8 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
     """
     patch_id = patch.pk if isinstance(patch, Patch) else int(patch)
     labels = list(LabelClass.objects.filter(project=project).order_by("order")) if labels is None else labels
-    votes = Vote.objects.filter(patch_id=patch_id, is_active=True).values_list("annotator_id", "label_id", "role")
+    # Runs on every vote: two prepared statements (annotations.prepared), no ORM query building.
+    votes = prepared.rows(_ACTIVE_VOTES_SQL, {"patch": patch_id})
     name_of = {lc.pk: lc.name for lc in labels}
     records = [VoteRecord(item=patch_id, annotator=a, label=name_of[lbl], role=r) for a, lbl, r in votes]
     if records:
@@ -121,13 +142,23 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
             "agreement": 0.0,
             "status": Consensus.Status.PENDING,
         }
-    row = Consensus(patch_id=patch_id, project=project, **fields)
-    Consensus.objects.bulk_create(
-        [row],
-        update_conflicts=True,
-        unique_fields=["patch"],
-        update_fields=[*CONSENSUS_UPDATE_FIELDS, "project", "updated_at"],
+    row = Consensus(patch_id=patch_id, project=project, updated_at=timezone.now(), **fields)
+    ((row.pk,),) = prepared.rows(
+        _UPSERT_CONSENSUS_SQL,
+        {
+            "patch": patch_id,
+            "project": project.pk,
+            "label": row.label_id,
+            "confidence": row.confidence,
+            "posterior": Jsonb(row.posterior),
+            "method": row.method,
+            "vote_count": row.vote_count,
+            "agreement": row.agreement,
+            "status": row.status,
+            "updated_at": row.updated_at,
+        },
     )
+    row._state.adding = False
     if row.status == Consensus.Status.CONTESTED:
         _queue_reviews(project, [patch_id])
     return row

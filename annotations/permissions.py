@@ -27,8 +27,6 @@ def project_for(user: Any, project_id: int, *, roles: tuple[str, ...] | None = N
 
     With ``roles``, a member whose role is not listed gets PermissionDenied (403).
     """
-    from rest_framework.exceptions import PermissionDenied
-
     membership = (
         Membership.objects.filter(user=user, project_id=project_id).select_related("project").first()
         if getattr(user, "is_authenticated", False)
@@ -41,9 +39,16 @@ def project_for(user: Any, project_id: int, *, roles: tuple[str, ...] | None = N
         project = Project.objects.filter(pk=project_id).first() if role is not None else None
         if project is None:
             raise Http404("No such project.")
+    check_role(role, roles)
+    return project, role
+
+
+def check_role(role: str, roles: tuple[str, ...] | None) -> None:
+    """PermissionDenied (403) unless ``roles`` is None or lists ``role``."""
+    from rest_framework.exceptions import PermissionDenied
+
     if roles is not None and role not in roles:
         raise PermissionDenied(f"Your role in this project ({role}) may not do this.")
-    return project, role
 
 
 def projects_with_roles(user: Any) -> list[tuple[Project, str]]:

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from .models import AnnotationTask, Consensus, Patch, Project, Role, TaskSkip, Vote
+from . import prepared
+from .models import AnnotationTask, Consensus, Patch, Project, Role, Slide, TaskSkip, Vote
 
 Kind = AnnotationTask.Kind
 State = AnnotationTask.State
@@ -60,30 +60,75 @@ def _available(project: Project, now: Any) -> Q:
 SKIP_MEMORY = timedelta(hours=1)
 
 
-def _not_voted_by(user: Any) -> Exists:
-    return Exists(Vote.objects.filter(patch=OuterRef("patch"), annotator=user))
-
-
-def _recently_skipped_by(user: Any, now: Any) -> Exists:
-    return Exists(TaskSkip.objects.filter(task=OuterRef("pk"), user=user, created_at__gte=now - SKIP_MEMORY))
-
-
 MAX_LEASES = 2  # the task on screen and one ahead
 # A round's batch ranks above every earlier round's: priority = step x round number + a rank fraction.
 ROUND_PRIORITY_STEP = 10.0
 
 
-def _held(project: Project, user: Any, now: Any) -> Any:
-    """The user's unexpired leases in this project, the one leased first first."""
-    return (
-        AnnotationTask.objects.filter(AnnotationTask.held_by(user, now), project=project)
-        .select_related("patch", "patch__slide", "patch__project")
-        .order_by("lease_expires_at", "id")
-    )
+# The hot path's statements (annotations.prepared): fixed text, prepared once per connection. A task
+# comes back with its patch and the patch's slide name, all that TaskSerializer shows.
+_TASK_FIELDS = [f.attname for f in AnnotationTask._meta.concrete_fields]
+_PATCH_FIELDS = [f.attname for f in Patch._meta.concrete_fields]
+_TASK_COLUMNS = ", ".join(
+    [f"t.{f.column}" for f in AnnotationTask._meta.concrete_fields]
+    + [f"p.{f.column}" for f in Patch._meta.concrete_fields]
+    + ["s.name"]
+)
+_HELD_SQL = f"""
+SELECT {_TASK_COLUMNS}
+FROM annotations_annotationtask t
+JOIN annotations_patch p ON p.id = t.patch_id
+JOIN annotations_slide s ON s.id = p.slide_id
+WHERE t.lease_owner_id = %(user)s AND t.project_id = %(project)s AND t.state = 'leased'
+  AND t.lease_expires_at >= %(now)s
+ORDER BY t.lease_expires_at, t.id
+"""
+# AnnotationTask.available(now), not voted on by the user, not skipped by them lately, not a patch
+# they hold a task for; the best by priority, locked without waiting (SKIP LOCKED), and leased in the
+# same statement. The state IN (...) repeats the partial index's condition, so that the plan PostgreSQL
+# keeps for the prepared statement walks task_live_by_priority.
+_LEASE_SQL = f"""
+WITH picked AS (
+    SELECT t.id FROM annotations_annotationtask t
+    WHERE t.project_id = %(project)s AND t.kind = %(kind)s
+      AND t.state IN ('open', 'leased')
+      AND (t.state = 'open' OR t.lease_expires_at < %(now)s)
+      AND NOT EXISTS (
+          SELECT 1 FROM annotations_vote v WHERE v.patch_id = t.patch_id AND v.annotator_id = %(user)s)
+      AND NOT EXISTS (
+          SELECT 1 FROM annotations_taskskip k
+          WHERE k.task_id = t.id AND k.user_id = %(user)s AND k.created_at >= %(skipped_since)s)
+      AND t.patch_id <> ALL(%(held)s::bigint[])
+    ORDER BY t.priority DESC, t.id
+    LIMIT 1
+    FOR UPDATE OF t SKIP LOCKED
+)
+UPDATE annotations_annotationtask t
+SET state = 'leased', lease_owner_id = %(user)s, lease_expires_at = %(expiry)s, updated_at = %(now)s
+FROM picked, annotations_patch p, annotations_slide s
+WHERE t.id = picked.id AND p.id = t.patch_id AND s.id = p.slide_id
+RETURNING {_TASK_COLUMNS}
+"""
+_LOCK_USER_SQL = "SELECT id FROM auth_user WHERE id = %(user)s FOR NO KEY UPDATE"
+
+
+def _task_from_row(row: tuple[Any, ...], project: Project, user: Any) -> AnnotationTask:
+    """A task row with its patch and slide name (a _TASK_COLUMNS row) as model instances."""
+    n_task, n_patch = len(_TASK_FIELDS), len(_PATCH_FIELDS)
+    task = AnnotationTask.from_db("default", _TASK_FIELDS, row[:n_task])
+    patch = Patch.from_db("default", _PATCH_FIELDS, row[n_task : n_task + n_patch])
+    patch.slide = Slide.from_db("default", ["id", "name"], (patch.slide_id, row[-1]))
+    patch.project = project
+    task.project, task.patch = project, patch
+    if task.lease_owner_id == getattr(user, "pk", None):
+        task.lease_owner = user
+    return task
 
 
 def held_leases(project: Project, user: Any, now: Any = None) -> list[AnnotationTask]:
-    return list(_held(project, user, now or timezone.now()))
+    """The user's unexpired leases in this project, the one leased first first."""
+    params = {"user": user.pk, "project": project.pk, "now": now or timezone.now()}
+    return [_task_from_row(row, project, user) for row in prepared.rows(_HELD_SQL, params)]
 
 
 def _wants_gold(project: Project, user: Any, ahead: int) -> bool:
@@ -126,8 +171,9 @@ def lease_next_task(project: Project, user: Any, role: str, *, fresh: bool = Fal
     now = timezone.now()
     with transaction.atomic():
         # One leasing request per user at a time, so concurrent requests cannot exceed the cap.
-        # FOR NO KEY UPDATE does not block votes and other rows referencing the user.
-        list(get_user_model().objects.select_for_update(no_key=True).filter(pk=user.pk).values_list("pk"))
+        # FOR NO KEY UPDATE does not block votes and other rows referencing the user. It is a
+        # statement of its own: the next one then reads the leases a request just ahead committed.
+        prepared.rows(_LOCK_USER_SQL, {"user": user.pk})
         held_now = held_leases(project, user, now)
         if held_now and not fresh:
             return held_now[0]  # the lease already held (page reload, or a concurrent request)
@@ -137,24 +183,19 @@ def lease_next_task(project: Project, user: Any, role: str, *, fresh: bool = Fal
             gold = _lease_gold(project, user, now)
             if gold is not None:
                 return gold
-        expiry = now + timedelta(minutes=project.lease_minutes)
+        params = {
+            "project": project.pk,
+            "user": user.pk,
+            "now": now,
+            "expiry": now + timedelta(minutes=project.lease_minutes),
+            "skipped_since": now - SKIP_MEMORY,
+            # Voting on one task of a patch would leave the other one unvotable.
+            "held": [t.patch_id for t in held_now],
+        }
         for kind in kinds_for_role(role):
-            with transaction.atomic():
-                candidates = (
-                    AnnotationTask.objects.select_for_update(skip_locked=True, of=("self",))
-                    .select_related("patch", "patch__slide", "patch__project")
-                    .filter(_available(project, now), kind=kind)
-                    .exclude(_not_voted_by(user))
-                    .exclude(_recently_skipped_by(user, now))
-                )
-                if held_now:
-                    # Voting on one task of a patch would leave the other one unvotable.
-                    candidates = candidates.exclude(patch_id__in=[t.patch_id for t in held_now])
-                task = candidates.order_by("-priority", "id").first()
-                if task is None:
-                    continue
-                task.lease(user, expiry)
-            return task
+            leased = prepared.rows(_LEASE_SQL, {**params, "kind": str(kind)})
+            if leased:
+                return _task_from_row(leased[0], project, user)
     return None
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from . import prepared
 from .consensus import recompute_consensus
 from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Role, Vote
 from .queue import QueueError
@@ -40,9 +41,39 @@ class VoteOutcome:
     gold_answer: LabelClass | None  # only in training mode, after a gold vote
 
 
+_LABEL_FIELDS = [f.attname for f in LabelClass._meta.concrete_fields]
+_LABELS_SQL = (
+    "SELECT " + ", ".join(f'"{f.column}"' for f in LabelClass._meta.concrete_fields) + " FROM annotations_labelclass"
+    ' WHERE project_id = %(project)s ORDER BY "order"'
+)
+# A crowd vote's two writes as prepared statements (annotations.prepared). The task update is
+# AnnotationTask.record_vote in SQL, guarded by AnnotationTask.lease_is_held: it matches no row unless
+# the voter holds a running lease on this task of this patch, and the caller then says why.
+_RECORD_VOTE_SQL = """
+UPDATE annotations_annotationtask
+SET votes_received = votes_received + 1, lease_owner_id = NULL, lease_expires_at = NULL,
+    state = CASE WHEN votes_received + 1 >= votes_needed THEN 'done' ELSE 'open' END, updated_at = %(now)s
+WHERE id = %(task)s AND project_id = %(project)s AND patch_id = %(patch)s AND state = 'leased'
+  AND lease_owner_id = %(user)s AND lease_expires_at >= %(now)s
+RETURNING """ + ", ".join(f.column for f in AnnotationTask._meta.concrete_fields)
+_TASK_FIELDS = [f.attname for f in AnnotationTask._meta.concrete_fields]
+# The partial unique index (one active vote per patch and annotator) refuses a second vote, even from
+# two requests racing: the loser's insert does nothing and returns no id.
+_INSERT_VOTE_SQL = """
+INSERT INTO annotations_vote
+    (project_id, patch_id, annotator_id, label_id, role, task_id, time_spent_ms, is_active, created_at)
+VALUES (%(project)s, %(patch)s, %(user)s, %(label)s, %(role)s, %(task)s, %(time_spent_ms)s, true, %(now)s)
+ON CONFLICT (patch_id, annotator_id) WHERE is_active DO NOTHING
+RETURNING id
+"""
+ALREADY_VOTED = "You have already voted on this patch; undo or correct your vote instead."
+
+
 def _labels(project: Project) -> list[LabelClass]:
     """The project's labels in display order: one query serves the lookup and the consensus."""
-    return list(LabelClass.objects.filter(project=project).order_by("order"))
+    return [
+        LabelClass.from_db("default", _LABEL_FIELDS, row) for row in prepared.rows(_LABELS_SQL, {"project": project.pk})
+    ]
 
 
 def _label(labels: list[LabelClass], label: Any) -> LabelClass:
@@ -82,43 +113,61 @@ def cast_vote(
     labels = _labels(project)
     label_obj = _label(labels, label)
     now = timezone.now()
+    spent = max(0, min(int(time_spent_ms or 0), 24 * 3600 * 1000))
     with transaction.atomic():
         task = None
         if task_id not in (None, ""):
-            task = AnnotationTask.objects.select_for_update().filter(project=project, pk=task_id).first()
-            if task is None:
-                raise VoteError("No such task in this project.")
-            if str(task.patch_id) != str(patch_id):
-                raise VoteError("The task is for a different patch.")
-            if not task.lease_is_held(user, now):
-                raise VoteConflict("Your lease on this task has expired or was never yours; ask for the next task.")
-            pid = task.patch_id  # the task's patch is the project's (checked when it was queued)
+            task, pid = _record_vote_on_task(project, user, task_id, patch_id, now)
         elif role == Role.CROWD:
             raise VoteConflict("Crowd votes need a leased task: ask for the next task first.")
         else:
             pid = _patch_id(project, patch_id)
-        try:
-            # The partial unique index (one active vote per patch and annotator) refuses a second vote,
-            # even from two requests racing.
-            with transaction.atomic():
-                vote = Vote.objects.create(
-                    project=project,
-                    patch_id=pid,
-                    annotator=user,
-                    label=label_obj,
-                    role=role,
-                    task=task,
-                    time_spent_ms=max(0, min(int(time_spent_ms or 0), 24 * 3600 * 1000)),
-                )
-        except IntegrityError as exc:
-            raise VoteConflict("You have already voted on this patch; undo or correct your vote instead.") from exc
-        if task is not None:
-            task.record_vote()
+        values = {"project": project.pk, "patch": pid, "user": user.pk, "label": label_obj.pk, "role": str(role)}
+        values.update(task=task.pk if task is not None else None, time_spent_ms=spent, now=now)
+        inserted = prepared.rows(_INSERT_VOTE_SQL, values)
+        if not inserted:
+            raise VoteConflict(ALREADY_VOTED)  # rolls back the task's update with it
+        vote = Vote(
+            pk=inserted[0][0],
+            project=project,
+            patch_id=pid,
+            annotator=user,
+            label=label_obj,
+            role=role,
+            task=task,
+            time_spent_ms=spent,
+            created_at=now,
+        )
+        vote._state.adding = False
         consensus = recompute_consensus(project, pid, labels)
     gold_answer = None
     if task is not None and task.kind == Kind.GOLD and project.training_mode:
         gold_answer = consensus.label
     return VoteOutcome(vote=vote, task=task, consensus=consensus, gold_answer=gold_answer)
+
+
+def _record_vote_on_task(
+    project: Project, user: Any, task_id: Any, patch_id: Any, now: Any
+) -> tuple[AnnotationTask, int]:
+    """Count a vote on a task the user holds (one UPDATE); VoteError/VoteConflict saying why not."""
+    try:
+        tid, pid = int(task_id), int(patch_id)
+    except (TypeError, ValueError) as exc:
+        raise VoteError("No such task in this project.") from exc
+    if 0 < tid <= 2**63 - 1 and 0 < pid <= 2**63 - 1:
+        params = {"task": tid, "project": project.pk, "patch": pid, "user": user.pk, "now": now}
+        updated = prepared.rows(_RECORD_VOTE_SQL, params)
+        if updated:
+            task = AnnotationTask.from_db("default", _TASK_FIELDS, updated[0])
+            task.project = project
+            return task, task.patch_id  # the task's patch is the project's (checked when it was queued)
+    # Not counted: find out why, in the order the checks were always made.
+    found = AnnotationTask.objects.filter(project=project, pk=tid).first() if 0 < tid <= 2**63 - 1 else None
+    if found is None:
+        raise VoteError("No such task in this project.")
+    if str(found.patch_id) != str(patch_id):
+        raise VoteError("The task is for a different patch.")
+    raise VoteConflict("Your lease on this task has expired or was never yours; ask for the next task.")
 
 
 def correct_vote(project: Project, user: Any, role: str, *, vote_id: Any, label: Any) -> VoteOutcome:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
+from drf_spectacular.plumbing import build_bearer_security_scheme_object
 from rest_framework import serializers
+from rest_framework.authentication import TokenAuthentication
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -51,3 +54,21 @@ class AutoSchema(SpectacularAutoSchema):
                 body["description"] = description
                 responses[code] = body
         return responses
+
+
+class CachedAuthenticationScheme(OpenApiAuthenticationExtension):
+    """annotations.member_cache.CachedAuthentication is DRF's session or token authentication: either one."""
+
+    target_class = "annotations.member_cache.CachedAuthentication"
+    name = ["cookieAuth", "tokenAuth"]
+
+    def get_security_requirement(self, auto_schema: Any) -> list[dict[str, list[Any]]]:
+        return [{"cookieAuth": []}, {"tokenAuth": []}]
+
+    def get_security_definition(self, auto_schema: Any) -> list[dict[str, Any]]:
+        from django.conf import settings
+
+        return [
+            {"type": "apiKey", "in": "cookie", "name": settings.SESSION_COOKIE_NAME},
+            build_bearer_security_scheme_object(header_name="Authorization", token_prefix=TokenAuthentication.keyword),
+        ]
