@@ -281,6 +281,9 @@ LEARNER = {
     "PRETRAINED": os.environ.get("LEARNER_PRETRAINED", "package"),
     "MULTISCALE": env_bool("LEARNER_MULTISCALE", True),
     "SELF_TRAINING": env_bool("LEARNER_SELF_TRAINING", True),
+    "SHARD_PATCHES": int(os.environ.get("LEARNER_SHARD_PATCHES", "2048")),
+    "SHARD_QUEUE": os.environ.get("LEARNER_SHARD_QUEUE", "gpu"),
+    "BACKGROUND_EMBEDDING": env_bool("LEARNER_BACKGROUND_EMBEDDING", True),
 }
 
 LOGGING = {

@@ -32,6 +32,13 @@ class LearnerSettings:
     # Self-training pseudo-labels at most this many confident pool patches (a seeded sample of them):
     # more adds little to a linear head and its fit time grows with every row.
     MAX_PSEUDO_LABELS: int = 20_000
+    # Embedding shards (learner.shards): a slide with more patches than this is split into chunks of this
+    # many; smaller slides are packed together up to it. A worker killed mid-shard loses at most one shard.
+    SHARD_PATCHES: int = 2048
+    # The Celery queue shards are sent to; every worker consuming it takes them.
+    SHARD_QUEUE: str = "gpu"
+    # Queue low-priority shards for a slide as soon as its ingest makes it ready, so rounds find it embedded.
+    BACKGROUND_EMBEDDING: bool = True
 
 
 def learner_settings() -> LearnerSettings:
