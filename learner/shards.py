@@ -224,7 +224,7 @@ def load_pieces(refs: list[list[int]], patch_size: int, chunk_size: int) -> tupl
     return patch_ids, pieces
 
 
-def run_shard(payload: dict[str, Any], worker: str = "") -> dict[str, Any]:
+def run_shard(payload: dict[str, Any], worker: str = "", task_id: str = "") -> dict[str, Any]:
     """The body of ``learner.tasks.embed_shard``: embed the pieces' missing patches into the store."""
     started = time.monotonic()
     cfg = learner_settings()
@@ -247,8 +247,8 @@ def run_shard(payload: dict[str, Any], worker: str = "") -> dict[str, Any]:
     except Exception as exc:
         raise ShardFailed(f"Embedding slide {describe(pieces)} failed ({exc.__class__.__name__}: {exc}).") from exc
     logger.info(
-        "Shard of %s: embedded %d patches (%d pieces held elsewhere) on %s in %.1f s",
-        describe(pieces), embedded, len(busy), worker, time.monotonic() - started,
+        "Shard %s of %s: embedded %d patches (%d pieces held elsewhere) on %s in %.1f s",
+        task_id, describe(pieces), embedded, len(busy), worker, time.monotonic() - started,
     )  # fmt: skip
     return {"embedded": embedded, "busy": len(busy), "worker": worker}
 
@@ -355,9 +355,10 @@ class ShardedEmbedding:
                     check_stop(self.should_stop, "embed")
                 if not took:
                     time.sleep(POLL_SECONDS)
-            self._credit_workers(helped)
-        finally:
+        except BaseException:
             self._revoke_unstarted()
+            raise
+        self._credit_workers(helped)
 
     def _send(self, shards: list[list[Piece]], chunk_size: int) -> None:
         name = self.backbone_name
@@ -397,7 +398,8 @@ class ShardedEmbedding:
         self.stats["by_workers"] = by_workers
 
     def _revoke_unstarted(self) -> None:
-        """Shards still queued are not needed any more (done here, or the round stopped): drop them."""
+        """The round stopped (cancelled, failed): drop its shards not started yet. (After a round that
+        succeeded, its leftover messages are no-ops and are left to run, so a redelivery still lands.)"""
         waiting = [r.id for r in self.results if not r.ready()]
         if waiting:
             try:

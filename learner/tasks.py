@@ -22,7 +22,7 @@ def run_training_round(self, round_id: int) -> str:  # type: ignore[no-untyped-d
 def embed_shard(self, payload: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """Embed one shard's missing patches into the embedding store (learner.shards). Idempotent, so a message
     redelivered after its worker died (``reject_on_worker_lost``) only does what is still missing."""
-    return run_shard(payload, worker=self.request.hostname or "")
+    return run_shard(payload, worker=self.request.hostname or "", task_id=self.request.id or "")
 
 
 @shared_task(name="learner.tasks.fail_stale_rounds", ignore_result=True)
