@@ -261,15 +261,15 @@ def write_tiled_tiff(path: Path, pixels: np.ndarray) -> None:
 
 
 def truncate_tile_under(path: Path, x: int, y: int) -> None:
-    """Zero the second two thirds of the level-0 JPEG tile holding (x, y): its entropy data and end marker go."""
-    with tifffile.TiffFile(path) as tif:
+    """Truncate the level-0 JPEG tile holding (x, y) to its first third (its byte count in the TIFF says so),
+    as a copy cut short inside the tile would leave it: the rest of its entropy data and its end marker are gone."""
+    with tifffile.TiffFile(path, mode="r+b") as tif:
         page = tif.pages[0]
         across = -(-page.imagewidth // page.tilewidth)
         index = (y // page.tilelength) * across + x // page.tilewidth
-        offset, count = page.dataoffsets[index], page.databytecounts[index]
-    with path.open("r+b") as fh:
-        fh.seek(offset + count // 3)
-        fh.write(b"\0" * (count - count // 3))
+        counts = list(page.databytecounts)
+        counts[index] //= 3
+        page.tags["TileByteCounts"].overwrite(counts)
 
 
 @pytest.mark.django_db(transaction=True)
