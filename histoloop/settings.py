@@ -293,6 +293,9 @@ LEARNER = {
     "CPU_BACKEND": os.environ.get("LEARNER_CPU_BACKEND", "auto"),
     "EMBED_READER": os.environ.get("LEARNER_EMBED_READER", "threads"),
     "EMBED_READERS": int(os.environ.get("LEARNER_EMBED_READERS", "2")),
+    "SHARD_PATCHES": int(os.environ.get("LEARNER_SHARD_PATCHES", "2048")),
+    "SHARD_QUEUE": os.environ.get("LEARNER_SHARD_QUEUE", "gpu"),
+    "BACKGROUND_EMBEDDING": env_bool("LEARNER_BACKGROUND_EMBEDDING", True),
 }
 
 LOGGING = {

@@ -40,6 +40,13 @@ class LearnerSettings:
     # large-image, whose decoders release the GIL), "processes" (DataLoader workers) or "serial".
     EMBED_READER: str = "threads"
     EMBED_READERS: int = 2
+    # Embedding shards (learner.shards): a slide with more patches than this is split into chunks of this
+    # many; smaller slides are packed together up to it. A worker killed mid-shard loses at most one shard.
+    SHARD_PATCHES: int = 2048
+    # The Celery queue shards are sent to; every worker consuming it takes them.
+    SHARD_QUEUE: str = "gpu"
+    # Queue low-priority shards for a slide as soon as its ingest makes it ready, so rounds find it embedded.
+    BACKGROUND_EMBEDDING: bool = True
 
 
 def learner_settings() -> LearnerSettings:

@@ -14,9 +14,11 @@ memory once, as rounds always did.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from annotations.models import Consensus, Patch, Project, Slide
 from annotations.slides import tiles
@@ -27,7 +29,7 @@ from learner.core.embedding_store import EmbeddingStore, Rows, SlideRows
 from learner.core.embeddings import embed, embedding_model_id
 from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, report
 
-from . import inference
+from . import inference, locks
 from .conf import LearnerSettings
 
 # Larger patches are resized to the backbone's usual input rather than embedded at full size.
@@ -44,10 +46,26 @@ def slide_key(checksum: str, slide_id: int, size: int, patch_size: int) -> str:
     return f"{content}-{size}-{patch_size}"
 
 
+class PatchReadError(LearnerError):
+    """A patch's pixels could not be read: the message names the slide, so a round can say which one."""
+
+
+def read_patch_pixels(patch: Patch) -> Image.Image:
+    """``tiles.read_patch``, with a failure (a corrupt or truncated tile, a file gone) turned into a sentence
+    naming the slide and the position."""
+    try:
+        return tiles.read_patch(patch)
+    except Exception as exc:
+        raise PatchReadError(
+            f"Slide '{patch.slide.name}' (id {patch.slide_id}) could not be read at ({patch.x}, {patch.y}): "
+            f"{exc.__class__.__name__}: {exc}. The file may be corrupt or truncated; replace the slide."
+        ) from exc
+
+
 def patch_images(patches: list[Patch]) -> LazyImages:
     """The patches' pixels, read from their slides when asked for (``select_related("slide", "project")``)."""
     return LazyImages(
-        lambda i: tiles.read_patch(patches[i]),
+        lambda i: read_patch_pixels(patches[i]),
         len(patches),
         locality=inference.locality(patches),
         worker_init=inference.drop_slide_handles,
@@ -78,9 +96,19 @@ def cache_dir(cfg: LearnerSettings) -> Path:
     return cfg.CACHE_DIR / "embeddings"
 
 
+def slide_file_lock(model_id: str, slide_key: str) -> AbstractContextManager[None]:
+    """The lock every process of the platform holds while it rewrites one slide's embedding file."""
+    return locks.held(locks.lock_key("embedding-file", model_id, slide_key))
+
+
 def store_for(backbone: Backbone, patch_size: int, cfg: LearnerSettings) -> EmbeddingStore:
     model_id = embedding_model_id(backbone, image_size(patch_size), cfg.TTA)
-    return EmbeddingStore(cache_dir(cfg) / "slides", model_id, backbone.num_features)
+    return EmbeddingStore(
+        cache_dir(cfg) / "slides",
+        model_id,
+        backbone.num_features,
+        write_lock=lambda key: slide_file_lock(model_id, key),
+    )
 
 
 def _slide_groups(slide_ids: np.ndarray, size: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -94,6 +122,45 @@ def _slide_groups(slide_ids: np.ndarray, size: np.ndarray) -> Iterator[tuple[int
 
 
 Group = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # slide key, pool indices, their (x, y), their rows
+
+
+def lookup_groups(
+    store: EmbeddingStore,
+    patch_size: int,
+    slide_ids: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    size: np.ndarray,
+    should_stop: StopFn | None = None,
+) -> tuple[list[Group], int]:
+    """The pool split by slide and geometry, with each patch's row in the store (-1 where missing), and
+    how many are missing."""
+    checksums = dict(Slide.objects.filter(pk__in=np.unique(slide_ids).tolist()).values_list("pk", "checksum"))
+    groups: list[Group] = []
+    todo = 0
+    for i, (sid, psize, idx) in enumerate(_slide_groups(slide_ids, size)):
+        key = slide_key(checksums.get(sid, ""), sid, psize, patch_size)
+        xy = np.stack([x[idx], y[idx]], axis=1)
+        rows = store.lookup(key, xy)
+        todo += int((rows < 0).sum())
+        groups.append((key, idx, xy, rows))
+        if i % 100 == 99:
+            check_stop(should_stop, "embed")
+    return groups, todo
+
+
+def group_rows(store: EmbeddingStore, groups: list[Group], n: int, cfg: LearnerSettings) -> Rows:
+    """The pool's embeddings once every group's rows are known: read from the slide files (in memory when
+    small enough)."""
+    files = [store.vectors_path(key) for key, _, _, _ in groups]
+    seg = np.empty(n, dtype=np.int32)
+    row = np.empty(n, dtype=np.int64)
+    for g, (_, idx, _, rows) in enumerate(groups):
+        seg[idx], row[idx] = g, rows
+    embeddings = SlideRows(files, seg, row, store.dim)
+    if n * store.dim * 4 <= cfg.EMBEDDINGS_IN_MEMORY_MB * 2**20:
+        return embeddings.in_memory()
+    return embeddings
 
 
 def pool_embeddings(
@@ -110,36 +177,19 @@ def pool_embeddings(
     should_stop: StopFn | None = None,
 ) -> Rows:
     """The pool's embeddings (row i for patch ``patch_ids[i]``), computing from the pixels only what the store
-    lacks: each slide's file is written once its missing patches are all embedded, so a pass cancelled
-    half-way keeps the slides it finished."""
+    lacks, in this process: each slide's file is written once its missing patches are all embedded, so a
+    pass cancelled half-way keeps the slides it finished. A round spreads the same work over the workers
+    (``learner.shards``)."""
     store = store_for(backbone, patch_size, cfg)
-    checksums = dict(Slide.objects.filter(pk__in=np.unique(slide_ids).tolist()).values_list("pk", "checksum"))
-    groups: list[Group] = []
-    todo = 0
-    for i, (sid, psize, idx) in enumerate(_slide_groups(slide_ids, size)):
-        key = slide_key(checksums.get(sid, ""), sid, psize, patch_size)
-        xy = np.stack([x[idx], y[idx]], axis=1)
-        rows = store.lookup(key, xy)
-        todo += int((rows < 0).sum())
-        groups.append((key, idx, xy, rows))
-        if i % 100 == 99:
-            check_stop(should_stop, "embed")
+    groups, todo = lookup_groups(store, patch_size, slide_ids, x, y, size, should_stop)
     n = len(patch_ids)
     report(progress, "embed", (n - todo) / max(1, n))
     if todo:
-        _embed_missing(store, groups, patch_ids, patch_size, backbone, cfg, progress, should_stop, n - todo, n)
-    files = [store.vectors_path(key) for key, _, _, _ in groups]
-    seg = np.empty(n, dtype=np.int32)
-    row = np.empty(n, dtype=np.int64)
-    for g, (_, idx, _, rows) in enumerate(groups):
-        seg[idx], row[idx] = g, rows
-    embeddings = SlideRows(files, seg, row, store.dim)
-    if n * store.dim * 4 <= cfg.EMBEDDINGS_IN_MEMORY_MB * 2**20:
-        return embeddings.in_memory()
-    return embeddings
+        embed_missing(store, groups, patch_ids, patch_size, backbone, cfg, progress, should_stop, n - todo, n)
+    return group_rows(store, groups, n, cfg)
 
 
-def _embed_missing(
+def embed_missing(
     store: EmbeddingStore,
     groups: list[Group],
     patch_ids: np.ndarray,
@@ -150,16 +200,17 @@ def _embed_missing(
     should_stop: StopFn | None,
     done_before: int,
     n: int,
-) -> None:
+) -> int:
     """Embed from the pixels the patches the store lacks, PIXEL_CHUNK at a time across slides (a pool of
     one-patch slides is batched like any other), writing each slide's file as soon as its last missing
-    patch is embedded; fills in the groups' rows."""
+    patch is embedded; fills in the groups' rows. Returns the rows this call added to the store."""
     missing = [np.flatnonzero(rows < 0) for _, _, _, rows in groups]
     flat_group = np.concatenate([np.full(len(m), g, dtype=np.int64) for g, m in enumerate(missing)])
     flat_k = np.concatenate([np.arange(len(m), dtype=np.int64) for m in missing])
     group_end = np.cumsum([len(m) for m in missing])  # flat offset just past each group's last missing patch
     buffers: dict[int, np.ndarray] = {}
     written = 0  # groups before this one are complete
+    added = 0
     for start in range(0, len(flat_group), PIXEL_CHUNK):
         check_stop(should_stop, "embed")
         gs, ks = flat_group[start : start + PIXEL_CHUNK], flat_k[start : start + PIXEL_CHUNK]
@@ -181,12 +232,13 @@ def _embed_missing(
         while written < len(groups) and group_end[written] <= end:
             if len(missing[written]):
                 key, _, xy, rows = groups[written]
-                store.put_slide(key, xy[missing[written]], buffers.pop(written))
+                added += store.put_slide(key, xy[missing[written]], buffers.pop(written))
                 rows[:] = store.lookup(key, xy)
                 if (rows < 0).any():
                     raise LearnerError(f"The embedding store under {store.root} could not be written; check its disk.")
             written += 1
         report(progress, "embed", (done_before + end) / max(1, n))
+    return added
 
 
 def _geometry(patches: list[Patch]) -> tuple[np.ndarray, ...]:

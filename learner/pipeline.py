@@ -170,7 +170,8 @@ def _execute(run: RoundRun) -> None:
 
     reporter.stage("embed")
     backbone = platform_backbone(project.backbone, cfg)
-    emb = embed_pool(pool, backbone, setup)
+    embedding_stats: dict[str, Any] = {}
+    emb = embed_pool(pool, backbone, project.backbone, setup, embedding_stats)
 
     reason = too_few_labels(pool, cfg)
     if reason is not None:
@@ -178,7 +179,7 @@ def _execute(run: RoundRun) -> None:
         reporter.stage("select")
         chosen = select(pool, emb, None, setup)
         reporter.stage("publish")
-        metrics = {"cold_start": True, "n_labels": len(pool.labelled), "reason": reason}
+        metrics = {"cold_start": True, "n_labels": len(pool.labelled), "reason": reason, "embedding": embedding_stats}
         publish(run, RoundResult(chosen, metrics, len(pool.labelled), class_names))
         return
 
@@ -188,6 +189,7 @@ def _execute(run: RoundRun) -> None:
 
     reporter.stage("evaluate")
     metrics = evaluate_model(clf, pool, emb, split, backbone, setup)
+    metrics["embedding"] = embedding_stats
     refit = refit_for_deployment(pool, emb, split, backbone, setup)
     if refit is not None:
         clf, metrics["deployed"] = refit, "refit on all labels"

@@ -35,7 +35,8 @@ from learner.core.strategies import cold_start, select_batch
 from learner.core.training import finetune, self_train_head, train_head
 
 from .conf import LearnerSettings
-from .embedding import PIXEL_CHUNK, image_size, load_patches, patch_images, pool_embeddings
+from .embedding import PIXEL_CHUNK, image_size, load_patches, patch_images
+from .shards import embed_pool_sharded
 
 FINAL_LABEL_STATUSES = (Consensus.Status.AGREED, Consensus.Status.EXPERT)
 # An expert gold set at least this large (in two classes or more) becomes the validation set and is kept
@@ -238,10 +239,14 @@ def snapshot(project: Project, class_names: list[str]) -> Pool:
 # --- embed ---------------------------------------------------------------------------------------------------------
 
 
-def embed_pool(pool: Pool, backbone: Backbone, setup: RoundSetup) -> Rows:
-    return pool_embeddings(
-        pool.patch_size, pool.patch_ids, pool.slide_ids, pool.xs, pool.ys, pool.sizes, backbone, setup.settings,
-        progress=setup.progress, should_stop=setup.should_stop,
+def embed_pool(
+    pool: Pool, backbone: Backbone, backbone_name: str, setup: RoundSetup, stats: dict[str, Any] | None = None
+) -> Rows:
+    """The pool's embeddings, what the store lacks spread as shards over every worker on the shard queue
+    (``learner.shards``); ``stats`` gets the pass's counts."""
+    return embed_pool_sharded(
+        pool.patch_size, pool.patch_ids, pool.slide_ids, pool.xs, pool.ys, pool.sizes, backbone, backbone_name,
+        setup.settings, progress=setup.progress, should_stop=setup.should_stop, stats=stats,
     )  # fmt: skip
 
 

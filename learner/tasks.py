@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import shared_task
 from celery.signals import worker_ready
 
 from .pipeline import run_round
 from .services import fail_stale_rounds
+from .shards import run_shard
 
 
 @shared_task(bind=True, acks_late=True, reject_on_worker_lost=False, name="learner.tasks.run_training_round")
 def run_training_round(self, round_id: int) -> str:  # type: ignore[no-untyped-def]
     """Run one round. A redelivered message for a round that already started does nothing."""
     return run_round(round_id).state
+
+
+@shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, name="learner.tasks.embed_shard")
+def embed_shard(self, payload: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Embed one shard's missing patches into the embedding store (learner.shards). Idempotent, so a message
+    redelivered after its worker died (``reject_on_worker_lost``) only does what is still missing."""
+    return run_shard(payload, worker=self.request.hostname or "", task_id=self.request.id or "")
 
 
 @shared_task(name="learner.tasks.fail_stale_rounds", ignore_result=True)

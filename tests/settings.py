@@ -11,3 +11,8 @@ import os
 os.environ.setdefault("DEBUG", "1")
 
 from histoloop.settings import *  # noqa: F403
+
+# Background embedding after ingest is off in the suite: the many tests that ingest slides would otherwise
+# queue shards that the session's worker embeds while later tests run (and while their database is flushed).
+# tests/integration/test_embedding_shards.py switches it on where it is the subject.
+LEARNER = {**LEARNER, "BACKGROUND_EMBEDDING": False}  # noqa: F405

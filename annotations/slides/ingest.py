@@ -34,6 +34,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.exceptions import SuspiciousFileOperation
 from django.db import IntegrityError, transaction
+from django.dispatch import Signal
 from django.utils.text import get_valid_filename
 
 from annotations import queue
@@ -52,6 +53,10 @@ TIFF_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".ptif", ".qptiff", ".ndpi
 CHUNK_BYTES = 1024 * 1024
 INCOMING_DIR = "incoming"
 MIN_TISSUE_FRACTION = tissue.DEFAULT_MIN_FRACTION
+
+# Sent (with ``slide_id``) once an ingest has made a slide ready and committed its patch grid. The learner
+# listens (learner.apps) and queues the slide's embedding in the background; slides know nothing of it.
+slide_ready = Signal()
 
 
 class SlideRejected(Exception):
@@ -460,7 +465,15 @@ def _save(slide: Slide, result: IngestResult) -> Slide:
         media.release_media(slide.project_id, slide.pk, [thumbnail_name])
         return failed
     media.release_media(slide.project_id, slide.pk, [replaced])
+    transaction.on_commit(partial(_announce_ready, slide.pk))
     return slide
+
+
+def _announce_ready(slide_id: int) -> None:
+    """Tell listeners a slide is ready; one that fails (a broker down) is logged, never fails the ingest."""
+    for receiver, outcome in slide_ready.send_robust(sender=Slide, slide_id=slide_id):
+        if isinstance(outcome, Exception):
+            logger.warning("slide_ready receiver %s failed for slide %s: %s", receiver, slide_id, outcome)
 
 
 def _queue_patches(slide: Slide, project: Project) -> None:

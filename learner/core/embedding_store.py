@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -142,13 +143,24 @@ def _save_atomic(target: Path, array: np.ndarray) -> None:
         raise
 
 
+def _no_lock(slide_key: str) -> AbstractContextManager[object]:
+    return nullcontext()
+
+
 @dataclass(frozen=True)
 class EmbeddingStore:
-    """Per-slide embedding files of one embedding model under ``root/<model id>/<xx>/<slide key>.npy``."""
+    """Per-slide embedding files of one embedding model under ``root/<model id>/<xx>/<slide key>.npy``.
+
+    ``write_lock(slide_key)`` is held around each ``put_slide``'s read-merge-replace: two processes adding
+    different rows to one slide's file (two chunks of a large slide, embedded by two workers) would
+    otherwise each merge into the file as it was before the other's write, and one would lose its rows.
+    The platform passes a PostgreSQL advisory lock (``learner.locks``); alone in one process, none is needed.
+    """
 
     root: Path
     model_id: str
     dim: int
+    write_lock: Callable[[str], AbstractContextManager[object]] = _no_lock
 
     def vectors_path(self, slide_key: str) -> Path:
         return self.root / self.model_id / slide_key[:2] / f"{slide_key}.npy"
@@ -181,11 +193,13 @@ class EmbeddingStore:
         rows[hit] = sorter[at[hit]]
         return rows
 
-    def put_slide(self, slide_key: str, xy: np.ndarray, vectors: np.ndarray) -> None:
-        """Add these positions' vectors to the slide's file (rows already there keep their place and value).
+    def put_slide(self, slide_key: str, xy: np.ndarray, vectors: np.ndarray) -> int:
+        """Add these positions' vectors to the slide's file (rows already there keep their place and value);
+        returns how many rows were added (0 when every position was there already).
 
         The xy file is replaced before the vectors, and a reader takes a pair of different lengths as a
-        miss, so a reader never pairs a position with another position's vector.
+        miss, so a reader never pairs a position with another position's vector. Rows only ever grow, so a
+        row number a reader holds stays valid.
         """
         xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -196,16 +210,20 @@ class EmbeddingStore:
         _, first = np.unique(xy_keys(xy), return_index=True)  # a position given twice: the first counts
         first.sort()
         xy, vectors = xy[first], vectors[first]
-        stored = self._read_xy(slide_key)
-        if stored is not None and len(stored):
-            new = ~np.isin(xy_keys(xy), xy_keys(stored))
-            if not new.any():
-                return
-            old = np.load(self.vectors_path(slide_key), mmap_mode="r")
-            xy = np.concatenate([stored, xy[new]])
-            vectors = np.concatenate([np.asarray(old), vectors[new]])
-            del old
-        target = self.vectors_path(slide_key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _save_atomic(self._xy_path(slide_key), xy)
-        _save_atomic(target, np.ascontiguousarray(vectors))
+        with self.write_lock(slide_key):
+            added = len(xy)
+            stored = self._read_xy(slide_key)
+            if stored is not None and len(stored):
+                new = ~np.isin(xy_keys(xy), xy_keys(stored))
+                added = int(new.sum())
+                if not added:
+                    return 0
+                old = np.load(self.vectors_path(slide_key), mmap_mode="r")
+                xy = np.concatenate([stored, xy[new]])
+                vectors = np.concatenate([np.asarray(old), vectors[new]])
+                del old
+            target = self.vectors_path(slide_key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic(self._xy_path(slide_key), xy)
+            _save_atomic(target, np.ascontiguousarray(vectors))
+        return added
