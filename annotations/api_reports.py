@@ -7,17 +7,18 @@ import json
 from typing import Any
 
 from django.conf import settings
-from django.http import HttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from . import agreement, consensus, label_files
+from . import agreement, consensus, label_files, training_set
 from .api import ADMIN_ONLY, EXPERTS, ProjectScoped, query_id
 from .models import Consensus, Patch, Role, Vote
 from .serializers import LabelImportInputSerializer, LabelImportResultSerializer, OverlaySerializer
+from .zip_stream import streaming_response
 
 
 class OverlayView(ProjectScoped):
@@ -132,6 +133,41 @@ class ExportView(ProjectScoped):
         else:
             response = HttpResponse(json.dumps(label_files.to_geojson(rows)), content_type="application/geo+json")
             response["Content-Disposition"] = f'attachment; filename="{stem}.geojson"'
+        return response
+
+
+class TrainingSetView(ProjectScoped):
+    """The labelled patches as a zip (``class/group/patch.png`` + ``manifest.csv``), streamed as it is
+    made: see annotations.training_set. Experts and admins only."""
+
+    roles = EXPERTS
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "status",
+                str,
+                description="Comma-separated consensus statuses to include (default agreed,expert: what rounds "
+                f"train on); any of {', '.join(training_set.STATUSES)}.",
+            )
+        ],
+        responses={(200, "application/zip"): OpenApiTypes.BINARY},
+    )
+    def get(self, request: Request, project_id: int) -> StreamingHttpResponse | Response:
+        project, _ = self.load(request, project_id)
+        raw = request.query_params.get("status")
+        statuses = training_set.FINAL_STATUSES if raw is None else [s.strip() for s in raw.split(",") if s.strip()]
+        try:
+            training_set.check_statuses(statuses)
+        except training_set.TrainingSetError as exc:
+            return Response({"detail": str(exc)}, status=400)
+        response = streaming_response(
+            request._request,
+            training_set.stream(project, statuses),
+            content_type="application/zip",
+            filename=f"project-{project.pk}-training-set.zip",
+        )
+        response["X-Patch-Count"] = str(training_set.count(project, statuses))
         return response
 
 

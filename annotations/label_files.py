@@ -39,6 +39,7 @@ VOTE_FIELDS = [
     "is_active",
     "supersedes",
     "retracted_at",
+    "provenance",
     "created_at",
 ]
 CONSENSUS_FIELDS = [
@@ -74,6 +75,7 @@ def vote_rows(project: Project) -> Iterable[dict[str, Any]]:
             "is_active": v.is_active,
             "supersedes": v.supersedes_id,
             "retracted_at": v.retracted_at.isoformat() if v.retracted_at else None,
+            "provenance": v.provenance,
             "created_at": v.created_at.isoformat(),
         }
 
@@ -258,16 +260,27 @@ def import_expert_labels(
         if pk is None:
             raise LabelFileError(f"No patch at ({x}, {y}) on slide {slide}; labels must match the patch grid.")
         resolved.append((pk, label))
+    return record_expert_votes(project, user, role, resolved, Vote.Provenance.LABEL_IMPORT)
+
+
+def record_expert_votes(
+    project: Project, user: Any, role: str, resolved: Iterable[tuple[int, str]], provenance: str
+) -> dict[str, int]:
+    """(patch id, label name) pairs as the user's votes through the normal vote path, in one transaction.
+
+    A patch the user already gave that label is left alone; another label corrects their vote (the
+    old one stays, inactive). The caller has checked the patches and labels belong to the project.
+    """
     created = skipped = 0
     with transaction.atomic():
         for pk, label in resolved:
-            existing = Vote.objects.filter(patch_id=pk, annotator=user, is_active=True).first()
+            existing = Vote.objects.filter(patch_id=pk, annotator=user, is_active=True).select_related("label").first()
             if existing is not None and existing.label.name == label:
                 skipped += 1
                 continue
             if existing is not None:
-                voting.correct_vote(project, user, role, vote_id=existing.pk, label=label)
+                voting.correct_vote(project, user, role, vote_id=existing.pk, label=label, provenance=provenance)
             else:
-                voting.cast_vote(project, user, role, patch_id=pk, label=label)
+                voting.cast_vote(project, user, role, patch_id=pk, label=label, provenance=provenance)
             created += 1
     return {"imported": created, "unchanged": skipped}

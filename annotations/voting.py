@@ -76,9 +76,11 @@ def cast_vote(
     label: Any,
     task_id: Any = None,
     time_spent_ms: int = 0,
+    provenance: str = Vote.Provenance.MANUAL,
 ) -> VoteOutcome:
     """Record a vote. Crowd members need a live lease on the task; experts and admins may vote
-    on any patch of the project (from the viewer) with or without a task."""
+    on any patch of the project (from the viewer) with or without a task. ``provenance`` says how
+    it came in (an import passes its own)."""
     labels = _labels(project)
     label_obj = _label(labels, label)
     now = timezone.now()
@@ -109,6 +111,7 @@ def cast_vote(
                     role=role,
                     task=task,
                     time_spent_ms=max(0, min(int(time_spent_ms or 0), 24 * 3600 * 1000)),
+                    provenance=provenance,
                 )
         except IntegrityError as exc:
             raise VoteConflict("You have already voted on this patch; undo or correct your vote instead.") from exc
@@ -121,7 +124,15 @@ def cast_vote(
     return VoteOutcome(vote=vote, task=task, consensus=consensus, gold_answer=gold_answer)
 
 
-def correct_vote(project: Project, user: Any, role: str, *, vote_id: Any, label: Any) -> VoteOutcome:
+def correct_vote(
+    project: Project,
+    user: Any,
+    role: str,
+    *,
+    vote_id: Any,
+    label: Any,
+    provenance: str = Vote.Provenance.MANUAL,
+) -> VoteOutcome:
     """Replace one's own active vote with a new one (the old one stays, inactive)."""
     labels = _labels(project)
     label_obj = _label(labels, label)
@@ -142,6 +153,7 @@ def correct_vote(project: Project, user: Any, role: str, *, vote_id: Any, label:
             task_id=old.task_id,
             time_spent_ms=old.time_spent_ms,
             supersedes=old,
+            provenance=provenance,
         )
         consensus = recompute_consensus(project, old.patch_id, labels)
     return VoteOutcome(vote=vote, task=old.task, consensus=consensus, gold_answer=None)
