@@ -80,10 +80,13 @@ class ZipStream:
 async def _pull(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
     """One chunk per hop to the request's sync thread (the same thread throughout, so the
     generator's database cursor stays on its connection)."""
-    sentinel = b""
-    step = sync_to_async(next, thread_sensitive=True)
+
+    def step() -> bytes:
+        return next(chunks, b"")
+
+    pull = sync_to_async(step, thread_sensitive=True)
     try:
-        while (chunk := await step(chunks, sentinel)) != sentinel:
+        while chunk := await pull():
             yield chunk
     finally:
         close = getattr(chunks, "close", None)

@@ -188,3 +188,37 @@ def test_simulate_refuses_a_zip_whose_names_climb_out(tmp_path: Path) -> None:
     with pytest.raises(CommandError, match="unpack outside"):
         call_command("simulate", str(bad), f"--out={tmp_path / 'o'}", "--tag=bad")
     assert not (tmp_path / "escape.png").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_asgi_server_streams_the_zip_in_chunks(tmp_path: Path) -> None:
+    """Through the real server (uvicorn, histoloop.asgi): chunked, no Content-Length, a whole archive.
+    Under ASGI a sync iterator would be read to the end into memory first; zip_stream pulls it."""
+    import http.client
+
+    from rest_framework.authtoken.models import Token
+
+    from tests.integration import conftest as integration
+    from tests.servers import asgi_server, server_env
+
+    project, expert, patches = labelled_project(groups=1, per_class=2)
+    token = Token.objects.create(user=expert)
+    with asgi_server(server_env(integration.test_database_url()), tmp_path / "server.log") as port:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        connection.request(
+            "GET", f"/api/v1/projects/{project.pk}/training-set/", headers={"Authorization": f"Token {token.key}"}
+        )
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.getheader("Content-Type") == "application/zip"
+        assert response.getheader("Content-Length") is None
+        assert response.getheader("Transfer-Encoding") == "chunked"
+        body = response.read()
+        connection.close()
+    # Django warns when it has to read a sync iterator whole before serving it under ASGI.
+    assert "must consume synchronous iterators" not in (tmp_path / "server.log").read_text()
+    archive = zipfile.ZipFile(io.BytesIO(body))
+    assert archive.testzip() is None
+    assert sorted(n for n in archive.namelist() if n.endswith(".png")) == sorted(
+        f"{'tumour' if n % 2 == 0 else 'stroma_other'}/patient-0/{p.pk}.png" for n, p in enumerate(patches)
+    )
