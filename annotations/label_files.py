@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.db import transaction
+from geojson_pydantic import Feature, FeatureCollection
+from pydantic import ValidationError
 
 from . import voting
 from .consensus import label_names
@@ -179,6 +181,23 @@ def _object(value: Any) -> dict[str, Any]:
     return value
 
 
+def geojson_features(data: Any) -> list[Any]:
+    """The features of a FeatureCollection, a list of Features or one Feature (the shapes QuPath
+    writes), checked against the GeoJSON schema (geojson-pydantic); LabelFileError naming the first
+    problems otherwise."""
+    try:
+        if isinstance(data, list):
+            return [Feature.model_validate(item) for item in data]
+        if isinstance(data, dict) and data.get("type") == "Feature":
+            return [Feature.model_validate(data)]
+        if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+            return list(FeatureCollection.model_validate(data).features)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()[:3])
+        raise LabelFileError(f"The file is not valid GeoJSON ({exc.error_count()} problems): {problems}.") from exc
+    raise LabelFileError("Expected a GeoJSON FeatureCollection, a Feature or a list of Features (as QuPath exports).")
+
+
 def _geojson_rows(text: str, filename: str, default_slide: str | None) -> list[tuple[str, int, int, str]]:
     try:
         data = json.loads(text)
@@ -200,6 +219,7 @@ def _geojson_rows(text: str, filename: str, default_slide: str | None) -> list[t
             raise LabelFileError(f"Feature {number} needs properties.classification.name and a slide name, both text.")
         x, y, _ = _square(feature.get("geometry"))
         rows.append((slide, x, y, name))
+    geojson_features(data)  # the specific problems above first, with their own messages; then the schema
     return rows
 
 

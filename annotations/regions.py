@@ -25,12 +25,10 @@ from typing import Any
 
 import numpy as np
 import shapely
-from geojson_pydantic import Feature, FeatureCollection
-from pydantic import ValidationError
 from shapely.geometry import shape
 
 from .consensus import label_names
-from .label_files import EXPERT_ROLES, LabelFileError, record_expert_votes
+from .label_files import EXPERT_ROLES, LabelFileError, geojson_features, record_expert_votes
 from .models import Patch, Project, Slide, Vote
 
 # A QuPath project's annotations of one slide stay far below these; they bound the work a file can ask for.
@@ -60,21 +58,6 @@ class Coverage:
     overlapping: int  # patches covered enough by two classes (the larger share won)
 
 
-def _features(data: Any) -> list[Any]:
-    """The features of a FeatureCollection, a list of Features or one Feature, schema-checked."""
-    try:
-        if isinstance(data, list):
-            return [Feature.model_validate(item) for item in data]
-        if isinstance(data, dict) and data.get("type") == "Feature":
-            return [Feature.model_validate(data)]
-        if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-            return list(FeatureCollection.model_validate(data).features)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()[:3])
-        raise RegionFileError(f"The file is not valid GeoJSON ({exc.error_count()} problems): {problems}.") from exc
-    raise RegionFileError("Expected a GeoJSON FeatureCollection, a Feature or a list of Features (as QuPath exports).")
-
-
 def _name(feature: Any, number: int) -> str:
     props = feature.properties or {}
     object_type = props.get("objectType", "annotation")
@@ -99,7 +82,7 @@ def parse_regions(content: bytes, slide: Slide, known_labels: list[str]) -> list
         raise RegionFileError("The file is nested too deeply to be GeoJSON.") from exc
     except ValueError as exc:
         raise RegionFileError(f"The file is not valid JSON: {exc}.") from exc
-    features = _features(data)
+    features = geojson_features(data)
     if not features:
         raise RegionFileError("The file holds no regions.")
     if len(features) > MAX_FEATURES:
