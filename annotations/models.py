@@ -353,7 +353,10 @@ class Vote(models.Model):
         "self", null=True, blank=True, related_name="superseded_by", on_delete=models.RESTRICT
     )
     retracted_at = models.DateTimeField(null=True, blank=True)
-    provenance = models.CharField(max_length=16, choices=Provenance.choices, default=Provenance.MANUAL)
+    # db_default too: rows written with set-based SQL (benchmarks, bulk paths) get it without naming it.
+    provenance = models.CharField(
+        max_length=16, choices=Provenance.choices, default=Provenance.MANUAL, db_default=Provenance.MANUAL
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

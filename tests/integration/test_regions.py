@@ -298,6 +298,11 @@ def test_the_qupath_export_is_valid_geojson_and_comes_back_in_as_regions(labelle
     assert len(collection.features) == 6
     assert {f.geometry.type for f in collection.features} == {"Polygon"}  # type: ignore[union-attr]
     slide = Slide.objects.get(pk=patches[0].slide_id)
+    # The factory's patch positions follow a suite-wide sequence: make the slide hold them all.
+    Slide.objects.filter(pk=slide.pk).update(
+        width=max(p.x + p.size for p in patches), height=max(p.y + p.size for p in patches)
+    )
+    slide.refresh_from_db()
     response = upload(expert, project, slide, exported.content, min_coverage=1.0)
     assert response.status_code == 201, response.content
     assert response.json()["patches_covered"] == 6
