@@ -7,17 +7,24 @@ import json
 from typing import Any
 
 from django.conf import settings
-from django.http import HttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from . import agreement, consensus, label_files
+from . import agreement, consensus, label_files, regions, training_set
 from .api import ADMIN_ONLY, EXPERTS, ProjectScoped, query_id
-from .models import Consensus, Patch, Role, Vote
-from .serializers import LabelImportInputSerializer, LabelImportResultSerializer, OverlaySerializer
+from .models import Consensus, Patch, Role, Slide, Vote
+from .serializers import (
+    LabelImportInputSerializer,
+    LabelImportResultSerializer,
+    OverlaySerializer,
+    RegionImportInputSerializer,
+    RegionImportResultSerializer,
+)
+from .zip_stream import streaming_response
 
 
 class OverlayView(ProjectScoped):
@@ -135,6 +142,41 @@ class ExportView(ProjectScoped):
         return response
 
 
+class TrainingSetView(ProjectScoped):
+    """The labelled patches as a zip (``class/group/patch.png`` + ``manifest.csv``), streamed as it is
+    made: see annotations.training_set. Experts and admins only."""
+
+    roles = EXPERTS
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "status",
+                str,
+                description="Comma-separated consensus statuses to include (default agreed,expert: what rounds "
+                f"train on); any of {', '.join(training_set.STATUSES)}.",
+            )
+        ],
+        responses={(200, "application/zip"): OpenApiTypes.BINARY},
+    )
+    def get(self, request: Request, project_id: int) -> StreamingHttpResponse | Response:
+        project, _ = self.load(request, project_id)
+        raw = request.query_params.get("status")
+        statuses = training_set.FINAL_STATUSES if raw is None else [s.strip() for s in raw.split(",") if s.strip()]
+        try:
+            training_set.check_statuses(statuses)
+        except training_set.TrainingSetError as exc:
+            return Response({"detail": str(exc)}, status=400)
+        response = streaming_response(
+            request._request,
+            training_set.stream(project, statuses),
+            content_type="application/zip",
+            filename=f"project-{project.pk}-training-set.zip",
+        )
+        response["X-Patch-Count"] = str(training_set.count(project, statuses))
+        return response
+
+
 class ImportLabelsView(ProjectScoped):
     """Upload a QuPath GeoJSON or a CSV (slide,x,y,label); rows become the uploader's expert votes."""
 
@@ -158,4 +200,32 @@ class ImportLabelsView(ProjectScoped):
                 {"detail": str(exc) if isinstance(exc, label_files.LabelFileError) else "The file is not UTF-8 text."},
                 status=400,
             )
+        return Response(result, status=201)
+
+
+class ImportRegionsView(ProjectScoped):
+    """Upload QuPath GeoJSON region annotations of one slide; every patch a region of one class covers
+    by at least ``min_coverage`` gets that class as the uploader's expert vote (see annotations.regions)."""
+
+    write_roles = EXPERTS
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(request=RegionImportInputSerializer, responses={201: RegionImportResultSerializer})
+    def post(self, request: Request, project_id: int) -> Response:
+        project, role = self.load(request, project_id)
+        form = RegionImportInputSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        upload = form.validated_data["file"]
+        if upload.size > settings.MAX_IMPORT_BYTES:
+            limit = settings.MAX_IMPORT_BYTES // 1024**2
+            return Response({"detail": f"Region files over {limit} MB are not accepted; split the file."}, status=413)
+        slide = Slide.objects.filter(project=project, pk=form.validated_data["slide"]).first()
+        if slide is None:
+            return Response({"detail": "No slide with that id in this project."}, status=400)
+        try:
+            result = regions.import_regions(
+                project, request.user, role, slide, upload.read(), form.validated_data["min_coverage"]
+            )
+        except label_files.LabelFileError as exc:
+            return Response({"detail": str(exc)}, status=400)
         return Response(result, status=201)

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.db import transaction
+from geojson_pydantic import Feature, FeatureCollection
+from pydantic import ValidationError
 
 from . import voting
 from .consensus import label_names
@@ -39,6 +41,7 @@ VOTE_FIELDS = [
     "is_active",
     "supersedes",
     "retracted_at",
+    "provenance",
     "created_at",
 ]
 CONSENSUS_FIELDS = [
@@ -74,6 +77,7 @@ def vote_rows(project: Project) -> Iterable[dict[str, Any]]:
             "is_active": v.is_active,
             "supersedes": v.supersedes_id,
             "retracted_at": v.retracted_at.isoformat() if v.retracted_at else None,
+            "provenance": v.provenance,
             "created_at": v.created_at.isoformat(),
         }
 
@@ -177,6 +181,23 @@ def _object(value: Any) -> dict[str, Any]:
     return value
 
 
+def geojson_features(data: Any) -> list[Any]:
+    """The features of a FeatureCollection, a list of Features or one Feature (the shapes QuPath
+    writes), checked against the GeoJSON schema (geojson-pydantic); LabelFileError naming the first
+    problems otherwise."""
+    try:
+        if isinstance(data, list):
+            return [Feature.model_validate(item) for item in data]
+        if isinstance(data, dict) and data.get("type") == "Feature":
+            return [Feature.model_validate(data)]
+        if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+            return list(FeatureCollection.model_validate(data).features)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()[:3])
+        raise LabelFileError(f"The file is not valid GeoJSON ({exc.error_count()} problems): {problems}.") from exc
+    raise LabelFileError("Expected a GeoJSON FeatureCollection, a Feature or a list of Features (as QuPath exports).")
+
+
 def _geojson_rows(text: str, filename: str, default_slide: str | None) -> list[tuple[str, int, int, str]]:
     try:
         data = json.loads(text)
@@ -198,6 +219,7 @@ def _geojson_rows(text: str, filename: str, default_slide: str | None) -> list[t
             raise LabelFileError(f"Feature {number} needs properties.classification.name and a slide name, both text.")
         x, y, _ = _square(feature.get("geometry"))
         rows.append((slide, x, y, name))
+    geojson_features(data)  # the specific problems above first, with their own messages; then the schema
     return rows
 
 
@@ -258,16 +280,27 @@ def import_expert_labels(
         if pk is None:
             raise LabelFileError(f"No patch at ({x}, {y}) on slide {slide}; labels must match the patch grid.")
         resolved.append((pk, label))
+    return record_expert_votes(project, user, role, resolved, Vote.Provenance.LABEL_IMPORT)
+
+
+def record_expert_votes(
+    project: Project, user: Any, role: str, resolved: Iterable[tuple[int, str]], provenance: str
+) -> dict[str, int]:
+    """(patch id, label name) pairs as the user's votes through the normal vote path, in one transaction.
+
+    A patch the user already gave that label is left alone; another label corrects their vote (the
+    old one stays, inactive). The caller has checked the patches and labels belong to the project.
+    """
     created = skipped = 0
     with transaction.atomic():
         for pk, label in resolved:
-            existing = Vote.objects.filter(patch_id=pk, annotator=user, is_active=True).first()
+            existing = Vote.objects.filter(patch_id=pk, annotator=user, is_active=True).select_related("label").first()
             if existing is not None and existing.label.name == label:
                 skipped += 1
                 continue
             if existing is not None:
-                voting.correct_vote(project, user, role, vote_id=existing.pk, label=label)
+                voting.correct_vote(project, user, role, vote_id=existing.pk, label=label, provenance=provenance)
             else:
-                voting.cast_vote(project, user, role, patch_id=pk, label=label)
+                voting.cast_vote(project, user, role, patch_id=pk, label=label, provenance=provenance)
             created += 1
     return {"imported": created, "unchanged": skipped}

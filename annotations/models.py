@@ -333,6 +333,13 @@ class TaskSkip(models.Model):
 class Vote(models.Model):
     """Append-only. A correction adds a vote that supersedes the previous one (kept, inactive)."""
 
+    class Provenance(models.TextChoices):
+        """How the vote came in: exports carry it, so a training set can tell clicks from imports."""
+
+        MANUAL = "manual", "Labelled in the platform"
+        LABEL_IMPORT = "label-import", "Imported from a label file (CSV or GeoJSON patch squares)"
+        REGION_IMPORT = "region-import", "Imported from QuPath region annotations"
+
     project = models.ForeignKey(Project, related_name="votes", on_delete=models.CASCADE)
     patch = models.ForeignKey(Patch, related_name="votes", on_delete=models.CASCADE)
     annotator = models.ForeignKey(settings.AUTH_USER_MODEL, related_name="votes", on_delete=models.RESTRICT)
@@ -346,6 +353,10 @@ class Vote(models.Model):
         "self", null=True, blank=True, related_name="superseded_by", on_delete=models.RESTRICT
     )
     retracted_at = models.DateTimeField(null=True, blank=True)
+    # db_default too: rows written with set-based SQL (benchmarks, bulk paths) get it without naming it.
+    provenance = models.CharField(
+        max_length=16, choices=Provenance.choices, default=Provenance.MANUAL, db_default=Provenance.MANUAL
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -334,3 +334,22 @@ class LabelImportInputSerializer(serializers.Serializer):
 class LabelImportResultSerializer(serializers.Serializer):
     imported = serializers.IntegerField()
     unchanged = serializers.IntegerField()
+
+
+class RegionImportInputSerializer(serializers.Serializer):
+    file = serializers.FileField(help_text="QuPath GeoJSON annotations (Polygon/MultiPolygon with a classification).")
+    slide = serializers.IntegerField(min_value=1, max_value=MAX_ID, help_text="The slide the regions were drawn on.")
+    min_coverage = serializers.FloatField(
+        required=False,
+        default=0.5,
+        min_value=0.01,
+        max_value=1.0,
+        help_text="Share of a patch's area a region of one class must cover for the patch to get that label.",
+    )
+
+
+class RegionImportResultSerializer(LabelImportResultSerializer):
+    regions = serializers.IntegerField()
+    patches_covered = serializers.IntegerField()
+    overlapping = serializers.IntegerField(help_text="Patches covered enough by two classes: the larger share won.")
+    by_label = serializers.DictField(child=serializers.IntegerField())

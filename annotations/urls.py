@@ -25,5 +25,7 @@ urlpatterns = [
         name="consensus-recompute",
     ),
     path("projects/<int:project_id>/export/", api_reports.ExportView.as_view(), name="export"),
+    path("projects/<int:project_id>/training-set/", api_reports.TrainingSetView.as_view(), name="training-set"),
+    path("projects/<int:project_id>/regions/", api_reports.ImportRegionsView.as_view(), name="import-regions"),
     path("projects/<int:project_id>/import/", api_reports.ImportLabelsView.as_view(), name="import-labels"),
 ]

@@ -61,8 +61,9 @@ _TASK_FIELDS = [f.attname for f in AnnotationTask._meta.concrete_fields]
 # two requests racing: the loser's insert does nothing and returns no id.
 _INSERT_VOTE_SQL = """
 INSERT INTO annotations_vote
-    (project_id, patch_id, annotator_id, label_id, role, task_id, time_spent_ms, is_active, created_at)
-VALUES (%(project)s, %(patch)s, %(user)s, %(label)s, %(role)s, %(task)s, %(time_spent_ms)s, true, %(now)s)
+    (project_id, patch_id, annotator_id, label_id, role, task_id, time_spent_ms, provenance, is_active, created_at)
+VALUES (%(project)s, %(patch)s, %(user)s, %(label)s, %(role)s, %(task)s, %(time_spent_ms)s, %(provenance)s, true,
+        %(now)s)
 ON CONFLICT (patch_id, annotator_id) WHERE is_active DO NOTHING
 RETURNING id
 """
@@ -107,9 +108,11 @@ def cast_vote(
     label: Any,
     task_id: Any = None,
     time_spent_ms: int = 0,
+    provenance: str = Vote.Provenance.MANUAL,
 ) -> VoteOutcome:
     """Record a vote. Crowd members need a live lease on the task; experts and admins may vote
-    on any patch of the project (from the viewer) with or without a task."""
+    on any patch of the project (from the viewer) with or without a task. ``provenance`` says how
+    it came in (an import passes its own)."""
     labels = _labels(project)
     label_obj = _label(labels, label)
     now = timezone.now()
@@ -123,7 +126,9 @@ def cast_vote(
         else:
             pid = _patch_id(project, patch_id)
         values = {"project": project.pk, "patch": pid, "user": user.pk, "label": label_obj.pk, "role": str(role)}
-        values.update(task=task.pk if task is not None else None, time_spent_ms=spent, now=now)
+        values.update(
+            task=task.pk if task is not None else None, time_spent_ms=spent, now=now, provenance=str(provenance)
+        )
         inserted = prepared.rows(_INSERT_VOTE_SQL, values)
         if not inserted:
             raise VoteConflict(ALREADY_VOTED)  # rolls back the task's update with it
@@ -136,6 +141,7 @@ def cast_vote(
             role=role,
             task=task,
             time_spent_ms=spent,
+            provenance=provenance,
             created_at=now,
         )
         vote._state.adding = False
@@ -170,7 +176,15 @@ def _record_vote_on_task(
     raise VoteConflict("Your lease on this task has expired or was never yours; ask for the next task.")
 
 
-def correct_vote(project: Project, user: Any, role: str, *, vote_id: Any, label: Any) -> VoteOutcome:
+def correct_vote(
+    project: Project,
+    user: Any,
+    role: str,
+    *,
+    vote_id: Any,
+    label: Any,
+    provenance: str = Vote.Provenance.MANUAL,
+) -> VoteOutcome:
     """Replace one's own active vote with a new one (the old one stays, inactive)."""
     labels = _labels(project)
     label_obj = _label(labels, label)
@@ -191,6 +205,7 @@ def correct_vote(project: Project, user: Any, role: str, *, vote_id: Any, label:
             task_id=old.task_id,
             time_spent_ms=old.time_spent_ms,
             supersedes=old,
+            provenance=provenance,
         )
         consensus = recompute_consensus(project, old.patch_id, labels)
     return VoteOutcome(vote=vote, task=old.task, consensus=consensus, gold_answer=None)

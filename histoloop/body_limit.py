@@ -183,6 +183,7 @@ def upload_routes_from_settings() -> list[UploadRoute]:
         UploadRoute("POST", re.compile(r"/api/v1/projects/[0-9]+/slides/"), slide_limit, "slide uploads"),
         UploadRoute("POST", re.compile(r"/projects/[0-9]+/slides/upload/"), slide_limit, "slide uploads"),
         UploadRoute("POST", re.compile(r"/api/v1/projects/[0-9]+/import/"), import_limit, "label imports"),
+        UploadRoute("POST", re.compile(r"/api/v1/projects/[0-9]+/regions/"), import_limit, "region imports"),
     ]
 
 

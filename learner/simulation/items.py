@@ -1,10 +1,13 @@
-"""Reading a labelled image set: a class-per-folder tree or a CSV manifest (path, label and group columns)
-into Items, checked before anything is ingested. No Django."""
+"""Reading a labelled image set: a class-per-folder tree, a CSV manifest (path, label and group columns) or a
+zip of either (such as a project's training-set export) into Items, checked before anything is ingested.
+No Django."""
 
 from __future__ import annotations
 
 import csv
 import logging
+import stat
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,18 +28,47 @@ class Item:
 
 
 def read_items(
-    source: Path, *, path_column: str = "path", label_column: str = "label", group_column: str = "group_id"
+    source: Path,
+    *,
+    path_column: str = "path",
+    label_column: str = "label",
+    group_column: str = "group_id",
+    extract_to: Path | None = None,
 ) -> list[Item]:
-    """Items from a CSV manifest (paths relative to it) or from a class-per-folder tree.
+    """Items from a CSV manifest (paths relative to it), a class-per-folder tree, or a zip of either.
 
     In a folder tree ``CLASS/GROUP/image`` the middle folder is the group (patient, slide, case);
-    with images directly under ``CLASS/`` each image is its own group.
+    with images directly under ``CLASS/`` each image is its own group. A zip is unpacked into
+    ``extract_to`` (ingest needs files); a ``manifest.csv`` at its top level is read as the
+    manifest (the training-set export's, whose label column keeps names a folder cannot hold).
     """
+    if source.is_file() and zipfile.is_zipfile(source):
+        if extract_to is None:
+            raise SimulationError("A zip source needs a folder to unpack into.")
+        root = unpack(source, extract_to)
+        manifest = root / "manifest.csv"
+        if manifest.is_file():
+            return _items_from_manifest(manifest, path_column, label_column, group_column)
+        return _items_from_folders(root)
     if source.is_file():
         return _items_from_manifest(source, path_column, label_column, group_column)
     if source.is_dir():
         return _items_from_folders(source)
     raise SimulationError(f"{source} is neither a folder of class folders nor a CSV manifest.")
+
+
+def unpack(archive: Path, folder: Path) -> Path:
+    """Unpack ``archive`` into ``folder``, refusing names that would land outside it and links."""
+    folder.mkdir(parents=True, exist_ok=True)
+    root = folder.resolve()
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            target = (root / info.filename).resolve()
+            is_link = stat.S_ISLNK(info.external_attr >> 16)
+            if is_link or not target.is_relative_to(root) or "\\" in info.filename:
+                raise SimulationError(f"{archive.name} holds {info.filename!r}, which would unpack outside {folder}.")
+        zf.extractall(root)
+    return root
 
 
 def _items_from_manifest(manifest: Path, path_column: str, label_column: str, group_column: str) -> list[Item]:

@@ -46,6 +46,8 @@ ENDPOINTS: list[tuple[str, str, set[str], Any]] = [
     ("post", "/api/v1/projects/{p}/consensus/recompute/", ADMIN, None),
     ("get", "/api/v1/projects/{p}/export/?format=csv&kind=votes", EXPERTS, None),
     ("post", "/api/v1/projects/{p}/import/", EXPERTS, "upload"),
+    ("post", "/api/v1/projects/{p}/regions/", EXPERTS, "upload"),
+    ("get", "/api/v1/projects/{p}/training-set/", EXPERTS, None),
     ("get", "/api/v1/projects/{p}/rounds/", ALL, None),
     ("post", "/api/v1/projects/{p}/rounds/{round}/cancel/", ADMIN, None),
     ("get", "/api/v1/projects/{p}/heatmap/?slide={slide}", ALL, None),

@@ -79,3 +79,25 @@ def test_overlay_shows_crowd_members_only_what_they_voted_on(labelled) -> None: 
     assert [names[p.pk] for p in patches] == truth
     assert columns["x"][columns["id"].index(patches[1].pk)] == patches[1].x
     assert Patch.objects.filter(project=project).count() == 6
+
+
+def test_a_label_geojson_that_breaks_the_schema_is_refused_whole(labelled) -> None:  # type: ignore[no-untyped-def]
+    """Every GeoJSON read is checked against the schema (geojson-pydantic): here features without
+    ``"type": "Feature"``, which the per-feature checks alone would have let through."""
+    project, patches, *_ = labelled
+    expert = api_client(member(project, Role.EXPERT))
+    x, y = patches[0].x, patches[0].y
+    loose = [
+        {
+            "properties": {"classification": {"name": "benign"}, "slide": "case-1.svs"},
+            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + 224, y], [x + 224, y + 224], [x, y]]]},
+        }
+    ]
+    before = Vote.objects.count()
+    upload = SimpleUploadedFile("labels.geojson", json.dumps(loose).encode())
+    response = expert.post(f"/api/v1/projects/{project.pk}/import/", {"file": upload})
+    assert response.status_code == 400 and "not valid GeoJSON" in response.json()["detail"]
+    assert Vote.objects.count() == before
+    loose[0]["type"] = "Feature"
+    upload = SimpleUploadedFile("labels.geojson", json.dumps(loose).encode())
+    assert expert.post(f"/api/v1/projects/{project.pk}/import/", {"file": upload}).status_code == 201

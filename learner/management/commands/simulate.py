@@ -21,11 +21,14 @@ def _csv(value: str) -> tuple[str, ...]:
 class Command(BaseCommand):
     help = (
         "Run the labelling loop with simulated annotators on a labelled image set (a folder of class folders, "
-        "or a CSV manifest with path,label,group columns) and compare query strategies with random."
+        "a CSV manifest with path,label,group columns, or a zip of either such as export_training_set writes) "
+        "and compare query strategies with random."
     )
 
     def add_arguments(self, parser) -> None:  # type: ignore[no-untyped-def]
-        parser.add_argument("source", type=Path, help="Folder of class folders (CLASS/[GROUP/]image) or a CSV.")
+        parser.add_argument(
+            "source", type=Path, help="Folder of class folders (CLASS/[GROUP/]image), a CSV, or a zip of either."
+        )
         parser.add_argument("--path-column", default="path")
         parser.add_argument("--label-column", default="label")
         parser.add_argument("--group-column", default="group_id", help="Patient/slide/case column (CSV only).")
@@ -59,16 +62,17 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **opts: Any) -> None:
         try:
+            cfg = self.config(opts)
+            out = opts["out"] or Path("bench-results") / f"simulate-{cfg.run_tag}"
             items = sim.read_items(
                 opts["source"],
                 path_column=opts["path_column"],
                 label_column=opts["label_column"],
                 group_column=opts["group_column"],
+                extract_to=out / "source",
             )
-            cfg = self.config(opts)
         except (sim.SimulationError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
-        out = opts["out"] or Path("bench-results") / f"simulate-{cfg.run_tag}"
         name = (
             opts["source_project"] or f"simulation source: {opts['source'].resolve().parent.name}/{opts['source'].name}"
         )
