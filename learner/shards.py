@@ -10,7 +10,7 @@ run of ``SHARD_PATCHES`` in (y, x) order (neighbours share tiles). A *shard* is 
   without waiting: a shard that finds a piece held skips it, since its holder is doing it;
 - under that lock the store is asked again which of the piece's patches are missing, and only those are
   embedded, so a redelivered shard, the round and a background shard never embed a patch twice;
-- a slide's file is rewritten under the slide's file lock (``embedding.slide_file_lock``), so two chunks of
+- a slide's file is rewritten under the slide's file lock (``locks.slide_file_lock``), so two chunks of
   one slide finishing together both land.
 
 The round (``embed_pool_sharded``) sends the shards as a Celery ``group``, then works through them itself from

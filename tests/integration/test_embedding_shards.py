@@ -38,7 +38,8 @@ from learner.conf import learner_settings
 from learner.models import TrainingRound
 from tests.conftest import SLIDES_DIR
 from tests.factories import ProjectFactory, member
-from tests.integration.conftest import REPO_ROOT, test_database_url, wait_for
+from tests.integration.conftest import REPO_ROOT, wait_for
+from tests.integration.conftest import test_database_url as database_url
 from tests.integration.test_rounds import collect_events
 
 QUEUE = f"shards-test-{os.getpid()}"
@@ -69,7 +70,7 @@ def start_worker(label: str, cache_dir: Path, folder: Path) -> Worker:
     name = f"{label}-{os.getpid()}@%h"
     env = dict(os.environ)
     env.update(
-        DATABASE_URL=test_database_url(),
+        DATABASE_URL=database_url(),
         MEDIA_ROOT=str(django_settings.MEDIA_ROOT),
         LEARNER_CACHE_DIR=str(cache_dir),
         LEARNER_WEIGHTS_DIR=str(django_settings.LEARNER["WEIGHTS_DIR"]),
@@ -320,7 +321,9 @@ def test_slides_are_embedded_in_the_background_after_ingest_and_a_round_does_onl
 
     # Give shards that had finished embedding a moment to log; then every patch was embedded exactly once.
     time.sleep(1)
-    assert stats["by_round"] + background_total() == n, (stats, background_total())
+    # (The background may have finished before the round looked: then the round embedded nothing itself.)
+    assert stats.get("by_round", 0) + background_total() == n, (stats, background_total())
+    assert background_total() > 0
     assert len(store_positions(slide)) == n
     # The next round finds everything embedded and sends nothing.
     thread, out = run_round_in_thread(project)
