@@ -173,6 +173,12 @@ def run_round_in_thread(project: Any) -> tuple[threading.Thread, dict[str, Any]]
     return thread, out
 
 
+def queued() -> int:
+    """Messages waiting on this module's queue (every priority)."""
+    with app.connection_for_read() as conn:
+        return int(conn.default_channel.queue_declare(queue=QUEUE, passive=True).message_count)
+
+
 def worker_counts(workers: tuple[Worker, ...]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for worker in workers:
@@ -331,3 +337,33 @@ def test_slides_are_embedded_in_the_background_after_ingest_and_a_round_does_onl
     again = TrainingRound.objects.get(pk=out["round"])
     assert again.state == "succeeded", again.error
     assert again.metrics["embedding"]["missing"] == 0 and "shards" not in again.metrics["embedding"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(90, func_only=True)
+def test_cancelling_a_round_stops_its_shards_from_being_scheduled(shard_settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    workers = shard_settings
+    project = ProjectFactory()
+    slide = add_slide(project, cmu_crop(tmp_path, "cancel.tiff", 1100, 820, 1120, 896))
+    n = Patch.objects.filter(slide=slide).count()
+    names = [w.name for w in workers]
+    before = {w.name: len(w.embedded()) for w in workers}
+    discarded = sum(w.text().count("Discarding revoked task") for w in workers)
+    # The workers stop taking from the queue (they still hear control messages), so the shards wait there.
+    app.control.cancel_consumer(QUEUE, destination=names, reply=True, timeout=5)
+    try:
+        thread, out = run_round_in_thread(project)
+        # Cancel once the round has embedded its first shard itself.
+        wait_for(lambda: TrainingRound.objects.get(pk=out["round"]).progress > 5.5, timeout=45, message="embedding")
+        services.cancel_round(TrainingRound.objects.get(pk=out["round"]))
+        thread.join(timeout=30)
+        round_ = TrainingRound.objects.get(pk=out["round"])
+        assert round_.state == "cancelled", (round_.state, round_.error)
+    finally:
+        app.control.add_consumer(QUEUE, destination=names, reply=True, timeout=5)
+    # Once consuming again, the workers discard the round's shards unstarted: nothing more is embedded.
+    wait_for(lambda: queued() == 0, timeout=20, message="the workers to drain the queue")
+    time.sleep(1)
+    assert sum(w.text().count("Discarding revoked task") for w in workers) > discarded
+    assert {w.name: len(w.embedded()) for w in workers} == before
+    assert 0 < len(store_positions(slide)) < n
