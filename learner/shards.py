@@ -23,7 +23,7 @@ takes the piece over at its next poll, and the broker redelivers the message too
 whole worker does). A failed shard (a corrupt tile) fails the round with its message, which names the slide.
 A cancelled or failed round revokes the shards not yet started.
 
-After ingest, a ready slide's shards are queued at low priority (``queue_slide_embedding``), so a round
+After ingest, a ready slide's shards are queued at low priority (``learner.background``), so a round
 later finds them embedded, or being embedded: then it waits for the holder, or takes a piece over if the
 holder dies.
 """
@@ -45,6 +45,7 @@ from learner.core.embedding_store import EmbeddingStore, Rows
 from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, report
 
 from . import locks
+from .background import SHARD_TASK
 from .conf import LearnerSettings, learner_settings
 from .embedding import (
     Group,
@@ -60,7 +61,6 @@ from .embedding import (
 
 logger = logging.getLogger(__name__)
 
-SHARD_TASK = "learner.tasks.embed_shard"
 # Each piece a shard works on holds one advisory lock, and PostgreSQL's lock table is shared by the whole
 # server (max_locks_per_transaction × max_connections, 6,400 by default): small slides are packed at most
 # this many to a shard.
@@ -69,7 +69,6 @@ PIECES_PER_SHARD = 256
 POLL_SECONDS = 0.5
 # On Redis, priority 0 is served first: a round's shards go ahead of the background ones.
 ROUND_PRIORITY = 0
-BACKGROUND_PRIORITY = 9
 # After its last piece is in, how long a round waits for the results of shards other workers finished,
 # only to credit them in its metrics.
 RESULT_GRACE_SECONDS = 2.0
@@ -261,41 +260,6 @@ def shard_payload(pieces: list[Piece], backbone_name: str, model_id: str, patch_
         "chunk_size": chunk_size,
         "pieces": [p.ref() for p in pieces],
     }
-
-
-# --- background shards after ingest ------------------------------------------------------------------------------
-
-
-def queue_slide_embedding(slide_id: int) -> int:
-    """Queue low-priority shards for a ready slide's patches; returns how many were sent. Whoever takes
-    them embeds only what the store lacks."""
-    cfg = learner_settings()
-    slide = Slide.objects.select_related("project").filter(pk=slide_id, status=Slide.Status.READY).first()
-    if slide is None:
-        return 0
-    project, chunk_size = slide.project, cfg.SHARD_PATCHES
-    sent = 0
-    counts = Patch.objects.filter(slide=slide).values_list("size").order_by("size").distinct()
-    for (size,) in counts:
-        n = Patch.objects.filter(slide=slide, size=size).count()
-        for chunk in range((n + chunk_size - 1) // chunk_size):
-            payload = {
-                "backbone": project.backbone,
-                "model_id": None,  # the worker's own settings decide; rounds check theirs
-                "patch_size": project.patch_size,
-                "chunk_size": chunk_size,
-                "pieces": [[slide.pk, int(size), chunk]],
-            }
-            signature(SHARD_TASK, args=(payload,)).apply_async(queue=cfg.SHARD_QUEUE, priority=BACKGROUND_PRIORITY)
-            sent += 1
-    return sent
-
-
-def on_slide_ready(sender: object, slide_id: int, **kwargs: object) -> None:
-    """``annotations.slides.ingest.slide_ready`` handler: background embedding, when switched on."""
-    if learner_settings().BACKGROUND_EMBEDDING:
-        sent = queue_slide_embedding(slide_id)
-        logger.info("Queued %d background embedding shards for slide %s", sent, slide_id)
 
 
 # --- the round's embed stage -------------------------------------------------------------------------------------
