@@ -241,15 +241,26 @@ def run_shard(payload: dict[str, Any], worker: str = "", task_id: str = "") -> d
         )
     try:
         embedded, busy = embed_pieces(store, pieces, patch_ids, patch_size, backbone, cfg, chunk_size)
-    except (PatchReadError, ShardFailed):
-        raise
     except Exception as exc:
+        gone = _slides_gone(pieces)
+        if gone:  # deleted (or re-ingested) while the shard ran: nothing left to embed, not a failure
+            logger.info("Shard %s: slides %s went away while it ran (%s)", task_id, gone, exc.__class__.__name__)
+            return {"embedded": 0, "busy": 0, "worker": worker, "gone": gone}
+        if isinstance(exc, PatchReadError | ShardFailed):
+            raise
         raise ShardFailed(f"Embedding slide {describe(pieces)} failed ({exc.__class__.__name__}: {exc}).") from exc
     logger.info(
         "Shard %s of %s: embedded %d patches (%d pieces held elsewhere) on %s in %.1f s",
         task_id, describe(pieces), embedded, len(busy), worker, time.monotonic() - started,
     )  # fmt: skip
     return {"embedded": embedded, "busy": len(busy), "worker": worker}
+
+
+def _slides_gone(pieces: list[Piece]) -> list[int]:
+    """The pieces' slides that are no longer there and ready."""
+    wanted = {p.slide_id for p in pieces}
+    ready = set(Slide.objects.filter(pk__in=wanted, status=Slide.Status.READY).values_list("pk", flat=True))
+    return sorted(wanted - ready)
 
 
 def shard_payload(pieces: list[Piece], backbone_name: str, model_id: str, patch_size: int, chunk_size: int) -> dict:
