@@ -6,9 +6,9 @@ class LearnerConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # A slide made ready by ingest gets its embedding queued in the background (learner.shards).
+        # A slide made ready by ingest gets its embedding queued in the background (learner.background).
         from annotations.slides.ingest import slide_ready
 
-        from .shards import on_slide_ready
+        from .background import on_slide_ready
 
         slide_ready.connect(on_slide_ready, dispatch_uid="learner.background_embedding")

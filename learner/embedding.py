@@ -14,7 +14,6 @@ memory once, as rounds always did.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +28,9 @@ from learner.core.embedding_store import EmbeddingStore, Rows, SlideRows
 from learner.core.embeddings import embed, embedding_model_id
 from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, report
 
-from . import inference, locks
+from . import inference
 from .conf import LearnerSettings
+from .locks import slide_file_lock
 
 # Larger patches are resized to the backbone's usual input rather than embedded at full size.
 MAX_NATIVE_SIZE = 256
@@ -94,11 +94,6 @@ def platform_backbone(name: str, cfg: LearnerSettings) -> Backbone:
 
 def cache_dir(cfg: LearnerSettings) -> Path:
     return cfg.CACHE_DIR / "embeddings"
-
-
-def slide_file_lock(model_id: str, slide_key: str) -> AbstractContextManager[None]:
-    """The lock every process of the platform holds while it rewrites one slide's embedding file."""
-    return locks.held(locks.lock_key("embedding-file", model_id, slide_key))
 
 
 def store_for(backbone: Backbone, patch_size: int, cfg: LearnerSettings) -> EmbeddingStore:

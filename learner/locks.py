@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from django.db import connection
 
@@ -48,3 +48,9 @@ def held(key: int) -> Iterator[None]:
         yield
     finally:
         release(key)
+
+
+def slide_file_lock(model_id: str, slide_key: str) -> AbstractContextManager[None]:
+    """The lock every process of the platform holds while it rewrites one slide's embedding file
+    (``EmbeddingStore.write_lock``, given by ``learner.embedding.store_for``)."""
+    return held(lock_key("embedding-file", model_id, slide_key))

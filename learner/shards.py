@@ -10,7 +10,7 @@ run of ``SHARD_PATCHES`` in (y, x) order (neighbours share tiles). A *shard* is 
   without waiting: a shard that finds a piece held skips it, since its holder is doing it;
 - under that lock the store is asked again which of the piece's patches are missing, and only those are
   embedded, so a redelivered shard, the round and a background shard never embed a patch twice;
-- a slide's file is rewritten under the slide's file lock (``embedding.slide_file_lock``), so two chunks of
+- a slide's file is rewritten under the slide's file lock (``locks.slide_file_lock``), so two chunks of
   one slide finishing together both land.
 
 The round (``embed_pool_sharded``) sends the shards as a Celery ``group``, then works through them itself from
@@ -23,7 +23,7 @@ takes the piece over at its next poll, and the broker redelivers the message too
 whole worker does). A failed shard (a corrupt tile) fails the round with its message, which names the slide.
 A cancelled or failed round revokes the shards not yet started.
 
-After ingest, a ready slide's shards are queued at low priority (``queue_slide_embedding``), so a round
+After ingest, a ready slide's shards are queued at low priority (``learner.background``), so a round
 later finds them embedded, or being embedded: then it waits for the holder, or takes a piece over if the
 holder dies.
 """
@@ -45,6 +45,7 @@ from learner.core.embedding_store import EmbeddingStore, Rows
 from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, report
 
 from . import locks
+from .background import SHARD_TASK
 from .conf import LearnerSettings, learner_settings
 from .embedding import (
     Group,
@@ -60,7 +61,6 @@ from .embedding import (
 
 logger = logging.getLogger(__name__)
 
-SHARD_TASK = "learner.tasks.embed_shard"
 # Each piece a shard works on holds one advisory lock, and PostgreSQL's lock table is shared by the whole
 # server (max_locks_per_transaction × max_connections, 6,400 by default): small slides are packed at most
 # this many to a shard.
@@ -69,7 +69,6 @@ PIECES_PER_SHARD = 256
 POLL_SECONDS = 0.5
 # On Redis, priority 0 is served first: a round's shards go ahead of the background ones.
 ROUND_PRIORITY = 0
-BACKGROUND_PRIORITY = 9
 # After its last piece is in, how long a round waits for the results of shards other workers finished,
 # only to credit them in its metrics.
 RESULT_GRACE_SECONDS = 2.0
@@ -242,15 +241,26 @@ def run_shard(payload: dict[str, Any], worker: str = "", task_id: str = "") -> d
         )
     try:
         embedded, busy = embed_pieces(store, pieces, patch_ids, patch_size, backbone, cfg, chunk_size)
-    except (PatchReadError, ShardFailed):
-        raise
     except Exception as exc:
+        gone = _slides_gone(pieces)
+        if gone:  # deleted (or re-ingested) while the shard ran: nothing left to embed, not a failure
+            logger.info("Shard %s: slides %s went away while it ran (%s)", task_id, gone, exc.__class__.__name__)
+            return {"embedded": 0, "busy": 0, "worker": worker, "gone": gone}
+        if isinstance(exc, PatchReadError | ShardFailed):
+            raise
         raise ShardFailed(f"Embedding slide {describe(pieces)} failed ({exc.__class__.__name__}: {exc}).") from exc
     logger.info(
         "Shard %s of %s: embedded %d patches (%d pieces held elsewhere) on %s in %.1f s",
         task_id, describe(pieces), embedded, len(busy), worker, time.monotonic() - started,
     )  # fmt: skip
     return {"embedded": embedded, "busy": len(busy), "worker": worker}
+
+
+def _slides_gone(pieces: list[Piece]) -> list[int]:
+    """The pieces' slides that are no longer there and ready."""
+    wanted = {p.slide_id for p in pieces}
+    ready = set(Slide.objects.filter(pk__in=wanted, status=Slide.Status.READY).values_list("pk", flat=True))
+    return sorted(wanted - ready)
 
 
 def shard_payload(pieces: list[Piece], backbone_name: str, model_id: str, patch_size: int, chunk_size: int) -> dict:
@@ -261,41 +271,6 @@ def shard_payload(pieces: list[Piece], backbone_name: str, model_id: str, patch_
         "chunk_size": chunk_size,
         "pieces": [p.ref() for p in pieces],
     }
-
-
-# --- background shards after ingest ------------------------------------------------------------------------------
-
-
-def queue_slide_embedding(slide_id: int) -> int:
-    """Queue low-priority shards for a ready slide's patches; returns how many were sent. Whoever takes
-    them embeds only what the store lacks."""
-    cfg = learner_settings()
-    slide = Slide.objects.select_related("project").filter(pk=slide_id, status=Slide.Status.READY).first()
-    if slide is None:
-        return 0
-    project, chunk_size = slide.project, cfg.SHARD_PATCHES
-    sent = 0
-    counts = Patch.objects.filter(slide=slide).values_list("size").order_by("size").distinct()
-    for (size,) in counts:
-        n = Patch.objects.filter(slide=slide, size=size).count()
-        for chunk in range((n + chunk_size - 1) // chunk_size):
-            payload = {
-                "backbone": project.backbone,
-                "model_id": None,  # the worker's own settings decide; rounds check theirs
-                "patch_size": project.patch_size,
-                "chunk_size": chunk_size,
-                "pieces": [[slide.pk, int(size), chunk]],
-            }
-            signature(SHARD_TASK, args=(payload,)).apply_async(queue=cfg.SHARD_QUEUE, priority=BACKGROUND_PRIORITY)
-            sent += 1
-    return sent
-
-
-def on_slide_ready(sender: object, slide_id: int, **kwargs: object) -> None:
-    """``annotations.slides.ingest.slide_ready`` handler: background embedding, when switched on."""
-    if learner_settings().BACKGROUND_EMBEDDING:
-        sent = queue_slide_embedding(slide_id)
-        logger.info("Queued %d background embedding shards for slide %s", sent, slide_id)
 
 
 # --- the round's embed stage -------------------------------------------------------------------------------------
