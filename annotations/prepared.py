@@ -36,6 +36,12 @@ class _PreparingCursor(ServerBindingCursor):
     ) -> Any:
         return super().execute(query, params, prepare=settings.DATABASE_PREPARED, binary=binary)
 
+    def _send_query_prepared(self, name: bytes, pgq: Any, *, binary: bool | None = None) -> None:
+        # psycopg (3.3) remembers the statement it sent only when it sends its text; Django's query log
+        # (and assertNumQueries' messages) read it from there, so remember a prepared one too.
+        self._query = pgq
+        super()._send_query_prepared(name, pgq, binary=binary)
+
 
 @contextmanager
 def cursor() -> Iterator[Any]:

@@ -116,9 +116,12 @@ if env_bool("DATABASE_POOL", True):
 # million tasks), and its generic plan walks the same partial index. The ORM's queries are never
 # prepared (client-side binding), so the setting changes nothing for them. DATABASE_PREPARED=0 for a
 # transaction-mode pooler (pgbouncer) that cannot keep prepared statements.
+# Django turns psycopg's statement preparation off unless OPTIONS gives a prepare_threshold; a
+# threshold no query reaches prepares only what asks for it (prepare=True), i.e. only those statements.
 DATABASE_PREPARED = env_bool("DATABASE_PREPARED", True)
 if DATABASE_PREPARED:
     _options = DATABASES["default"].setdefault("OPTIONS", {})
+    _options.setdefault("prepare_threshold", 2**31 - 1)
     _options["options"] = f"{_options.get('options', '')} -c plan_cache_mode=force_generic_plan".strip()
 DATABASES["default"].setdefault("TEST", {})
 if os.environ.get("TEST_DATABASE_NAME"):
