@@ -3,6 +3,7 @@ and the locality order patches are read in. ``learner.embedding`` passes these t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 import large_image
@@ -13,7 +14,7 @@ from learner.core.data import Reader, ReaderKind
 from .conf import LearnerSettings
 
 
-def runtime_dir(cfg: LearnerSettings) -> Any:
+def runtime_dir(cfg: LearnerSettings) -> Path:
     """Where exported inference graphs are cached, one folder per embedding model id."""
     return cfg.CACHE_DIR / "runtime"
 

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -319,6 +320,8 @@ def main() -> int:
     embedded.ensure_environment()
     os.environ.setdefault("DEBUG", "0")
     os.environ.setdefault("SECRET_KEY", "bench-embed-" + "x" * 40)
+    # A stopped run (timeout, Ctrl-C) still drops its scratch database and removes its copy of the slide.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="histoloop-bench-embed-"))
     os.environ["MEDIA_ROOT"] = str(work / "media")
     os.environ["DJANGO_SETTINGS_MODULE"] = "histoloop.settings"
