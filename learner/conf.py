@@ -32,6 +32,10 @@ class LearnerSettings:
     # Self-training pseudo-labels at most this many confident pool patches (a seeded sample of them):
     # more adds little to a linear head and its fit time grows with every row.
     MAX_PSEUDO_LABELS: int = 20_000
+    # The embedding map's layout (learner.layout): "pca" or "umap" (needs umap-learn); bench_map.py times both.
+    MAP_METHOD: str = "pca"
+    # A round lays out its pool for the map (its "map" stage) unless the stored layout is of the same pool.
+    MAP_IN_ROUNDS: bool = True
 
 
 def learner_settings() -> LearnerSettings:

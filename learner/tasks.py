@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 from celery.signals import worker_ready
 
+from .maps import compute_project_map
 from .pipeline import run_round
 from .services import fail_stale_rounds
 
@@ -13,6 +14,20 @@ from .services import fail_stale_rounds
 def run_training_round(self, round_id: int) -> str:  # type: ignore[no-untyped-def]
     """Run one round. A redelivered message for a round that already started does nothing."""
     return run_round(round_id).state
+
+
+@shared_task(name="learner.tasks.compute_embedding_map", acks_late=True, soft_time_limit=3000, time_limit=3300)
+def compute_embedding_map(project_id: int, force: bool = False) -> int | None:
+    """Lay out a project's pool for the embedding map now (an admin's "Compute map"; rounds do it as their
+    ``map`` stage). It embeds what the store lacks, so it runs on the ``gpu`` queue beside rounds. Returns
+    the new map's id, or None when the stored map is already of this pool."""
+    from annotations.models import Project
+
+    project = Project.objects.filter(pk=project_id).first()
+    if project is None:
+        return None
+    stored = compute_project_map(project, force=force)
+    return stored.pk if stored is not None else None
 
 
 @shared_task(name="learner.tasks.fail_stale_rounds", ignore_result=True)
