@@ -12,19 +12,21 @@ from .api import EXPERTS, ProjectScoped, _error
 from .models import VoteBatch
 from .serializers import MAX_ID
 
-IDS = serializers.IntegerField(min_value=1, max_value=MAX_ID)
+
+def _id() -> serializers.IntegerField:
+    return serializers.IntegerField(min_value=1, max_value=MAX_ID)
 
 
 class BulkVoteInputSerializer(serializers.Serializer):
     patches = serializers.ListField(
-        child=IDS,
+        child=_id(),
         min_length=1,
         max_length=bulk_voting.MAX_BULK_PATCHES,
         help_text=f"The selected patch ids (at most {bulk_voting.MAX_BULK_PATCHES:,}).",
     )
     label = serializers.CharField(max_length=100, help_text="Label id or name.")
     exclude = serializers.ListField(
-        child=IDS,
+        child=_id(),
         required=False,
         default=list,
         max_length=bulk_voting.MAX_BULK_PATCHES,

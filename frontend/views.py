@@ -87,6 +87,18 @@ def viewer(request: HttpRequest, project_id: int, slide_id: int | None = None) -
 
 
 @login_required
+def embedding_map(request: HttpRequest, project_id: int) -> HttpResponse:
+    """The embedding map (static/frontend/map.js): experts and admins only, as its colours show consensus and
+    the model's predictions, and its lasso labels in bulk."""
+    from annotations.bulk_voting import MAX_BULK_PATCHES
+
+    project, role = _member_project(request, project_id, roles=EXPERTS)
+    config = _page_config(project, role, is_admin=role == Role.ADMIN, max_bulk=MAX_BULK_PATCHES)
+    context = {"project": project, "role": role, "config": config, "page": "map"}
+    return render(request, "frontend/map.html", context)
+
+
+@login_required
 def dashboard(request: HttpRequest, project_id: int) -> HttpResponse:
     project, role = _member_project(request, project_id, roles=EXPERTS)
     upload_url = reverse("slide-upload-page", kwargs={"project_id": project.pk}) if role == Role.ADMIN else None
