@@ -179,8 +179,8 @@ def endpoint_figures(n: int, xy: np.ndarray, repeats: int) -> dict[str, Any]:
     consensus, _ = maps.consensus_channel(project, pids)
     prediction, uncertainty = maps.model_channels(version, pids, sids)
     objects = [
-        {"id": int(i), "x": round(float(p[0]), 5), "y": round(float(p[1]), 5), "consensus": int(c), "prediction": int(q),
-         "uncertainty": int(u), "slide": int(s)}
+        {"id": int(i), "x": round(float(p[0]), 5), "y": round(float(p[1]), 5), "consensus": int(c),
+         "prediction": int(q), "uncertainty": int(u), "slide": int(s)}
         for i, p, c, q, u, s in zip(pids, coords, consensus, prediction, uncertainty, sids, strict=True)
     ]  # fmt: skip
     as_json = json.dumps(objects).encode()
@@ -200,7 +200,8 @@ def endpoint_figures(n: int, xy: np.ndarray, repeats: int) -> dict[str, Any]:
     print(
         f"  endpoint {n:>9,}: {size / 2**20:.1f} MiB ({figures['bytes_per_point']} B/point), GET median "
         f"{figures['get_median_ms']} ms p95 {figures['get_p95_ms']} ms; JSON objects {len(as_json) / 2**20:.1f} MiB "
-        f"({figures['size_ratio_to_json']:.3f}x smaller as binary) built in {json_seconds:.1f} s; load {figures['load']}",
+        f"(binary is {figures['size_ratio_to_json']:.3f}x its size) built in {json_seconds:.1f} s; "
+        f"load {figures['load']}",
         flush=True,
     )
     return figures

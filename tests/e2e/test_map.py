@@ -75,7 +75,8 @@ def test_an_expert_lassoes_a_cluster_labels_all_but_one_and_undoes_it(
     tiles.first.click()
     expect(tiles.first).to_have_attribute("aria-pressed", "true")
     page.get_by_role("button", name="Label all but 1 as benign").click()
-    expect(page.locator("#bulk-message")).to_contain_text(f"Labelled {len(first) - 1} patches as benign", timeout=60_000)
+    message = page.locator("#bulk-message")
+    expect(message).to_contain_text(f"Labelled {len(first) - 1} patches as benign", timeout=60_000)
     screenshot(page, "map-lasso-labelled")
 
     with committed():
