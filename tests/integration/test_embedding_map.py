@@ -94,20 +94,12 @@ def test_a_round_lays_out_the_map_and_an_admin_relays_it_on_the_worker(celery_wo
         assert arrays["uncertainty"].min() >= 1 and arrays["uncertainty"].max() <= 10
         slide_names = [s["name"] for s in header["slides"]]
         assert len(slide_names) == 3 and set(np.unique(arrays["slide"])) == {0, 1, 2}
-        # The consensus channel is the project's consensus now.
+        # The consensus channel is the project's consensus now (255: contested).
         labels = {lab["id"]: lab["code"] for lab in header["labels"]}
-        at = np.searchsorted(
-            ids, [pid for pid, _ in Consensus.objects.filter(project=project).values_list("patch_id", "label_id")]
-        )
-        expected = [
-            labels.get(lid, 0)
-            for _, lid in Consensus.objects.filter(project=project).values_list("patch_id", "label_id")
-        ]
-        assert arrays["consensus"][at].tolist() == expected
-        assert (
-            int((arrays["consensus"] > 0).sum())
-            == Consensus.objects.filter(project=project, label__isnull=False).count()
-        )
+        rows = list(Consensus.objects.filter(project=project).values_list("patch_id", "label_id", "status"))
+        expected = [255 if status == "contested" else labels.get(lid, 0) for _, lid, status in rows]
+        assert arrays["consensus"][np.searchsorted(ids, [pid for pid, _, _ in rows])].tolist() == expected
+        assert int((arrays["consensus"] > 0).sum()) == sum(1 for code in expected if code)
 
         # A second round over the same pool keeps the stored map; an admin's "lay it out again" queues
         # the task on the worker, which writes a new one.
