@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.decomposition import PCA
 
 from learner.core.embedding_store import Rows
 from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, report
@@ -104,6 +103,8 @@ def compute_xy(
         return np.zeros((0, 2), dtype=np.float32)
     if n < 3:
         return normalise(np.c_[np.arange(n, dtype=np.float64), np.zeros(n)])
+    from sklearn.decomposition import PCA  # here, not at import: the web processes only unpack layouts
+
     limit = fit_limit or (UMAP_FIT_SAMPLE if method == "umap" else FIT_SAMPLE)
     sample = fit_sample(n, limit, seed)
     x_fit = rows.take(sample)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import struct
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,9 +38,10 @@ from learner.core.strategies import margin
 
 from . import layout, scores
 from .conf import LearnerSettings, learner_settings
-from .embedding import platform_backbone, pool_embeddings
 from .models import EmbeddingMap, ModelVersion, SlideScores
-from .round_stages import Pool, _pool_rows
+
+if TYPE_CHECKING:  # the web processes serve the map without importing torch/timm (learner.embedding does)
+    from .round_stages import Pool
 
 CONTENT_TYPE = "application/vnd.histoloop.embedding-map"
 MAGIC = b"HLMP"
@@ -103,6 +104,9 @@ def compute_project_map(
 ) -> EmbeddingMap | None:
     """Lay out the project's pool now (embedding from the pixels whatever the store lacks): the task's body.
     Returns the new map, or None when the stored one is already of this pool."""
+    from .embedding import platform_backbone, pool_embeddings
+    from .round_stages import _pool_rows
+
     cfg = cfg or learner_settings()
     rows = _pool_rows(project)
     if not len(rows):
