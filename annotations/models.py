@@ -330,6 +330,29 @@ class TaskSkip(models.Model):
         return f"{self.user_id} skipped task {self.task_id}"
 
 
+class VoteBatch(models.Model):
+    """One bulk labelling action (annotations.bulk_voting: a lasso's "label all as C"): its votes carry it,
+    so the action is undone as one. ``digest`` names the label and patch set, so the same action sent
+    twice is refused while the first stands."""
+
+    project = models.ForeignKey(Project, related_name="vote_batches", on_delete=models.CASCADE)
+    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, related_name="vote_batches", on_delete=models.RESTRICT)
+    label = models.ForeignKey(LabelClass, related_name="vote_batches", on_delete=models.RESTRICT)
+    source = models.CharField(max_length=16, default="map", help_text="Where the selection was made.")
+    digest = models.CharField(max_length=64)
+    n_patches = models.PositiveIntegerField(default=0, help_text="Patches selected.")
+    n_votes = models.PositiveIntegerField(default=0, help_text="Votes cast (the rest already had this label).")
+    created_at = models.DateTimeField(auto_now_add=True)
+    undone_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["project", "annotator", "digest"], name="vote_batch_digest")]
+
+    def __str__(self) -> str:
+        return f"batch {self.pk} of {self.n_votes} votes by {self.annotator_id}"
+
+
 class Vote(models.Model):
     """Append-only. A correction adds a vote that supersedes the previous one (kept, inactive)."""
 
@@ -339,6 +362,7 @@ class Vote(models.Model):
         MANUAL = "manual", "Labelled in the platform"
         LABEL_IMPORT = "label-import", "Imported from a label file (CSV or GeoJSON patch squares)"
         REGION_IMPORT = "region-import", "Imported from QuPath region annotations"
+        BULK = "bulk", "Labelled in bulk (a selection on the embedding map)"
 
     project = models.ForeignKey(Project, related_name="votes", on_delete=models.CASCADE)
     patch = models.ForeignKey(Patch, related_name="votes", on_delete=models.CASCADE)
@@ -355,7 +379,10 @@ class Vote(models.Model):
     retracted_at = models.DateTimeField(null=True, blank=True)
     # db_default too: rows written with set-based SQL (benchmarks, bulk paths) get it without naming it.
     provenance = models.CharField(
-        max_length=16, choices=Provenance.choices, default=Provenance.MANUAL, db_default=Provenance.MANUAL
+        max_length=32, choices=Provenance.choices, default=Provenance.MANUAL, db_default=Provenance.MANUAL
+    )
+    batch = models.ForeignKey(
+        VoteBatch, null=True, blank=True, related_name="votes", on_delete=models.RESTRICT, help_text="A bulk action."
     )
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api, api_reports
+from . import api, api_bulk, api_reports
 
 urlpatterns = [
     path("projects/", api.ProjectListView.as_view(), name="project-list"),
@@ -12,6 +12,12 @@ urlpatterns = [
     path("projects/<int:project_id>/next-task/", api.NextTaskView.as_view(), name="next-task"),
     path("projects/<int:project_id>/tasks/<int:task_id>/skip/", api.SkipTaskView.as_view(), name="task-skip"),
     path("projects/<int:project_id>/votes/", api.VoteListView.as_view(), name="vote-list"),
+    path("projects/<int:project_id>/votes/bulk/", api_bulk.BulkVoteView.as_view(), name="vote-bulk"),
+    path(
+        "projects/<int:project_id>/votes/bulk/<int:batch_id>/undo/",
+        api_bulk.BulkUndoView.as_view(),
+        name="vote-bulk-undo",
+    ),
     path("projects/<int:project_id>/votes/undo/", api.UndoVoteView.as_view(), name="vote-undo"),
     path("projects/<int:project_id>/votes/<int:vote_id>/correct/", api.VoteCorrectView.as_view(), name="vote-correct"),
     path("projects/<int:project_id>/patches/<int:patch_id>/", api.PatchDetailView.as_view(), name="patch-detail"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from csp.constants import UNSAFE_EVAL
+from csp.decorators import csp_update
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
@@ -84,6 +86,21 @@ def viewer(request: HttpRequest, project_id: int, slide_id: int | None = None) -
     )
     context = {"project": project, "role": role, "slide": slide, "slides": slides, "config": config, "page": "viewer"}
     return render(request, "frontend/viewer.html", context)
+
+
+# regl (under regl-scatterplot) compiles its WebGL draw calls into JavaScript functions at run time
+# (``new Function``), so this page alone allows 'unsafe-eval'; its scripts still come only from this origin.
+@csp_update({"script-src": [UNSAFE_EVAL]})
+@login_required
+def embedding_map(request: HttpRequest, project_id: int) -> HttpResponse:
+    """The embedding map (static/frontend/map.js): experts and admins only, as its colours show consensus and
+    the model's predictions, and its lasso labels in bulk."""
+    from annotations.bulk_voting import MAX_BULK_PATCHES
+
+    project, role = _member_project(request, project_id, roles=EXPERTS)
+    config = _page_config(project, role, is_admin=role == Role.ADMIN, max_bulk=MAX_BULK_PATCHES)
+    context = {"project": project, "role": role, "config": config, "page": "map"}
+    return render(request, "frontend/map.html", context)
 
 
 @login_required

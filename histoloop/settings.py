@@ -290,6 +290,7 @@ LEARNER = {
     "WEIGHTS_DIR": os.environ.get("LEARNER_WEIGHTS_DIR", str(BASE_DIR / "var" / "models")),
     "CACHE_DIR": os.environ.get("LEARNER_CACHE_DIR", str(BASE_DIR / "var" / "cache")),
     "DEVICE": os.environ.get("LEARNER_DEVICE", "auto"),
+    "MAP_METHOD": os.environ.get("LEARNER_MAP_METHOD", "pca"),  # the embedding map's layout: pca | umap
     "PRETRAINED": os.environ.get("LEARNER_PRETRAINED", "package"),
     "MULTISCALE": env_bool("LEARNER_MULTISCALE", True),
     "SELF_TRAINING": env_bool("LEARNER_SELF_TRAINING", True),

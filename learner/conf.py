@@ -47,6 +47,10 @@ class LearnerSettings:
     SHARD_QUEUE: str = "gpu"
     # Queue low-priority shards for a slide as soon as its ingest makes it ready, so rounds find it embedded.
     BACKGROUND_EMBEDDING: bool = True
+    # The embedding map's layout (learner.layout): "pca" or "umap" (needs umap-learn); bench_map.py times both.
+    MAP_METHOD: str = "pca"
+    # A round lays out its pool for the map (its "map" stage) unless the stored layout is of the same pool.
+    MAP_IN_ROUNDS: bool = True
 
 
 def learner_settings() -> LearnerSettings:

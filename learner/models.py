@@ -94,3 +94,30 @@ class SlideScores(models.Model):
 
     def __str__(self) -> str:
         return f"scores of slide {self.slide_id} by model {self.model_version_id}"
+
+
+class EmbeddingMap(models.Model):
+    """A 2-D layout of a project's pool (``learner.layout``), as packed arrays: ascending patch ids, each
+    patch's slide, and float32 (x, y) in [-1, 1]. One row per layout, never a row per patch; the newest
+    row of a project is the one served. ``pool_digest`` names the pool it was computed for, so a round
+    over an unchanged pool reuses it."""
+
+    project = models.ForeignKey("annotations.Project", related_name="embedding_maps", on_delete=models.CASCADE)
+    model_version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, related_name="embedding_maps", on_delete=models.SET_NULL
+    )
+    method = models.CharField(max_length=16)
+    n_points = models.PositiveIntegerField()
+    pool_digest = models.CharField(max_length=64)
+    patch_ids = models.BinaryField(help_text="zlib-compressed little-endian int64, ascending.")
+    slide_ids = models.BinaryField(help_text="zlib-compressed little-endian int64, one per patch.")
+    xy = models.BinaryField(help_text="zlib-compressed little-endian float32, patches x 2, row-major, in [-1, 1].")
+    seconds = models.FloatField(default=0.0, help_text="How long the layout took to compute.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["project", "-created_at"]
+        indexes = [models.Index(fields=["project", "-created_at"], name="embedding_map_latest")]
+
+    def __str__(self) -> str:
+        return f"{self.method} map of project {self.project_id} ({self.n_points} points)"

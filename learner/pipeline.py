@@ -28,10 +28,11 @@ from learner.core.classifier import Classifier, save_model
 from learner.core.errors import Cancelled, LearnerError
 from learner.core.strategies import margin
 
-from . import scores
+from . import maps, scores
 from .conf import LearnerSettings, learner_settings
 from .embedding import platform_backbone
 from .events import broadcast, round_payload
+from .layout import Layout
 from .models import ModelVersion, TrainingRound
 from .reporter import RoundReporter
 from .round_stages import (
@@ -91,6 +92,7 @@ class RoundResult:
     n_labels: int
     class_names: list[str]
     model: TrainedModel | None = None
+    layout: tuple[Layout, float] | None = None  # a new map of the pool and its seconds (None: the stored one stands)
 
 
 @dataclass
@@ -178,9 +180,10 @@ def _execute(run: RoundRun) -> None:
         # Cold start: no model worth trusting yet, so spread the first batch over the embedding space.
         reporter.stage("select")
         chosen = select(pool, emb, None, setup)
+        layout = _map(run, pool, emb)
         reporter.stage("publish")
         metrics = {"cold_start": True, "n_labels": len(pool.labelled), "reason": reason, "embedding": embedding_stats}
-        publish(run, RoundResult(chosen, metrics, len(pool.labelled), class_names))
+        publish(run, RoundResult(chosen, metrics, len(pool.labelled), class_names, layout=layout))
         return
 
     reporter.stage("train")
@@ -199,12 +202,23 @@ def _execute(run: RoundRun) -> None:
 
     reporter.stage("select")
     chosen = select(pool, emb, proba, setup)
+    layout = _map(run, pool, emb)
 
     reporter.stage("publish")
     model = TrainedModel(
         classifier=clf, patch_ids=pool.patch_ids, slide_ids=pool.slide_ids, proba=proba, labels=pool.labels
     )
-    publish(run, RoundResult(chosen, metrics, len(pool.labelled), class_names, model))
+    publish(run, RoundResult(chosen, metrics, len(pool.labelled), class_names, model, layout))
+
+
+def _map(run: RoundRun, pool: Any, emb: Any) -> tuple[Layout, float] | None:
+    """The ``map`` stage: the pool's 2-D layout for the embedding map (learner.maps), skipped when the
+    stored map is of the same pool, LEARNER MAP_IN_ROUNDS is off, or the round writes no scores."""
+    if not (run.settings.MAP_IN_ROUNDS and run.write_scores):  # the simulator reads neither
+        return None
+    run.reporter.stage("map")
+    project = run.round.project
+    return maps.map_stage(project, pool, emb, run.settings, run.reporter.progress, run.reporter.should_stop)
 
 
 def _save_weights(run: RoundRun, clf: Classifier) -> Path:
@@ -225,7 +239,7 @@ def _save_version(
     weights_file: Path,
     *,
     write_scores: bool,
-) -> None:
+) -> ModelVersion:
     names = result.class_names
     version = ModelVersion.objects.create(
         project=project,
@@ -241,6 +255,7 @@ def _save_version(
     )
     if write_scores:
         scores.write(version, model.patch_ids, model.slide_ids, model.proba)
+    return version
 
 
 def publish(run: RoundRun, result: RoundResult) -> None:
@@ -254,10 +269,13 @@ def publish(run: RoundRun, result: RoundResult) -> None:
         if locked.state != State.RUNNING or locked.cancel_requested:
             raise Cancelled("Cancelled before publishing.")
         rest = None
+        version = None
         if model is not None and weights_file is not None:
-            _save_version(locked, project, result, model, weights_file, write_scores=run.write_scores)
+            version = _save_version(locked, project, result, model, weights_file, write_scores=run.write_scores)
             # The most uncertain open tasks not chosen this round come next, below the new batch.
             rest = model.most_uncertain(TAIL_CANDIDATES)
+        if result.layout is not None:
+            maps.save(project, *result.layout, version)
         queue.publish_round(
             project, round_id=locked.pk, chosen=result.chosen, rest_priority=rest, round_number=locked.number
         )

@@ -17,8 +17,9 @@ STAGES = {
     "train": (60, 78),
     "evaluate": (78, 82),
     "score": (82, 90),
-    "select": (90, 95),
-    "publish": (95, 100),
+    "select": (90, 93),
+    "map": (93, 96),
+    "publish": (96, 100),
 }
 # Progress is written (and broadcast) at most this often; a stage change is always written.
 MIN_WRITE_INTERVAL = 0.5

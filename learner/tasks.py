@@ -7,6 +7,7 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_ready
 
+from .maps import compute_project_map
 from .pipeline import run_round
 from .services import fail_stale_rounds
 from .shards import run_shard
@@ -23,6 +24,20 @@ def embed_shard(self, payload: dict[str, Any]) -> dict[str, Any]:  # type: ignor
     """Embed one shard's missing patches into the embedding store (learner.shards). Idempotent, so a message
     redelivered after its worker died (``reject_on_worker_lost``) only does what is still missing."""
     return run_shard(payload, worker=self.request.hostname or "", task_id=self.request.id or "")
+
+
+@shared_task(name="learner.tasks.compute_embedding_map", acks_late=True, soft_time_limit=3000, time_limit=3300)
+def compute_embedding_map(project_id: int, force: bool = False) -> int | None:
+    """Lay out a project's pool for the embedding map now (an admin's "Compute map"; rounds do it as their
+    ``map`` stage). It embeds what the store lacks, so it runs on the ``gpu`` queue beside rounds. Returns
+    the new map's id, or None when the stored map is already of this pool."""
+    from annotations.models import Project
+
+    project = Project.objects.filter(pk=project_id).first()
+    if project is None:
+        return None
+    stored = compute_project_map(project, force=force)
+    return stored.pk if stored is not None else None
 
 
 @shared_task(name="learner.tasks.fail_stale_rounds", ignore_result=True)

@@ -1,10 +1,11 @@
 from django.urls import path
 
-from . import api
+from . import api, api_map
 
 urlpatterns = [
     path("projects/<int:project_id>/rounds/", api.RoundListView.as_view(), name="round-list"),
     path("projects/<int:project_id>/rounds/<int:round_id>/cancel/", api.RoundCancelView.as_view(), name="round-cancel"),
+    path("projects/<int:project_id>/map/", api_map.EmbeddingMapView.as_view(), name="embedding-map"),
     path("projects/<int:project_id>/heatmap/", api.HeatmapView.as_view(), name="heatmap"),
     path(
         "projects/<int:project_id>/patches/<int:patch_id>/prediction/", api.PredictionView.as_view(), name="prediction"

@@ -1,0 +1,100 @@
+"""The embedding map in a real browser: an expert lassoes a cluster (a Shift + drag of the mouse on the WebGL
+canvas), leaves one patch out in the gallery, labels the rest in one action, and undoes it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from playwright.sync_api import expect
+
+from annotations.models import Consensus, Role, Vote, VoteBatch
+
+from .conftest import login, screenshot
+
+pytestmark = pytest.mark.e2e
+
+# Screen positions (page coordinates) of the points with these indices.
+SCREEN_POSITIONS = """(indices) => {
+    const box = document.getElementById("map-canvas").getBoundingClientRect();
+    return indices.map((i) => {
+        const [x, y] = window.histoloopMap.plot.getScreenPosition(i);
+        return [box.left + x, box.top + y];
+    });
+}"""
+
+
+def two_clusters(seeded: Any, committed: Any) -> tuple[list[int], list[int]]:
+    """A stored map of the project's patches: the first half around (-0.5, -0.5), the rest around (0.5, 0.5)."""
+    from learner import layout, maps
+
+    ids = np.array([p.pk for p in seeded.patches], dtype=np.int64)
+    half = len(ids) // 2
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(-0.15, 0.15, (len(ids), 2)).astype(np.float32)
+    xy[:half] += -0.5
+    xy[half:] += 0.5
+    built = layout.Layout(ids, np.full(len(ids), seeded.slide.pk), xy, "pca", layout.pool_digest(ids))
+    with committed():
+        maps.save(seeded.project, built, 0.0)
+    return ids[:half].tolist(), ids[half:].tolist()
+
+
+def test_an_expert_lassoes_a_cluster_labels_all_but_one_and_undoes_it(
+    page: Any, make_project: Any, make_member: Any, committed: Any
+) -> None:
+    seeded = make_project(queue=False)
+    project = seeded.project
+    expert = make_member(project, Role.EXPERT, username="e2e-map-expert")
+    first, second = two_clusters(seeded, committed)
+    assert len(first) >= 4
+
+    page.set_default_timeout(60_000)  # the machine may be busy: WebGL runs on the CPU here (SwiftShader)
+    login(page, "e2e-map-expert", next_path=f"/projects/{project.pk}/map/")
+    expect(page.locator("body")).to_have_attribute("data-map-ready", "true", timeout=30_000)
+    expect(page.locator("#map-status")).to_contain_text(f"{len(first) + len(second)} patches")
+    positions = np.array(page.evaluate(SCREEN_POSITIONS, list(range(len(first)))))
+    (x0, y0), (x1, y1) = positions.min(axis=0) - 12, positions.max(axis=0) + 12
+    others = np.array(page.evaluate(SCREEN_POSITIONS, list(range(len(first), len(first) + len(second)))))
+    inside = (others[:, 0] > x0) & (others[:, 0] < x1) & (others[:, 1] > y0) & (others[:, 1] < y1)
+    assert not inside.any(), "the clusters overlap on screen"
+
+    # The lasso: Shift + drag around the first cluster's bounding box.
+    page.keyboard.down("Shift")
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for x, y in ((x1, y0), (x1, y1), (x0, y1), (x0, y0 + 1)):
+        page.mouse.move(x, y, steps=12)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    expect(page.locator("#selection-count")).to_contain_text(f"({len(first)} patches", timeout=30_000)
+    tiles = page.locator("#gallery .gallery-tile")
+    expect(tiles.first).to_be_visible()
+    left_out = int(tiles.first.get_attribute("data-id") or 0)
+    tiles.first.click()
+    expect(tiles.first).to_have_attribute("aria-pressed", "true")
+    page.get_by_role("button", name="Label all but 1 as benign").click()
+    message = page.locator("#bulk-message")
+    expect(message).to_contain_text(f"Labelled {len(first) - 1} patches as benign", timeout=60_000)
+    screenshot(page, "map-lasso-labelled")
+
+    with committed():
+        batch = VoteBatch.objects.get(project=project, annotator=expert)
+        voted = set(Vote.objects.filter(batch=batch, is_active=True).values_list("patch_id", flat=True))
+        assert voted == set(first) - {left_out}
+        statuses = Consensus.objects.filter(patch_id__in=voted).values_list("status", "label__name")
+        assert set(statuses) == {("expert", "benign")}
+        assert not Vote.objects.filter(patch_id__in=[left_out, *second]).exists()
+
+    # The map is recoloured from the new consensus: the labelled points now carry benign's code.
+    page.wait_for_function("() => window.histoloopMap.map.consensus.some((c) => c > 0)", timeout=60_000)
+    codes = page.evaluate("() => Array.from(window.histoloopMap.map.consensus)")
+    benign_code = page.evaluate("() => window.histoloopMap.map.header.labels.find((l) => l.name === 'benign').code")
+    assert sum(1 for c in codes if c == benign_code) == len(first) - 1
+
+    page.get_by_role("button", name="Undo").click()
+    expect(page.locator("#bulk-message")).to_contain_text(f"Undone: {len(first) - 1} votes retracted", timeout=60_000)
+    with committed():
+        assert not Vote.objects.filter(project=project, is_active=True).exists()
+        assert set(Consensus.objects.filter(project=project).values_list("status", flat=True)) == {"pending"}
