@@ -63,6 +63,7 @@ def test_an_expert_labels_a_selection_but_the_clicked_ones_in_one_action_and_und
     assert len(queries) < 30, [q["sql"][:80] for q in queries.captured_queries]
     batch = VoteBatch.objects.get(pk=body["batch"]["id"])
     assert Vote.objects.filter(batch=batch, is_active=True).count() == 24
+    assert set(Vote.objects.filter(batch=batch).values_list("provenance", flat=True)) == {"bulk"}
     assert not Vote.objects.get(patch_id=ids[0], label=malignant).is_active  # superseded, kept
     after = consensus_of(project)
     assert all(after[pid][0] == benign.pk and after[pid][1] == "expert" for pid in ids[:25])
@@ -79,7 +80,8 @@ def test_an_expert_labels_a_selection_but_the_clicked_ones_in_one_action_and_und
     for pid, row in before.items():
         assert restored[pid] == row, pid  # every patch's consensus is what it was
     assert all(restored[pid][1] == "pending" for pid in ids[3:25])
-    assert Vote.objects.filter(patch_id=ids[0], annotator=expert, is_active=True).get().label == malignant
+    back = Vote.objects.filter(patch_id=ids[0], annotator=expert, is_active=True).get()
+    assert (back.label, back.provenance) == (malignant, "manual")  # the earlier vote, as it came in
     assert client.post(url(project, f"{batch.pk}/undo/")).status_code == 409
     # Undone, the same action may be done again.
     redo = client.post(url(project), {"patches": ids[:30], "exclude": ids[25:30], "label": "benign"}, format="json")
