@@ -17,10 +17,11 @@ contested patches: they were routed when they became so, and a round writes only
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from psycopg.types.json import Jsonb
 
@@ -250,10 +251,36 @@ def recompute_project_consensus(project: Project) -> int:
     # Only what changed is written: at a million patches most consensus rows are the same as before.
     with transaction.atomic():
         Consensus.objects.bulk_create(create, batch_size=1000)
-        Consensus.objects.bulk_update(update, CONSENSUS_UPDATE_FIELDS, batch_size=1000)
+        _rewrite(update)
         if contested:
             send_contested_to_experts(project, contested)
     return len(results)
+
+
+def _rewrite(rows: list[Consensus]) -> None:
+    """Write these rows' consensus fields (and ``updated_at``) with one COPY into a temporary table and one
+    ``UPDATE ... FROM`` it. Django's ``bulk_update`` builds a CASE per field per row: at a million patches
+    its 12,000-row rewrite took most of a round's snapshot. Call inside a transaction."""
+    if not rows:
+        return
+    columns = ("label_id", "confidence", "posterior", "method", "vote_count", "agreement", "status")
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS consensus_rewrite")  # an earlier call in the same transaction
+        cursor.execute(
+            "CREATE TEMPORARY TABLE consensus_rewrite (id bigint PRIMARY KEY, label_id bigint, "
+            "confidence double precision, posterior jsonb, method text, vote_count integer, "
+            "agreement double precision, status text) ON COMMIT DROP"
+        )
+        with cursor.cursor.copy(f"COPY consensus_rewrite (id, {', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                values = [row.label_id, row.confidence, json.dumps(row.posterior), row.method]
+                copy.write_row([row.pk, *values, row.vote_count, row.agreement, row.status])
+        assignments = ", ".join(f"{c} = n.{c}" for c in columns)
+        cursor.execute(
+            f"UPDATE {Consensus._meta.db_table} AS c SET {assignments}, updated_at = now() "
+            "FROM consensus_rewrite AS n WHERE c.id = n.id"
+        )
+        cursor.execute("DROP TABLE consensus_rewrite")
 
 
 def _changed(row: Consensus, fields: dict[str, Any]) -> bool:

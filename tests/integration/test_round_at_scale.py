@@ -62,10 +62,11 @@ def test_a_round_over_twenty_thousand_patches_never_leaves_an_annotator_without_
     assert not crowd.errors
     assert len(crowd.lease["during"]) > 0, "the annotator leased nothing while the round ran"
     assert crowd.empty["during"] == 0, f"{crowd.empty['during']} empty leases while open tasks existed"
-    # What the round wrote: its batch on the crowd queue (contested patches also get expert reviews in the
-    # round), one score row per slide covering the whole pool.
+    # What the round wrote: its batch on the crowd queue and no expert review (contested patches get theirs
+    # when they become contested), one score row per slide covering the whole pool.
     version = ModelVersion.objects.get(round=finished)
     assert AnnotationTask.objects.filter(round=finished, kind="crowd").count() == project.batch_size
+    assert not AnnotationTask.objects.filter(round=finished).exclude(kind="crowd").exists()
     rows = SlideScores.objects.filter(model_version=version)
     assert rows.count() == N_SLIDES and sum(rows.values_list("n_patches", flat=True)) == N_PATCHES
     assert 0 < finished.metrics["n_labels"] < N_PATCHES * 0.02
