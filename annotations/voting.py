@@ -16,7 +16,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from .consensus import recompute_consensus
-from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Role, Vote
+from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Role, Vote, VoteProvenance
 from .queue import QueueError
 
 Kind = AnnotationTask.Kind
@@ -76,9 +76,14 @@ def cast_vote(
     label: Any,
     task_id: Any = None,
     time_spent_ms: int = 0,
+    provenance: str = VoteProvenance.SINGLE,
+    model_version_shown: int | None = None,
+    crowd_without_task: bool = False,
 ) -> VoteOutcome:
-    """Record a vote. Crowd members need a live lease on the task; experts and admins may vote
-    on any patch of the project (from the viewer) with or without a task."""
+    """Record a vote. Crowd members need a live lease on the task (unless ``crowd_without_task``: the
+    accept-the-model strip, where the project lets the crowd accept suggestions); experts and admins may
+    vote on any patch of the project (from the viewer) with or without a task. ``provenance`` says how
+    the vote was made and ``model_version_shown`` which model's suggestion the voter saw, if any."""
     labels = _labels(project)
     label_obj = _label(labels, label)
     now = timezone.now()
@@ -93,7 +98,7 @@ def cast_vote(
             if not task.lease_is_held(user, now):
                 raise VoteConflict("Your lease on this task has expired or was never yours; ask for the next task.")
             pid = task.patch_id  # the task's patch is the project's (checked when it was queued)
-        elif role == Role.CROWD:
+        elif role == Role.CROWD and not crowd_without_task:
             raise VoteConflict("Crowd votes need a leased task: ask for the next task first.")
         else:
             pid = _patch_id(project, patch_id)
@@ -109,6 +114,8 @@ def cast_vote(
                     role=role,
                     task=task,
                     time_spent_ms=max(0, min(int(time_spent_ms or 0), 24 * 3600 * 1000)),
+                    provenance=provenance,
+                    model_version_shown_id=model_version_shown,
                 )
         except IntegrityError as exc:
             raise VoteConflict("You have already voted on this patch; undo or correct your vote instead.") from exc
