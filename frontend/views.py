@@ -57,8 +57,16 @@ def home(request: HttpRequest) -> HttpResponse:
 @login_required
 def annotate(request: HttpRequest, project_id: int) -> HttpResponse:
     project, role = _member_project(request, project_id)
-    config = _page_config(project, role)
-    context = {"project": project, "role": role, "config": config, "page": "annotate"}
+    from learner.suggestions import strip_allowed
+
+    config = _page_config(project, role, can_label_many=role in EXPERTS)
+    context = {
+        "project": project,
+        "role": role,
+        "config": config,
+        "page": "annotate",
+        "can_strip": strip_allowed(project, role),
+    }
     return render(request, "frontend/annotate.html", context)
 
 
@@ -84,6 +92,19 @@ def viewer(request: HttpRequest, project_id: int, slide_id: int | None = None) -
     )
     context = {"project": project, "role": role, "slide": slide, "slides": slides, "config": config, "page": "viewer"}
     return render(request, "frontend/viewer.html", context)
+
+
+@login_required
+def strip(request: HttpRequest, project_id: int) -> HttpResponse:
+    """The accept-the-model strip, for whoever the project's ``suggestion_strip`` setting lets in."""
+    from learner.suggestions import strip_allowed
+
+    project, role = _member_project(request, project_id)
+    if not strip_allowed(project, role):
+        raise PermissionDenied("This project does not let your role accept the model's suggestions.")
+    config = _page_config(project, role)
+    context = {"project": project, "role": role, "config": config, "page": "strip", "can_strip": True}
+    return render(request, "frontend/strip.html", context)
 
 
 @login_required

@@ -22,19 +22,21 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from django.conf import settings
 from django.db import transaction
 
 from annotations.models import Patch, Project, Slide
-from learner.core import similarity
 from learner.core.embedding_store import EmbeddingStore, SlideRows
 from learner.core.errors import LearnerError
 
 from .conf import learner_settings
 from .embedding import cache_dir, slide_key
+
+if TYPE_CHECKING:  # faiss is imported on first use: pages and workers that never search do not load it
+    from learner.core.similarity import SimilarityIndex
 
 logger = logging.getLogger(__name__)
 MAX_K = 500
@@ -121,6 +123,8 @@ def build_index(project: Project, model_id: str, dim: int) -> dict[str, Any] | N
         return None
     target = folder(project.pk)
     target.mkdir(parents=True, exist_ok=True)
+    from learner.core import similarity
+
     built = similarity.build(rows, seed=project.seed)
     name = f"{model_id}-{fingerprint}"
     index_path = target / f"{name}.faiss"
@@ -144,11 +148,13 @@ def schedule_build(project_id: int, model_id: str, dim: int) -> None:
 
 # --- querying (web processes) ---------------------------------------------------------------------------------------
 
-_cache: dict[int, tuple[str, similarity.SimilarityIndex, np.ndarray]] = {}
+_cache: dict[int, tuple[str, SimilarityIndex, np.ndarray]] = {}
 _lock = threading.Lock()
 
 
-def _loaded(project_id: int) -> tuple[dict[str, Any], similarity.SimilarityIndex, np.ndarray]:
+def _loaded(project_id: int) -> tuple[dict[str, Any], SimilarityIndex, np.ndarray]:
+    from learner.core.similarity import SimilarityIndex
+
     pointer = read_pointer(project_id)
     if pointer is None:
         raise NotIndexed("No similarity index yet: it is built after the project's first training round.")
@@ -159,7 +165,7 @@ def _loaded(project_id: int) -> tuple[dict[str, Any], similarity.SimilarityIndex
             return pointer, hit[1], hit[2]
     base = folder(project_id) / name
     try:
-        index = similarity.SimilarityIndex.load(Path(f"{base}.faiss"))
+        index = SimilarityIndex.load(Path(f"{base}.faiss"))
         ids = np.load(f"{base}.ids.npy", mmap_mode="r")
     except (OSError, RuntimeError, ValueError) as exc:
         raise NotIndexed("The similarity index is being replaced; try again in a moment.") from exc

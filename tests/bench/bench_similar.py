@@ -147,7 +147,6 @@ def bench_size(n: int, args: argparse.Namespace, scratch: Path) -> dict[str, obj
         "load": load(),
     }
 
-
     if reduced_all is not None:
         d = reduced_all.shape[1]
         t = time.perf_counter()

@@ -109,7 +109,12 @@ def test_a_bad_item_refuses_the_whole_enter() -> None:
         {"label": "benign", "model_version": other_version.pk, "accept": ids},
         {"label": "nope", "model_version": version.pk, "accept": ids},
         {"label": "benign", "model_version": version.pk, "accept": ids, "relabel": [{"patch": ids[0], "label": "x"}]},
-        {"label": "benign", "model_version": version.pk, "accept": ids, "relabel": [{"patch": ids[0], "label": "benign"}]},
+        {
+            "label": "benign",
+            "model_version": version.pk,
+            "accept": ids,
+            "relabel": [{"patch": ids[0], "label": "benign"}],
+        },
         {"label": "benign", "model_version": version.pk, "accept": []},
         {"label": "benign", "model_version": version.pk, "accept": list(range(1, 502))},
         {"label": "benign", "model_version": "1; drop table", "accept": ids},
