@@ -68,7 +68,7 @@ def test_the_strip_lists_the_class_by_confidence_or_uncertainty_and_leaves_out_w
 
 
 def test_enter_accepts_the_rest_and_flips_in_one_transaction() -> None:
-    project, patches, _, version = scored_project()
+    project, _, _, version = scored_project()
     expert = member(project, Role.EXPERT)
     client = api_client(expert)
     strip = [r["id"] for r in client.get(strip_url(project, "?label=squamous&n=6")).json()["patches"]]
