@@ -33,7 +33,7 @@ from learner.core.embedding_store import EmbeddingStore, SlideRows
 from learner.core.errors import LearnerError
 
 from .conf import learner_settings
-from .embedding import cache_dir, slide_key
+from .store_paths import cache_dir, slide_key
 
 if TYPE_CHECKING:  # faiss is imported on first use: pages and workers that never search do not load it
     from learner.core.similarity import SimilarityIndex
