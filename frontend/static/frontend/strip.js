@@ -16,7 +16,7 @@ const ui = {
   status: document.getElementById("strip-status"),
   error: document.getElementById("strip-error"),
 };
-const state = { items: [], focus: 0, version: null, label: null, busy: false };
+const state = { items: [], focus: 0, version: null, label: null, busy: false, request: 0 };
 
 function showError(error) {
   ui.error.textContent = error.message || String(error);
@@ -64,8 +64,10 @@ async function load() {
   ui.error.hidden = true;
   ui.strip.dataset.state = "loading";
   const params = new URLSearchParams({ label: ui.label.value, order: ui.order.value, n: ui.n.value || "24" });
+  const request = ++state.request; // a newer choice of class, order or size wins over a slower older answer
   try {
     const body = await api(`${base}suggestions/?${params}`);
+    if (request !== state.request) return;
     state.version = body.model_version;
     state.label = body.label;
     state.items = body.patches.map((p) => ({ ...p, choice: body.label }));
@@ -73,9 +75,11 @@ async function load() {
     ui.cls.textContent = body.label;
     render();
     ui.strip.dataset.state = state.items.length ? "ready" : "empty";
+    ui.strip.focus(); // the keys act on the strip, not on the field just changed
     if (body.model_version === null) ui.status.textContent = "No model yet: run a training round first.";
     else if (!state.items.length) ui.status.textContent = `Nothing left that the model calls ${body.label}.`;
   } catch (error) {
+    if (request !== state.request) return;
     ui.strip.dataset.state = "error";
     showError(error);
   }
