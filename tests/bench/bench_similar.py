@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import faiss
 
 from learner.core import similarity
-from learner.core.embedding_store import ArrayRows
 
 DIM = 1904
 K = 100
@@ -74,6 +73,34 @@ def synthetic(path: Path, n: int, seed: int) -> np.memmap:
     return out
 
 
+class MemmapRows:
+    """A memory-mapped array read a chunk at a time, like the store's SlideRows (ArrayRows would hand the
+    whole array over as one block)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    @property
+    def dim(self) -> int:
+        return int(self.array.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(self.array[np.sort(np.asarray(idx, dtype=np.int64))], dtype=np.float32)[
+            np.argsort(np.argsort(np.asarray(idx)))
+        ]
+
+    def chunks(self, idx: np.ndarray | None = None, size: int = GEN_CHUNK):  # type: ignore[no-untyped-def]
+        assert idx is None
+        for start in range(0, len(self.array), size):
+            yield np.arange(start, min(start + size, len(self.array))), np.asarray(self.array[start : start + size])
+
+    def subset(self, idx: np.ndarray):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
 def recall(found: list[np.ndarray], truth: np.ndarray) -> float:
     return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)]))
 
@@ -95,10 +122,12 @@ def stats(times: list[float]) -> dict[str, float]:
 def bench_size(n: int, args: argparse.Namespace, scratch: Path) -> dict[str, object]:
     out: dict[str, object] = {"n": n, "load_before": load()}
     t = time.perf_counter()
-    data = synthetic(scratch / f"x{n}.npy", n, args.seed)
+    data_path = scratch / f"x{n}-seed{args.seed}.npy"
+    if not (args.keep_data and data_path.exists()):
+        del_data = synthetic(data_path, n, args.seed)
+        del del_data
     out["generate_s"] = round(time.perf_counter() - t, 1)
-    rows = ArrayRows(np.load(scratch / f"x{n}.npy", mmap_mode="r"))
-    del data
+    rows = MemmapRows(np.load(data_path, mmap_mode="r"))
     rng = np.random.default_rng(args.seed + 1)
     sample = np.sort(rng.choice(n, size=args.queries, replace=False))
 
@@ -173,7 +202,8 @@ def bench_size(n: int, args: argparse.Namespace, scratch: Path) -> dict[str, obj
         }
         del hnsw, reduced_all
     for f in scratch.iterdir():
-        f.unlink()
+        if not (args.keep_data and f == data_path):
+            f.unlink()
     ivf = out["ivf_pca128"]
     assert isinstance(ivf, dict)
     out["speedup_vs_exact"] = round(float(out["exact_per_query_ms"]) / max(ivf["median_ms"], 1e-6), 1)  # type: ignore[arg-type]
@@ -187,12 +217,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hnsw", action="store_true", help="only the chosen index")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the synthetic memmap (7.6 GB at 1M)")
+    parser.add_argument("--keep-data", action="store_true", help="keep (and reuse) the synthetic data in --scratch")
     args = parser.parse_args()
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, load {load()}", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_similar_", dir=args.scratch) as tmp:
+        folder = args.scratch if args.keep_data and args.scratch else Path(tmp)
         for n in args.sizes:
-            res = bench_size(n, args, Path(tmp))
+            res = bench_size(n, args, folder)
             print(json.dumps(res), flush=True)
             results.append(res)
     goal = {"k": K, "query_ms": 100, "at": 1_000_000}
