@@ -202,7 +202,7 @@ def bench_size(n: int, args: argparse.Namespace, scratch: Path) -> dict[str, obj
         }
         del hnsw, reduced_all
     for f in scratch.iterdir():
-        if not (args.keep_data and f == data_path):
+        if f.is_file() and not (args.keep_data and f == data_path) and f.name != "out.txt":
             f.unlink()
     ivf = out["ivf_pca128"]
     assert isinstance(ivf, dict)
