@@ -369,7 +369,13 @@ class Vote(models.Model):
         "self", null=True, blank=True, related_name="superseded_by", on_delete=models.RESTRICT
     )
     retracted_at = models.DateTimeField(null=True, blank=True)
-    provenance = models.CharField(max_length=32, choices=VoteProvenance.choices, default=VoteProvenance.SINGLE)
+    # db_default too: rows written by SQL (bench_scale's bulk INSERT of a million votes) get it as well.
+    provenance = models.CharField(
+        max_length=32,
+        choices=VoteProvenance.choices,
+        default=VoteProvenance.SINGLE,
+        db_default=VoteProvenance.SINGLE,
+    )
     model_version_shown = models.ForeignKey(
         "learner.ModelVersion",
         null=True,
