@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import transaction
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.request import Request
@@ -79,7 +80,10 @@ class SimilarView(ProjectScoped):
 
     @extend_schema(
         parameters=[OpenApiParameter("k", int, description=f"Neighbours wanted (1-{similar.MAX_K}, default 100).")],
-        responses=SimilarResultSerializer,
+        responses={
+            200: SimilarResultSerializer,
+            409: OpenApiResponse(OpenApiTypes.OBJECT, description="No index yet, or the patch is not in it."),
+        },
     )
     def get(self, request: Request, project_id: int, patch_id: int) -> Response:
         project, role = self.load(request, project_id)
@@ -211,7 +215,10 @@ class SuggestionStripView(ProjectScoped):
                 "order", str, enum=list(suggestions.ORDERS), description="Most confident first, or most uncertain."
             ),
         ],
-        responses=StripSerializer,
+        responses={
+            200: StripSerializer,
+            409: OpenApiResponse(OpenApiTypes.OBJECT, description="No labels, or the model does not know the label."),
+        },
     )
     def get(self, request: Request, project_id: int) -> Response:
         project, role = _strip_project(self, request, project_id)
