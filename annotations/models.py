@@ -54,6 +54,15 @@ class TrainMode(models.TextChoices):
     FINETUNE = "finetune", "Fine-tune backbone (GPU)"
 
 
+class SuggestionAccess(models.TextChoices):
+    """Who may open the "accept the model" strip (it shows the model's answer before one's own vote)."""
+
+    OFF = "off", "Nobody"
+    EXPERTS = "experts", "Experts and admins"
+    CROWD = "crowd", "Crowd members (and admins)"
+    BOTH = "both", "Experts, admins and crowd members"
+
+
 class Project(models.Model):
     name = models.CharField(max_length=200, unique=True, validators=[no_control_characters])
     description = models.TextField(blank=True, max_length=MAX_DESCRIPTION_LENGTH)
@@ -88,6 +97,13 @@ class Project(models.Model):
     backbone = models.CharField(max_length=100, default="tf_efficientnet_lite0", validators=[no_control_characters])
     train_mode = models.CharField(max_length=16, choices=TrainMode.choices, default=TrainMode.HEAD)
     seed = models.IntegerField(default=0)
+    suggestion_strip = models.CharField(
+        max_length=16,
+        choices=SuggestionAccess.choices,
+        default=SuggestionAccess.EXPERTS,
+        help_text="Who may accept the model's suggestions in a strip; off for the crowd by default, as seeing "
+        "the model's answer first anchors a student's vote.",
+    )
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -363,6 +379,8 @@ class Vote(models.Model):
         LABEL_IMPORT = "label-import", "Imported from a label file (CSV or GeoJSON patch squares)"
         REGION_IMPORT = "region-import", "Imported from QuPath region annotations"
         BULK = "bulk", "Labelled in bulk (a selection on the embedding map)"
+        ACCEPTED_SUGGESTION = "accepted-suggestion", "Accepted the model's suggestion (the suggestion strip)"
+        SIMILAR = "similar", "Labelled from 'more like this'"
 
     project = models.ForeignKey(Project, related_name="votes", on_delete=models.CASCADE)
     patch = models.ForeignKey(Patch, related_name="votes", on_delete=models.CASCADE)
@@ -383,6 +401,14 @@ class Vote(models.Model):
     )
     batch = models.ForeignKey(
         VoteBatch, null=True, blank=True, related_name="votes", on_delete=models.RESTRICT, help_text="A bulk action."
+    )
+    model_version_shown = models.ForeignKey(
+        "learner.ModelVersion",
+        null=True,
+        blank=True,
+        related_name="+",
+        on_delete=models.SET_NULL,
+        help_text="The model version whose suggestion the annotator saw when voting, if any.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -49,6 +49,7 @@ class ProjectSerializer(serializers.ModelSerializer):
             "backbone",
             "train_mode",
             "seed",
+            "suggestion_strip",
             "created_at",
             "label_classes",
             "role",
@@ -211,6 +212,8 @@ class VoteSerializer(serializers.ModelSerializer):
             "is_active",
             "supersedes",
             "retracted_at",
+            "provenance",
+            "model_version_shown",
             "created_at",
         ]
 

@@ -61,9 +61,10 @@ _TASK_FIELDS = [f.attname for f in AnnotationTask._meta.concrete_fields]
 # two requests racing: the loser's insert does nothing and returns no id.
 _INSERT_VOTE_SQL = """
 INSERT INTO annotations_vote
-    (project_id, patch_id, annotator_id, label_id, role, task_id, time_spent_ms, provenance, is_active, created_at)
-VALUES (%(project)s, %(patch)s, %(user)s, %(label)s, %(role)s, %(task)s, %(time_spent_ms)s, %(provenance)s, true,
-        %(now)s)
+    (project_id, patch_id, annotator_id, label_id, role, task_id, time_spent_ms, provenance, model_version_shown_id,
+     is_active, created_at)
+VALUES (%(project)s, %(patch)s, %(user)s, %(label)s, %(role)s, %(task)s, %(time_spent_ms)s, %(provenance)s, %(shown)s,
+        true, %(now)s)
 ON CONFLICT (patch_id, annotator_id) WHERE is_active DO NOTHING
 RETURNING id
 """
@@ -109,10 +110,13 @@ def cast_vote(
     task_id: Any = None,
     time_spent_ms: int = 0,
     provenance: str = Vote.Provenance.MANUAL,
+    model_version_shown: int | None = None,
+    crowd_without_task: bool = False,
 ) -> VoteOutcome:
-    """Record a vote. Crowd members need a live lease on the task; experts and admins may vote
-    on any patch of the project (from the viewer) with or without a task. ``provenance`` says how
-    it came in (an import passes its own)."""
+    """Record a vote. Crowd members need a live lease on the task (unless ``crowd_without_task``: the
+    accept-the-model strip, where the project lets the crowd accept suggestions); experts and admins may
+    vote on any patch of the project (from the viewer) with or without a task. ``provenance`` says how
+    the vote was made and ``model_version_shown`` which model's suggestion the voter saw, if any."""
     labels = _labels(project)
     label_obj = _label(labels, label)
     now = timezone.now()
@@ -121,13 +125,17 @@ def cast_vote(
         task = None
         if task_id not in (None, ""):
             task, pid = _record_vote_on_task(project, user, task_id, patch_id, now)
-        elif role == Role.CROWD:
+        elif role == Role.CROWD and not crowd_without_task:
             raise VoteConflict("Crowd votes need a leased task: ask for the next task first.")
         else:
             pid = _patch_id(project, patch_id)
         values = {"project": project.pk, "patch": pid, "user": user.pk, "label": label_obj.pk, "role": str(role)}
         values.update(
-            task=task.pk if task is not None else None, time_spent_ms=spent, now=now, provenance=str(provenance)
+            task=task.pk if task is not None else None,
+            time_spent_ms=spent,
+            now=now,
+            provenance=str(provenance),
+            shown=model_version_shown,
         )
         inserted = prepared.rows(_INSERT_VOTE_SQL, values)
         if not inserted:
@@ -142,6 +150,7 @@ def cast_vote(
             task=task,
             time_spent_ms=spent,
             provenance=provenance,
+            model_version_shown_id=model_version_shown,
             created_at=now,
         )
         vote._state.adding = False

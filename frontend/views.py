@@ -59,8 +59,16 @@ def home(request: HttpRequest) -> HttpResponse:
 @login_required
 def annotate(request: HttpRequest, project_id: int) -> HttpResponse:
     project, role = _member_project(request, project_id)
-    config = _page_config(project, role)
-    context = {"project": project, "role": role, "config": config, "page": "annotate"}
+    from learner.suggestions import strip_allowed
+
+    config = _page_config(project, role, can_label_many=role in EXPERTS)
+    context = {
+        "project": project,
+        "role": role,
+        "config": config,
+        "page": "annotate",
+        "can_strip": strip_allowed(project, role),
+    }
     return render(request, "frontend/annotate.html", context)
 
 
@@ -101,6 +109,19 @@ def embedding_map(request: HttpRequest, project_id: int) -> HttpResponse:
     config = _page_config(project, role, is_admin=role == Role.ADMIN, max_bulk=MAX_BULK_PATCHES)
     context = {"project": project, "role": role, "config": config, "page": "map"}
     return render(request, "frontend/map.html", context)
+
+
+@login_required
+def strip(request: HttpRequest, project_id: int) -> HttpResponse:
+    """The accept-the-model strip, for whoever the project's ``suggestion_strip`` setting lets in."""
+    from learner.suggestions import strip_allowed
+
+    project, role = _member_project(request, project_id)
+    if not strip_allowed(project, role):
+        raise PermissionDenied("This project does not let your role accept the model's suggestions.")
+    config = _page_config(project, role)
+    context = {"project": project, "role": role, "config": config, "page": "strip", "can_strip": True}
+    return render(request, "frontend/strip.html", context)
 
 
 @login_required

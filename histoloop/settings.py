@@ -272,6 +272,7 @@ CELERY_TASK_ROUTES = {
     # Exact names before patterns (Celery checks them first): the stale-round check must not wait
     # behind a round on the gpu worker, or on a dead one.
     "learner.tasks.fail_stale_rounds": {"queue": "cpu"},
+    "learner.tasks.build_similar_index": {"queue": "cpu"},
     "learner.tasks.*": {"queue": "gpu"},
     # annotations.tasks.ingest_slide is in annotations/slides/tasks.py (it kept its name when it moved).
     "annotations.tasks.*": {"queue": "cpu"},

@@ -14,7 +14,6 @@ memory once, as rounds always did.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -31,19 +30,15 @@ from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, re
 from . import inference
 from .conf import LearnerSettings
 from .locks import slide_file_lock
+from .store_paths import cache_dir, slide_key
+
+__all__ = ["cache_dir", "slide_key"]  # re-exported: their home is store_paths (no torch), callers import them here
 
 # Larger patches are resized to the backbone's usual input rather than embedded at full size.
 MAX_NATIVE_SIZE = 256
 RESIZED_TO = 224
 # Patch rows loaded (and their pixels embedded) at a time when a slide's embeddings are missing.
 PIXEL_CHUNK = 1024
-
-
-def slide_key(checksum: str, slide_id: int, size: int, patch_size: int) -> str:
-    """The store's name for a slide's patches of one geometry: its content when known, so identical
-    pixels share it across projects (a slide without a checksum is keyed by its row, unshared)."""
-    content = checksum or f"slide-{slide_id}"
-    return f"{content}-{size}-{patch_size}"
 
 
 class PatchReadError(LearnerError):
@@ -90,10 +85,6 @@ def backbone_spec(name: str, cfg: LearnerSettings) -> BackboneSpec:
 def platform_backbone(name: str, cfg: LearnerSettings) -> Backbone:
     """The feature extractor a round of a project with backbone ``name`` embeds with."""
     return create_backbone(backbone_spec(name, cfg))
-
-
-def cache_dir(cfg: LearnerSettings) -> Path:
-    return cfg.CACHE_DIR / "embeddings"
 
 
 def store_for(backbone: Backbone, patch_size: int, cfg: LearnerSettings) -> EmbeddingStore:

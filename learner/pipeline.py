@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ from learner.core.classifier import Classifier, save_model
 from learner.core.errors import Cancelled, LearnerError
 from learner.core.strategies import margin
 
-from . import maps, scores
+from . import maps, scores, similar
 from .conf import LearnerSettings, learner_settings
-from .embedding import platform_backbone
+from .embedding import platform_backbone, store_for
 from .events import broadcast, round_payload
 from .layout import Layout
 from .models import ModelVersion, TrainingRound
@@ -106,6 +107,7 @@ class RoundRun:
     settings: LearnerSettings
     write_scores: bool = True
     weights_file: Path | None = None
+    on_publish: list[Callable[[], None]] = field(default_factory=list)  # run inside the publish transaction
 
     def discard_weights(self) -> None:
         if self.weights_file is not None:
@@ -174,6 +176,10 @@ def _execute(run: RoundRun) -> None:
     backbone = platform_backbone(project.backbone, cfg)
     embedding_stats: dict[str, Any] = {}
     emb = embed_pool(pool, backbone, project.backbone, setup, embedding_stats)
+    if run.write_scores:  # the simulator writes no scores and needs no "more like this" either
+        store = store_for(backbone, project.patch_size, cfg)
+        # Sent when the round publishes (on commit): the cpu worker builds the index from the store.
+        run.on_publish.append(lambda: similar.schedule_build(project.pk, store.model_id, store.dim))
 
     reason = too_few_labels(pool, cfg)
     if reason is not None:
@@ -291,6 +297,8 @@ def publish(run: RoundRun, result: RoundResult) -> None:
         pid = project.pk
         transaction.on_commit(lambda: broadcast(pid, round_payload(locked, "round.finished")))
         transaction.on_commit(lambda: broadcast(pid, {"type": "queue.refresh", "round": locked.pk}))
+        for hook in run.on_publish:
+            hook()
     run.weights_file = None  # committed: the file is the ModelVersion's now
     # The publish stage's own time (its writes included) is known only once they are committed.
     reporter.finish_timing()

@@ -51,3 +51,18 @@ def fail_stale_rounds_task() -> int:
 @worker_ready.connect
 def _fail_rounds_left_by_dead_workers(**kwargs: object) -> None:
     fail_stale_rounds()
+
+
+@shared_task(name="learner.tasks.build_similar_index", ignore_result=True)
+def build_similar_index(project_id: int, model_id: str, dim: int) -> int:
+    """Build the project's "more like this" index after a round (``learner.similar``), on the ``cpu``
+    queue so the next round on the ``gpu`` worker need not wait for it. Returns the patches indexed."""
+    from annotations.models import Project
+
+    from .similar import build_index
+
+    project = Project.objects.filter(pk=project_id).first()
+    if project is None:
+        return 0  # deleted since the round
+    pointer = build_index(project, model_id, dim)
+    return int(pointer["n"]) if pointer else 0

@@ -13,6 +13,6 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='vote',
             name='provenance',
-            field=models.CharField(choices=[('manual', 'Labelled in the platform'), ('label-import', 'Imported from a label file (CSV or GeoJSON patch squares)'), ('region-import', 'Imported from QuPath region annotations'), ('bulk', 'Labelled in bulk (a selection on the embedding map)')], db_default='manual', default='manual', max_length=32),
+            field=models.CharField(choices=[('manual', 'Labelled in the platform'), ('label-import', 'Imported from a label file (CSV or GeoJSON patch squares)'), ('region-import', 'Imported from QuPath region annotations'), ('bulk', 'Labelled in bulk (a selection on the embedding map)'), ('accepted-suggestion', "Accepted the model's suggestion (the suggestion strip)"), ('similar', "Labelled from 'more like this'")], db_default='manual', default='manual', max_length=32),
         ),
     ]

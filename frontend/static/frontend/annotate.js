@@ -7,6 +7,7 @@
 // (the server had none to lease), the vote is sent with "next": true and the page waits for it.
 import { api, el, isTyping, pageConfig, paintLabelColours } from "./api.js";
 import { connectLive, statusBadge } from "./live.js";
+import { similarPanel } from "./similar-panel.js";
 
 const config = pageConfig();
 paintLabelColours();
@@ -446,7 +447,17 @@ document.addEventListener("keydown", (event) => {
   } else if (key === "u") {
     event.preventDefault();
     undo();
+  } else if (key === "m") {
+    event.preventDefault();
+    similar.toggle();
   }
+});
+
+const similar = similarPanel({
+  base,
+  labels: config.labels,
+  canLabel: Boolean(config.can_label_many),
+  patchId: () => ui.root.dataset.patch,
 });
 
 for (const button of ui.labelButtons) {

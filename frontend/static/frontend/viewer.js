@@ -3,6 +3,7 @@ import { api, el, isTyping, pageConfig, paintLabelColours } from "./api.js";
 import { connectLive } from "./live.js";
 import { PatchLayer } from "./patch-layer.js";
 import { attachScaleBar } from "./scalebar.js";
+import { similarPanel } from "./similar-panel.js";
 
 const config = pageConfig();
 paintLabelColours();
@@ -208,12 +209,21 @@ function closePanel(layer) {
 }
 
 function bindKeys(viewer, layer) {
+  const similar = similarPanel({
+    base,
+    labels: config.labels,
+    canLabel: isExpert,
+    patchId: () => (layer.selected ? layer.selected.id : null),
+  });
   document.addEventListener("keydown", (event) => {
     if (event.repeat || event.altKey || event.ctrlKey || event.metaKey || isTyping(event.target)) return;
     const key = event.key.toLowerCase();
     if (key === "n" || key === "p") {
       event.preventDefault();
       stepPatch(viewer, layer, key === "n" ? 1 : -1, event.shiftKey);
+    } else if (key === "m" && layer.selected) {
+      event.preventDefault();
+      similar.toggle();
     } else if (event.key === "Escape" && layer.selected) {
       event.preventDefault();
       closePanel(layer);
