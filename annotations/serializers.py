@@ -190,6 +190,8 @@ def vote_data(vote: Vote) -> dict[str, Any]:
         "is_active": vote.is_active,
         "supersedes": vote.supersedes_id,
         "retracted_at": _datetime(vote.retracted_at),
+        "provenance": vote.provenance,
+        "model_version_shown": vote.model_version_shown_id,
         "created_at": _datetime(vote.created_at),
     }
 
