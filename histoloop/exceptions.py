@@ -1,4 +1,5 @@
-"""The API's exception handler: DRF's, plus a JSON 413 for a body over Django's in-memory limit.
+"""The API's exception handler: DRF's, plus a JSON 413 for a body over Django's in-memory limit and a JSON
+400 for a body Django finds suspicious (too many form fields).
 
 Behind the ASGI body limit (histoloop.body_limit) such a body never reaches Django; this covers the
 other ways in (the test client, a WSGI server), which would otherwise get Django's HTML 400 page.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.db import DataError
 from django.http import HttpRequest, JsonResponse
 from django.urls import Resolver404, resolve
@@ -33,6 +34,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             {"detail": "The request body is larger than this endpoint accepts; send less.", "code": "too_large"},
             status=413,
         )
+    if isinstance(exc, SuspiciousOperation):
+        # A form body with more fields than DATA_UPLOAD_MAX_NUMBER_FIELDS (TooManyFieldsSent) and the like,
+        # raised while DRF parses request.data: Django would answer its HTML 400 page.
+        return Response({"detail": f"The request was refused: {exc}", "code": "invalid"}, status=400)
     return drf_exception_handler(exc, context)
 
 

@@ -233,6 +233,21 @@ def test_a_body_over_the_in_memory_limit_is_a_json_413(world) -> None:  # type: 
     assert state(project) == before
 
 
+def test_a_form_body_with_too_many_fields_is_a_json_400(world, settings) -> None:  # type: ignore[no-untyped-def]
+    """Django refuses a form of more than DATA_UPLOAD_MAX_NUMBER_FIELDS fields while DRF parses it; the API
+    says so in JSON (the fuzzer found the bulk-vote endpoint answering Django's HTML 400 page)."""
+    project, patches, _, expert, _ = world
+    before = state(project)
+    fields = "&".join(f"exclude={i}" for i in range(settings.DATA_UPLOAD_MAX_NUMBER_FIELDS + 1))
+    response = api_client(expert).post(
+        f"/api/v1/projects/{project.pk}/votes/bulk/",
+        f"label=benign&patches={patches[0].pk}&{fields}",
+        content_type="application/x-www-form-urlencoded",
+    )
+    assert "data_upload_max_number_fields" in refused(response).lower()
+    assert state(project) == before
+
+
 @pytest.mark.parametrize("path", ["labels/abc/", "labels/%0A/", "members/-1/", "nothing-here/"])
 def test_an_api_url_that_names_no_endpoint_is_a_json_404_for_any_method(world, path) -> None:  # type: ignore[no-untyped-def]
     project, _, admin, _, _ = world
