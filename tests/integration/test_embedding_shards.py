@@ -47,7 +47,7 @@ from tests.integration.test_rounds import collect_events
 QUEUE = f"shards-test-{os.getpid()}"
 SHARD_PATCHES = 4
 CMU = SLIDES_DIR / "cmu-1-small-region.svs"
-DONE = re.compile(r"Shard ([0-9a-f-]+) of .*: embedded (\d+) patches")
+DONE = re.compile(r"Shard ([0-9a-f-]+) of (.*): embedded (\d+) patches")
 
 
 @dataclass
@@ -62,9 +62,10 @@ class Worker:
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children()
 
-    def embedded(self) -> dict[str, int]:
-        """Patches each finished shard (by task id) embedded, from this worker's log."""
-        return {task: int(n) for task, n in DONE.findall(self.text())}
+    def embedded(self, slide: str = "") -> dict[str, int]:
+        """Patches each finished shard (by task id) embedded, from this worker's log; of shards naming
+        ``slide`` among their slides when given."""
+        return {task: int(n) for task, what, n in DONE.findall(self.text()) if slide in what}
 
 
 def start_worker(label: str, cache_dir: Path, folder: Path) -> Worker:
@@ -188,10 +189,10 @@ def queued() -> int:
             return 0
 
 
-def worker_counts(workers: tuple[Worker, ...]) -> dict[str, int]:
+def worker_counts(workers: tuple[Worker, ...], slide: str = "") -> dict[str, int]:
     counts: dict[str, int] = {}
     for worker in workers:
-        counts.update(worker.embedded())
+        counts.update(worker.embedded(slide))
     return counts
 
 
@@ -332,7 +333,8 @@ def test_slides_are_embedded_in_the_background_after_ingest_and_a_round_does_onl
     stats = round_.metrics["embedding"]
 
     def background_total() -> int:
-        after = worker_counts((a, b))
+        # This slide's shards only: a shard of an earlier test's round may still finish meanwhile.
+        after = worker_counts((a, b), slide=crop.name)
         return sum(v for k, v in after.items() if k not in before)
 
     # Give shards that had finished embedding a moment to log; then every patch was embedded exactly once.
