@@ -19,12 +19,18 @@ from histoloop import body_limit  # noqa: E402
 
 
 def _warm_up() -> None:
-    """Import the heavy libraries behind reports now, not inside the first request that needs them
-    (sync views share one thread per server process, so a cold import would stall every other request)."""
+    """Import the heavy libraries behind reports, and the URL configuration, now, not inside the first request
+    that needs them (sync views share one thread per server process, so a cold import would stall every other
+    request)."""
     import crowdkit.aggregation  # noqa: F401
     import krippendorff  # noqa: F401
     import sklearn.metrics  # noqa: F401
     import statsmodels.stats.inter_rater  # noqa: F401
+    from django.urls import get_resolver
+
+    # Every route module and the views behind it (the learner's import torch): Django loads them at the first
+    # request otherwise, which then takes seconds (the first annotator of each server process waited).
+    get_resolver().url_patterns  # noqa: B018
 
 
 _warm_up()
