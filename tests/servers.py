@@ -41,6 +41,7 @@ def asgi_server(env: dict[str, str], log: Path, *, workers: int = 1, timeout: fl
     """histoloop.asgi served by ``workers`` processes on a free loopback port; yields the port
     once it accepts connections."""
     port = free_port()
+    started_before = log.read_text(errors="replace").count("Started server process") if log.exists() else 0
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [
@@ -71,6 +72,12 @@ def asgi_server(env: dict[str, str], log: Path, *, workers: int = 1, timeout: fl
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the ASGI server did not start listening:\n{log.read_text()}") from None
                 time.sleep(0.1)
+        # With several workers the supervisor listens before they have loaded the application (histoloop.asgi
+        # loads every view, torch included): wait until each says it started, or the first requests wait.
+        while log.read_text(errors="replace").count("Started server process") - started_before < workers:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the ASGI server's workers did not start:\n{log.read_text()}")
+            time.sleep(0.1)
         yield port
     finally:
         proc.terminate()
