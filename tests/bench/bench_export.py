@@ -30,16 +30,14 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from histoloop import embedded  # noqa: E402
+from tests.bench.bench_scale import scratch_database  # noqa: E402  (one scratch database helper)
 
 SLIDE = REPO.parent / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
 LABELS = [("tumour", "#d62728"), ("stroma", "#2ca02c"), ("necrosis", "#1f77b4")]
@@ -52,27 +50,6 @@ def load() -> str:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@contextmanager
-def scratch_database(keep: bool) -> Iterator[str]:
-    import psycopg
-
-    server = os.environ["DATABASE_URL"]
-    name = f"bench_export_{os.getpid()}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield urlunsplit(urlsplit(server)._replace(path="/" + name))
-    finally:
-        if keep:
-            print(f"kept database {name}")
-        else:
-            from django.db import connections
-
-            connections.close_all()
-            with psycopg.connect(server, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def setup_django(url: str) -> None:
@@ -231,7 +208,7 @@ def main() -> int:
     media = tempfile.mkdtemp(prefix="bench_export_media_")
     os.environ["MEDIA_ROOT"] = media
     try:
-        with scratch_database(args.keep) as url:
+        with scratch_database(args.keep, prefix="bench_export") as url:
             setup_django(url)
             from django.core.management import call_command
 

@@ -91,12 +91,12 @@ def show(name: str, values: list[float]) -> dict[str, float]:
 
 
 @contextmanager
-def scratch_database(keep: bool) -> Iterator[str]:
+def scratch_database(keep: bool, prefix: str = "bench_scale") -> Iterator[str]:
     """CREATE DATABASE on the server of DATABASE_URL; yields its URL; DROP DATABASE afterwards."""
     import psycopg
 
     server = os.environ["DATABASE_URL"]
-    name = f"bench_scale_{os.getpid()}"
+    name = f"{prefix}_{os.getpid()}"
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
