@@ -175,8 +175,13 @@ class EmbeddingStore:
             vectors = np.load(self.vectors_path(slide_key), mmap_mode="r")
         except (FileNotFoundError, ValueError, EOFError, OSError):
             return None
-        if vectors.ndim != 2 or vectors.shape != (len(xy), self.dim) or vectors.dtype != np.float32:
-            return None  # another embedding size, or a pair caught between two writers' replaces: a miss
+        # The vectors are replaced before the positions and rows only grow, so a vectors file longer than the
+        # positions is a writer between its two replaces (or one killed there): its first rows are the
+        # positions'. Shorter is damage, and another width another embedding size: a miss, never a wrong hit.
+        if vectors.ndim != 2 or vectors.shape[0] < len(xy) or vectors.shape[1] != self.dim:
+            return None
+        if vectors.dtype != np.float32:
+            return None
         return np.asarray(xy, dtype=np.int64).reshape(-1, 2)
 
     def lookup(self, slide_key: str, xy: np.ndarray) -> np.ndarray:
@@ -197,9 +202,11 @@ class EmbeddingStore:
         """Add these positions' vectors to the slide's file (rows already there keep their place and value);
         returns how many rows were added (0 when every position was there already).
 
-        The xy file is replaced before the vectors, and a reader takes a pair of different lengths as a
-        miss, so a reader never pairs a position with another position's vector. Rows only ever grow, so a
-        row number a reader holds stays valid.
+        The vectors file is replaced before the xy file, and rows only ever grow and keep their place, so a
+        reader (xy first, then vectors) always finds at least as many vectors as positions, the first of them
+        the positions' own: a reader in the middle of a write, or after a writer killed between its two
+        replaces, sees the file as it was before that write, never a miss and never a wrong pair. A row
+        number a reader holds stays valid.
         """
         xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -220,10 +227,10 @@ class EmbeddingStore:
                     return 0
                 old = np.load(self.vectors_path(slide_key), mmap_mode="r")
                 xy = np.concatenate([stored, xy[new]])
-                vectors = np.concatenate([np.asarray(old), vectors[new]])
+                vectors = np.concatenate([np.asarray(old[: len(stored)]), vectors[new]])
                 del old
             target = self.vectors_path(slide_key)
             target.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic(self._xy_path(slide_key), xy)
             _save_atomic(target, np.ascontiguousarray(vectors))
+            _save_atomic(self._xy_path(slide_key), xy)
         return added

@@ -48,10 +48,29 @@ def test_adding_patches_to_a_slide_keeps_the_rows_already_there(tmp_path: Path) 
     np.testing.assert_array_equal(on_disk[3], vectors(4, offset=100)[2])
 
 
+def test_a_writer_stopped_between_its_two_replaces_leaves_the_slide_as_it_was_and_the_next_write_keeps_it(
+    tmp_path: Path,
+) -> None:
+    """Two chunks of one slide are written by two processes: a reader in the middle of one's write (or after
+    a writer killed there) must see the rows already there, not take the whole slide as missing and embed
+    it again, and the next writer must not drop them."""
+    s = store(tmp_path)
+    s.put_slide("abc", np.array([[0, 0], [1, 0]]), vectors(2))
+    # the vectors of a third position replaced, the positions not yet
+    np.save(s.vectors_path("abc"), np.concatenate([vectors(2), vectors(1, offset=7)]))
+    assert s.lookup("abc", np.array([[1, 0], [0, 0], [2, 0]])).tolist() == [1, 0, -1]
+    assert s.put_slide("abc", np.array([[5, 0], [0, 0]]), vectors(2, offset=50)) == 1
+    assert s.lookup("abc", np.array([[0, 0], [1, 0], [5, 0]])).tolist() == [0, 1, 2]
+    on_disk = np.load(s.vectors_path("abc"))
+    assert on_disk.shape == (3, DIM)
+    np.testing.assert_array_equal(on_disk[:2], vectors(2))
+    np.testing.assert_array_equal(on_disk[2], vectors(2, offset=50)[0])
+
+
 def test_a_slide_whose_files_disagree_reads_as_missing(tmp_path: Path) -> None:
     s = store(tmp_path)
     s.put_slide("abc", np.array([[0, 0], [1, 0]]), vectors(2))
-    # a writer stopped between replacing the positions and the vectors: three positions, two vectors
+    # damage: more positions than vectors (a writer replaces the vectors first, so no write leaves this)
     np.save(s.vectors_path("abc").with_suffix(".xy.npy"), np.array([[0, 0], [1, 0], [2, 0]]))
     assert s.lookup("abc", np.array([[0, 0]])).tolist() == [-1]
     # and another embedding size is a miss too, never a wrongly shaped hit
