@@ -20,7 +20,8 @@ process (the embedded default, solo pool) cannot deadlock: it embeds everything 
 sent become no-ops. A worker killed mid-shard loses its database session and with it its locks; the round
 takes the piece over at its next poll, and the broker redelivers the message too (``acks_late``,
 ``reject_on_worker_lost``: at once when a pool child dies; on Redis after the visibility timeout when the
-whole worker does). A failed shard (a corrupt tile) fails the round with its message, which names the slide.
+whole worker does). A failed shard (a corrupt tile) fails the round with its message, which names the slide;
+so does a shard whose workers keep dying on it (``MAX_SHARD_STARTS``), instead of being redelivered for ever.
 A cancelled or failed round revokes the shards not yet started.
 
 After ingest, a ready slide's shards are queued at low priority (``learner.background``), so a round
@@ -72,6 +73,12 @@ ROUND_PRIORITY = 0
 # After its last piece is in, how long a round waits for the results of shards other workers finished,
 # only to credit them in its metrics.
 RESULT_GRACE_SECONDS = 2.0
+# A shard message is redelivered each time its worker process dies holding it (``reject_on_worker_lost``). A
+# shard that kills every worker that takes it (a decoder crash on a damaged tile, memory) would go round for
+# ever: past this many starts it fails, with a message naming its slides, and its round fails with it.
+MAX_SHARD_STARTS = 3
+# How long the broker's record of a shard's starts is kept (a shard never lives this long).
+STARTS_TTL_SECONDS = 24 * 3600
 
 
 class ShardFailed(LearnerError):
@@ -223,6 +230,22 @@ def load_pieces(refs: list[list[int]], patch_size: int, chunk_size: int) -> tupl
     return patch_ids, pieces
 
 
+def count_start(task_id: str) -> int:
+    """This shard message's starts so far, this one included (1 when the shared cache cannot be reached: a
+    shard is never refused for want of a count)."""
+    if not task_id:
+        return 1
+    from django.core.cache import cache
+
+    key = f"embed-shard-starts:{task_id}"
+    try:
+        cache.add(key, 0, timeout=STARTS_TTL_SECONDS)
+        return int(cache.incr(key))
+    except Exception:
+        logger.warning("Could not count the starts of shard %s", task_id, exc_info=True)
+        return 1
+
+
 def run_shard(payload: dict[str, Any], worker: str = "", task_id: str = "") -> dict[str, Any]:
     """The body of ``learner.tasks.embed_shard``: embed the pieces' missing patches into the store."""
     started = time.monotonic()
@@ -231,6 +254,13 @@ def run_shard(payload: dict[str, Any], worker: str = "", task_id: str = "") -> d
     patch_ids, pieces = load_pieces(payload["pieces"], patch_size, chunk_size)
     if not pieces:
         return {"embedded": 0, "busy": 0, "worker": worker}
+    starts = count_start(task_id)
+    if starts > MAX_SHARD_STARTS:
+        raise ShardFailed(
+            f"Embedding slide {describe(pieces)} was started {starts - 1} times and the worker process died each "
+            "time (out of memory, or a decoder crash on a damaged region?); the shard is not tried again. "
+            "Check the worker's log and the slide's file."
+        )
     backbone = worker_backbone(payload["backbone"], cfg)
     store = store_for(backbone, patch_size, cfg)
     expected = payload.get("model_id")

@@ -390,3 +390,34 @@ def test_cancelling_a_round_stops_its_shards_from_being_scheduled(shard_settings
     assert sum(w.text().count("Discarding revoked task") for w in workers) > discarded, logs
     assert {w.name: len(w.embedded()) for w in workers} == before
     assert 0 < len(store_positions(slide)) < n
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(120, func_only=True)
+def test_a_shard_that_keeps_killing_its_worker_is_refused_after_its_third_start(settings: Any, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A shard's message comes back each time its worker dies holding it; past MAX_SHARD_STARTS it fails with
+    the slide's name instead of going round for ever (a redelivery keeps the task id, which counts the starts)."""
+    settings.LEARNER = {**settings.LEARNER, "CACHE_DIR": str(tmp_path / "cache"), "SHARD_PATCHES": SHARD_PATCHES}
+    project = ProjectFactory()
+    slide = add_slide(project, cmu_crop(tmp_path, f"poison-{uuid.uuid4().hex[:6]}.tiff", 2048, 1024, 448, 448))
+    cfg = learner_settings()
+    backbone = embedding.platform_backbone(project.backbone, cfg)
+    store = embedding.store_for(backbone, project.patch_size, cfg)
+    ids, xy = [], []
+    for pk, x, y in Patch.objects.filter(slide=slide).values_list("id", "x", "y"):
+        ids.append(pk)
+        xy.append((x, y))
+    key = embedding.slide_key(slide.checksum, slide.pk, project.patch_size, project.patch_size)
+    pieces = shards_module.split(key, slide.pk, project.patch_size, np.array(ids), np.array(xy), SHARD_PATCHES)
+    payload = shards_module.shard_payload(
+        pieces[:1], project.backbone, store.model_id, project.patch_size, SHARD_PATCHES
+    )
+    task_id = f"poison-{uuid.uuid4()}"
+    first = shards_module.run_shard(payload, worker="w", task_id=task_id)
+    assert first["embedded"] == len(pieces[0].idx) > 0
+    for _ in range(shards_module.MAX_SHARD_STARTS - 1):  # redeliveries after a death: allowed, and no-ops now
+        assert shards_module.run_shard(payload, worker="w", task_id=task_id)["embedded"] == 0
+    with pytest.raises(shards_module.ShardFailed, match=rf"'{slide.name}' was started 3 times and the worker"):
+        shards_module.run_shard(payload, worker="w", task_id=task_id)
+    # another message of the same pieces (a later round's) is its own count
+    assert shards_module.run_shard(payload, worker="w", task_id=f"other-{uuid.uuid4()}")["embedded"] == 0
