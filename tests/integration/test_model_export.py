@@ -55,6 +55,7 @@ def platform_scores(version: ModelVersion, slide_id: int) -> dict[tuple[int, int
     return {where[int(pk)]: row for pk, row in zip(ids, probs, strict=True)}
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_a_model_exported_for_wsinfer_runs_in_wsinfer_and_onnx_and_gives_the_platform_s_probabilities(
     celery_worker_process: Any, tmp_path: Path, capsys: Any
