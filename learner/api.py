@@ -19,6 +19,7 @@ from rest_framework.response import Response
 from annotations.api import ADMIN_ONLY, EXPERTS, ProjectScoped
 from annotations.models import Patch
 from annotations.zip_stream import streaming_response
+from histoloop.schema import ErrorSerializer
 
 from . import model_export, scores, services
 from .models import ModelVersion, TrainingRound
@@ -232,10 +233,10 @@ class ModelExportView(ProjectScoped):
         ],
         responses={
             (200, "application/zip"): OpenApiTypes.BINARY,
-            400: OpenApiResponse(description="Unknown format."),
-            404: OpenApiResponse(description="No such model version in this project."),
-            409: OpenApiResponse(description="The version's round did not succeed (failed, cancelled or running)."),
-            410: OpenApiResponse(description="The version's weights were pruned."),
+            409: OpenApiResponse(
+                ErrorSerializer, description="The version's round did not succeed (failed, cancelled or unfinished)."
+            ),
+            410: OpenApiResponse(ErrorSerializer, description="The version's weights were pruned or are missing."),
         },
     )
     def get(self, request: Request, project_id: int, version_id: int) -> StreamingHttpResponse | Response:

@@ -20,7 +20,6 @@ import json
 import logging
 import shutil
 import statistics
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +55,12 @@ class ExportError(Exception):
 
 @dataclass(frozen=True)
 class Export:
-    """A built export: its files (name in the zip -> path on disk), in zip order."""
+    """A built export: its files (name in the zip -> their bytes, or their path on disk), in zip order."""
 
     version: ModelVersion
     fmt: str
     folder_name: str
-    files: dict[str, Path]
+    files: dict[str, bytes | Path]
     config: dict[str, Any]
 
     @property
@@ -120,7 +119,10 @@ def exports_dir() -> Path:
 
 
 def build(version: ModelVersion, fmt: str) -> Export:
-    """The version's export in ``fmt``, built once and cached (checks first: see ``check_exportable``)."""
+    """The version's export in ``fmt`` (checks first: see ``check_exportable``). The network file is built
+    once and cached; ``config.json`` is written afresh from the project each time (it is small, and its
+    spacing follows the project's slides)."""
+    from .core import export
     from .core.backbone import weights_digest
     from .core.classifier import load_model
     from .core.errors import LearnerError
@@ -129,35 +131,28 @@ def build(version: ModelVersion, fmt: str) -> Export:
     check_exportable(version)
     project = version.project
     weights = Path(version.weights_path)
+    network = export.TORCHSCRIPT_NAME if fmt == "wsinfer" else export.ONNX_NAME
     folder = exports_dir() / str(version.pk) / f"{fmt}-{EXPORT_LAYOUT}-{weights_digest(weights)}"
-    names = {"wsinfer": ["config.json", "torchscript_model.pt"], "onnx": ["config.json", "model.onnx"]}[fmt]
-    with held(lock_key("model-export", version.pk, fmt)):
-        if not all((folder / name).is_file() for name in names):
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{fmt}-"))
-            try:
-                classifier = load_model(weights)
-                description = (
-                    f"Histoloop project '{project.name}', round {version.round.number} "
-                    f"({version.backbone}, {version.train_mode} mode, {version.n_labels} labels)."
-                )
-                config = _config(classifier, project, description)
-                (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-                from .core import export
-
-                if fmt == "wsinfer":
-                    diff = export.save_torchscript(classifier, staging / export.TORCHSCRIPT_NAME)
-                else:
-                    diff = export.save_onnx(classifier, staging / export.ONNX_NAME)
+    try:
+        classifier = load_model(weights)
+        description = (
+            f"Histoloop project '{project.name}', round {version.round.number} "
+            f"({version.backbone}, {version.train_mode} mode, {version.n_labels} labels)."
+        )
+        config = _config(classifier, project, description)
+        with held(lock_key("model-export", version.pk, fmt)):
+            if not (folder / network).is_file():
+                for stale in folder.parent.glob(f"{fmt}-*"):  # other weights once under this id (a rebuilt database)
+                    shutil.rmtree(stale, ignore_errors=True)
+                folder.mkdir(parents=True, exist_ok=True)
+                save = export.save_torchscript if fmt == "wsinfer" else export.save_onnx
+                diff = save(classifier, folder / network)  # written atomically: a file there is whole
                 logger.info("Exported model version %s as %s (max difference from torch %.2g)", version.pk, fmt, diff)
-                shutil.rmtree(folder, ignore_errors=True)
-                staging.rename(folder)
-            except LearnerError as exc:
-                raise ExportError(f"The model could not be exported: {exc}", 409) from exc
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    config = json.loads((folder / "config.json").read_text())
-    return Export(version, fmt, _folder_name(version), {name: folder / name for name in names}, config)
+    except LearnerError as exc:
+        raise ExportError(f"The model could not be exported: {exc}", 409) from exc
+    files: dict[str, bytes | Path] = {export.CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode()}
+    files[network] = folder / network
+    return Export(version, fmt, _folder_name(version), files, config)
 
 
 def _config(classifier: Classifier, project: Project, description: str) -> dict[str, Any]:
@@ -175,9 +170,12 @@ def stream(export: Export) -> Iterator[bytes]:
     """The export as a zip, read from disk a chunk at a time: one folder named for the model, holding the
     files (the layout QuPath's WSInfer extension expects of a local model directory)."""
     archive = ZipStream()
-    for name, path in export.files.items():
-        entry = archive.open(f"{export.folder_name}/{name}", compress=name.endswith(".json"))
-        with path.open("rb") as fh:
+    for name, content in export.files.items():
+        if isinstance(content, bytes):
+            yield archive.add(f"{export.folder_name}/{name}", content, compress=True)
+            continue
+        entry = archive.open(f"{export.folder_name}/{name}", compress=False)
+        with content.open("rb") as fh:
             for block in iter(lambda fh=fh: fh.read(CHUNK), b""):  # type: ignore[misc]
                 entry.write(block)
                 if data := archive.take():

@@ -56,8 +56,11 @@ class Command(BaseCommand):
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             try:
-                for name, path in built.files.items():
-                    shutil.copyfile(path, staging / name)
+                for name, content in built.files.items():
+                    if isinstance(content, bytes):
+                        (staging / name).write_bytes(content)
+                    else:
+                        shutil.copyfile(content, staging / name)
                 shutil.rmtree(written, ignore_errors=True)
                 staging.rename(written)
             finally:
