@@ -7,17 +7,21 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from django.http import HttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from annotations.api import ADMIN_ONLY, ProjectScoped
+from annotations.api import ADMIN_ONLY, EXPERTS, ProjectScoped
 from annotations.models import Patch
+from annotations.zip_stream import streaming_response
+from histoloop.schema import ErrorSerializer
 
-from . import scores, services
+from . import model_export, scores, services
 from .models import ModelVersion, TrainingRound
 
 
@@ -204,3 +208,48 @@ def _overlay(image: Any, heat: Any) -> Any:
     base = image.convert("RGB").resize((heat.shape[1], heat.shape[0]))
     colours = (colormaps["jet"](heat)[..., :3] * 255).astype(np.uint8)
     return Image.blend(base, Image.fromarray(colours), alpha=0.4)
+
+
+class _FormatIsNotARenderer(DefaultContentNegotiation):
+    """``?format=`` names the export's format on the export endpoint, not one of DRF's renderers (which
+    would answer a bare 404 for ``onnx``): errors are rendered as JSON whatever it says."""
+
+    def filter_renderers(self, renderers: list[BaseRenderer], format: str) -> list[BaseRenderer]:
+        return [r for r in renderers if r.format == format] or list(renderers)
+
+
+class ModelExportView(ProjectScoped):
+    """A model version as a zip a client runs: ``?format=wsinfer`` (``config.json`` +
+    ``torchscript_model.pt``, for ``wsinfer run`` and QuPath's WSInfer extension) or ``?format=onnx``
+    (``model.onnx`` + the same ``config.json``). Experts and admins; see learner.model_export."""
+
+    roles = EXPERTS
+    content_negotiation_class = _FormatIsNotARenderer
+    renderer_classes = [JSONRenderer]  # for the errors; the export itself is a streamed zip
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("format", str, enum=list(model_export.FORMATS), description="wsinfer (default) or onnx.")
+        ],
+        responses={
+            (200, "application/zip"): OpenApiTypes.BINARY,
+            409: OpenApiResponse(
+                ErrorSerializer, description="The version's round did not succeed (failed, cancelled or unfinished)."
+            ),
+            410: OpenApiResponse(ErrorSerializer, description="The version's weights were pruned or are missing."),
+        },
+    )
+    def get(self, request: Request, project_id: int, version_id: int) -> StreamingHttpResponse | Response:
+        project, _ = self.load(request, project_id)
+        fmt = request.query_params.get("format", "wsinfer")
+        try:
+            model_export.check_format(fmt)
+            version = model_export.find_version(project, version_id)
+            built = model_export.build(version, fmt)
+        except model_export.ExportError as exc:
+            return Response({"detail": str(exc)}, status=exc.status)
+        response = streaming_response(
+            request._request, model_export.stream(built), content_type="application/zip", filename=built.filename
+        )
+        response["X-Model-Version"] = str(version.pk)
+        return response

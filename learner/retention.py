@@ -47,10 +47,13 @@ def prune_model_versions(keep: int, *, project_id: int | None = None, dry_run: b
         with transaction.atomic():
             report.score_rows += SlideScores.objects.filter(model_version_id__in=ids).delete()[0]
             ModelVersion.objects.filter(pk__in=ids).update(pruned_at=timezone.now())
-            transaction.on_commit(lambda files=files: _remove(files))  # type: ignore[misc]
+            transaction.on_commit(lambda files=files, ids=ids: _remove(files, ids))  # type: ignore[misc]
     return report
 
 
-def _remove(paths: list[str]) -> None:
+def _remove(paths: list[str], version_ids: list[int]) -> None:
+    from .model_export import remove_cached
+
     for path in paths:
         Path(path).unlink(missing_ok=True)
+    remove_cached(version_ids)  # exports built from those weights (learner.model_export) go with them

@@ -5,6 +5,11 @@ from . import api, api_labelling, api_map
 urlpatterns = [
     path("projects/<int:project_id>/rounds/", api.RoundListView.as_view(), name="round-list"),
     path("projects/<int:project_id>/rounds/<int:round_id>/cancel/", api.RoundCancelView.as_view(), name="round-cancel"),
+    path(
+        "projects/<int:project_id>/models/<int:version_id>/export/",
+        api.ModelExportView.as_view(),
+        name="model-export",
+    ),
     path("projects/<int:project_id>/map/", api_map.EmbeddingMapView.as_view(), name="embedding-map"),
     path("projects/<int:project_id>/heatmap/", api.HeatmapView.as_view(), name="heatmap"),
     path(

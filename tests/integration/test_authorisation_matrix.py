@@ -53,6 +53,7 @@ ENDPOINTS: list[tuple[str, str, set[str], Any]] = [
     ("get", "/api/v1/projects/{p}/heatmap/?slide={slide}", ALL, None),
     ("get", "/api/v1/projects/{p}/patches/{patch}/prediction/", EXPERTS, None),
     ("get", "/api/v1/projects/{p}/patches/{patch}/gradcam.png", EXPERTS, None),
+    ("get", "/api/v1/projects/{p}/models/{version}/export/?format=onnx", EXPERTS, None),
     ("get", "/api/v1/projects/{p}/slides/", ALL, None),
     ("post", "/api/v1/projects/{p}/slides/", ADMIN, "slide-upload"),
     ("get", "/api/v1/slides/{slide}/", ALL, None),
@@ -85,7 +86,7 @@ def call(client: APIClient, method: str, url: str, body: Any) -> Any:
 
 @pytest.mark.django_db
 def test_every_endpoint_answers_every_role_as_the_matrix_says() -> None:
-    from learner.models import TrainingRound
+    from learner.models import ModelVersion, TrainingRound
 
     project = ProjectFactory()
     slide = ingest.add_slide_from_path(project, SLIDES_DIR / "small.svs", launch=False)
@@ -96,7 +97,12 @@ def test_every_endpoint_answers_every_role_as_the_matrix_says() -> None:
     patch = Patch.objects.filter(slide=slide).first()
     assert patch is not None
     round_ = TrainingRound.objects.create(project=project, number=1)
-    ids = {"p": project.pk, "patch": patch.pk, "slide": slide.pk, "round": round_.pk}
+    # Of a queued round: members who may export get its 409, the rest 403 or 404, and nothing is built.
+    names = list(project.label_classes.values_list("name", flat=True))
+    version = ModelVersion.objects.create(
+        project=project, round=round_, backbone="b", train_mode="head", class_names=names
+    )
+    ids = {"p": project.pk, "patch": patch.pk, "slide": slide.pk, "round": round_.pk, "version": version.pk}
 
     other = ProjectFactory()
     clients = {role: logged_in(member(project, role)) for role in ("admin", "expert", "crowd")}

@@ -79,3 +79,19 @@ def test_a_dry_run_deletes_nothing_and_keep_must_be_at_least_one(tmp_path: Path)
         call_command("prune_models", "--keep", "0")
     with pytest.raises(CommandError, match="No project 'nowhere'"):
         call_command("prune_models", "--project", "nowhere")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_pruning_also_deletes_the_cached_exports_built_from_the_pruned_weights(tmp_path: Path) -> None:
+    from learner import model_export
+
+    made, _ = versions(tmp_path, 3)
+    cached = {}
+    for version in made:  # as learner.model_export.build leaves them
+        folder = model_export.exports_dir() / str(version.pk) / "wsinfer-1-abc"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "torchscript_model.pt").write_bytes(b"traced")
+        cached[version.pk] = folder.parent
+    call_command("prune_models", "--keep", "1", stdout=StringIO())
+    assert not cached[made[0].pk].exists() and not cached[made[1].pk].exists()
+    assert (cached[made[2].pk] / "wsinfer-1-abc" / "torchscript_model.pt").is_file()
