@@ -2,7 +2,7 @@
 today's path (one reader, torch eager) measured in the same run.
 
     .venv/bin/python tests/bench/bench_embed.py [--patches 1024] [--slide PATH] [--device cpu|cuda] [--batch N]
-                                                [--no-compile]
+                                                [--no-compile] [--shard 128] [--no-workers]
 
 Makes ``make_wsi.py``'s 80,000 x 60,000 px fixture unless it exists, and ingests it (and the JPEG 2000
 TCGA slide from ``../shared/data``) through the platform's import path (``ingest.add_slide_from_path`` +
@@ -15,6 +15,12 @@ TCGA slide from ``../shared/data``) through the platform's import path (``ingest
 3. end to end (read + forward + store, ``learner.embedding.pool_embeddings`` with an empty store): patches/s
    of today's path and of each backend × reader, the ratio to today's path, the time split between waiting
    for the reader and the forward pass, and the max abs difference of the stored vectors from today's.
+
+4. across worker processes: the round's sharded embedding (``learner.shards.embed_pool_sharded``, shards of
+   ``--shard`` patches on a queue of the run's own) with 1 process (the round alone, which embeds every shard
+   itself) and 2 (the round + one ``celery worker --pool solo`` on the queue, as ``compose.worker-gpu.yml``
+   runs it), each process at the default thread count and at half of it; patches/s, the ratio to 1 process,
+   who embedded what, and whether every patch was embedded exactly once.
 
 ``--device cuda`` (when a GPU is lent) runs step 3 on the GPU with torch and each reader and prints the
 reader/GPU split. The last line is one JSON object with every figure.
@@ -302,6 +308,100 @@ def print_e2e(row: dict[str, Any]) -> None:
     )
 
 
+# --- 4. across worker processes -------------------------------------------------------------------------------------
+
+
+def start_shard_worker(queue: str, store_dir: Path, threads: int, work: Path) -> tuple[subprocess.Popen, Path]:
+    """One ``celery worker --pool solo`` on ``queue`` over the run's database, media and store, ready and with
+    its backbone built (a worker on a host is long-lived: its start is not the shards' cost)."""
+    log = work / f"worker-{queue}.log"
+    env = dict(os.environ)
+    env.update(
+        LEARNER_CACHE_DIR=str(store_dir),
+        LEARNER_CPU_BACKEND="onnxruntime",
+        OMP_NUM_THREADS=str(threads),
+    )
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "histoloop", "worker", "-Q", queue, "--pool", "solo",
+             "--concurrency", "1", "-l", "info", "--without-gossip", "--without-mingle", "-n", f"{queue}@%h"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while "ready." not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"The shard worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+    return proc, log
+
+
+def sharded(
+    backbone: Any, warm: list[Any], patches: list[Any], cfg: Any, work: Path, processes: int, threads: int, shard: int
+) -> dict[str, Any]:
+    """The round's sharded embedding of ``patches`` (empty store) with ``processes`` processes in all."""
+    import torch
+
+    from learner import shards
+
+    queue = f"bench-embed-{os.getpid()}-{processes}-{threads}"
+    store_dir = Path(tempfile.mkdtemp(prefix="store-", dir=work))
+    (store_dir / "runtime").symlink_to(work / "runtime", target_is_directory=True)
+    run_cfg = dataclasses.replace(
+        cfg, CACHE_DIR=store_dir, CPU_BACKEND="onnxruntime", EMBED_READER="threads", EMBED_READERS=2,
+        SHARD_QUEUE=queue, SHARD_PATCHES=shard, DEVICE="cpu",
+    )  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    workers = [start_shard_worker(queue, store_dir, threads, work) for _ in range(processes - 1)]
+
+    def embed(chosen: list[Any]) -> tuple[float, dict[str, Any]]:
+        ids, slides, xs, ys, sizes = (
+            np.array([getattr(p, f) for p in chosen]) for f in ("pk", "slide_id", "x", "y", "size")
+        )
+        stats: dict[str, Any] = {}
+        started = time.perf_counter()
+        project = chosen[0].project
+        shards.embed_pool_sharded(
+            project.patch_size, ids, slides, xs, ys, sizes, backbone, project.backbone, run_cfg, stats=stats
+        )
+        return time.perf_counter() - started, stats
+
+    try:
+        embed(warm)  # builds each worker's backbone and runtime session, and the round's
+        clear_tile_caches()
+        elapsed, stats = embed(patches)
+    finally:
+        torch.set_num_threads(before)
+        for proc, _ in workers:
+            proc.terminate()
+        for proc, _ in workers:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        from histoloop.celery import app
+
+        with app.connection_for_write() as conn:  # the round's own shards, left as no-ops when it did them
+            conn.default_channel.queue_purge(queue)
+        shutil.rmtree(store_dir, ignore_errors=True)
+    by_workers = stats.get("by_workers", {})
+    embedded = int(stats.get("by_round", 0)) + sum(int(v) for v in by_workers.values())
+    return {
+        "processes": processes,
+        "threads_per_process": threads,
+        "shard_patches": shard,
+        "shards": stats.get("shards"),
+        "patches": len(patches),
+        "seconds": round(elapsed, 2),
+        "patches_s": round(len(patches) / elapsed, 1),
+        "by_round": stats.get("by_round"),
+        "by_workers": sum(int(v) for v in by_workers.values()),
+        "exactly_once": embedded == len(patches),
+        "load": load(),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slide", type=Path, default=None, help="default: make_wsi.py's 80,000 x 60,000 fixture")
@@ -309,6 +409,9 @@ def main() -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch", type=int, default=None, help="end-to-end batch size (default EMBED_BATCH_SIZE)")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out of step 1")
+    parser.add_argument("--shard", type=int, default=128, help="patches per shard in step 4")
+    parser.add_argument("--no-workers", action="store_true", help="leave step 4 (worker processes) out")
+    parser.add_argument("--only-workers", action="store_true", help="run step 4 only")
     args = parser.parse_args()
     slide_file = args.slide or make_wsi.default_path(80_000, 60_000)
     if not slide_file.exists():
@@ -320,6 +423,7 @@ def main() -> int:
     embedded.ensure_environment()
     os.environ.setdefault("DEBUG", "0")
     os.environ.setdefault("SECRET_KEY", "bench-embed-" + "x" * 40)
+    os.environ["LEARNER_BACKGROUND_EMBEDDING"] = "0"  # ingest queues no shards that nobody here takes
     # A stopped run (timeout, Ctrl-C) still drops its scratch database and removes its copy of the slide.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="histoloop-bench-embed-"))
@@ -359,6 +463,10 @@ def run(args: argparse.Namespace, slide_file: Path, work: Path) -> dict[str, Any
     backbone = platform_backbone(project.backbone, cfg)
     (work / "runtime").mkdir()
     out: dict[str, Any] = {"patches": len(patches), "slide": slide_file.name, "tolerance": EMBED_ATOL}
+
+    if args.only_workers:
+        out["workers"] = across_workers(backbone, slide_file, tcga, len(patches), cfg, work, args.shard)
+        return out
 
     if args.device == "cpu":
         print(f"\n1. Forward pass only: {BATCH} x 224 px, {backbone.cache_id}, 64 patches of the fixture", flush=True)
@@ -402,7 +510,46 @@ def run(args: argparse.Namespace, slide_file: Path, work: Path) -> dict[str, Any
         f"{best['patches_s'] / today:.2f}x today's path ({today:.1f}/s, mean of the two runs)"
         + (f"; goal >= {goal}x" if goal else "; GPU goal >= 2,000 patches/s")
     )
+    if args.device == "cpu" and not args.no_workers:
+        out["workers"] = across_workers(backbone, slide_file, tcga, len(patches), cfg, work, args.shard)
     return out
+
+
+def across_workers(
+    backbone: Any, slide_file: Path, tcga: Any, n: int, cfg: Any, work: Path, shard: int
+) -> list[dict[str, Any]]:
+    import torch
+
+    from annotations.models import Patch
+    from tests.factories import ProjectFactory
+
+    default = torch.get_num_threads()
+    print(
+        f"\n4. Across worker processes: the round's shards of {shard} patches, ONNX Runtime + 2 reader threads, "
+        f"{n} fixture patches, empty store (each process warmed on the TCGA slide first)",
+        flush=True,
+    )
+    # A round's pool is every patch of its slides, and a worker cuts a slide into the same chunks from the
+    # database: so the fixture is ingested again as a slide of its own that keeps only the middle n patches.
+    project = ProjectFactory(name=f"bench-embed-workers-{os.getpid()}")
+    slide = ingest_slide(project, slide_file)
+    patches = pick_patches(slide, n)
+    Patch.objects.filter(slide=slide).exclude(pk__in=[p.pk for p in patches]).delete()
+    warm = list(Patch.objects.filter(slide=tcga).order_by("id").select_related("project"))
+    rows: list[dict[str, Any]] = []
+    for processes, threads in ((1, default), (2, default), (2, max(1, default // 2)), (1, default)):
+        row = sharded(backbone, warm, patches, cfg, work, processes, threads, shard)
+        row["ratio_to_1"] = round(row["patches_s"] / rows[0]["patches_s"], 2) if rows else 1.0
+        rows.append(row)
+        print(
+            f"  {processes} process(es) x {threads} thread(s): {row['patches_s']:7.1f} patches/s "
+            f"({row['ratio_to_1']:.2f}x 1 process), {row['shards']} shards, embedded by the round "
+            f"{row['by_round']}, by the worker {row['by_workers']}, exactly once: {row['exactly_once']}; "
+            f"load {row['load']}",
+            flush=True,
+        )
+    print(f"  (1 process measured again last, to show how far the load moved it; {os.cpu_count()} CPUs here)")
+    return rows
 
 
 if __name__ == "__main__":
