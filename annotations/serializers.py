@@ -86,6 +86,8 @@ def check_project_backbone(name: str, weights: str) -> None:
         check_backbone(backbone_spec(name, learner_settings(), weights))
     except LearnerError as exc:
         raise serializers.ValidationError({field: str(exc)}) from exc
+    except OSError as exc:  # a path the file system refuses outright (too long, unreadable)
+        raise serializers.ValidationError({"backbone_weights": f"The weights path cannot be read: {exc}."}) from exc
 
 
 class MembershipSerializer(serializers.ModelSerializer):

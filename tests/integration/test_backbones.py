@@ -54,6 +54,8 @@ def test_the_api_refuses_weights_of_another_architecture_and_saves_nothing(weigh
     assert outside.status_code == 400 and "inside LEARNER_PRETRAINED_DIR" in outside.json()["backbone_weights"][0]
     missing = staff.post("/api/v1/projects/", {"name": "vit", "backbone": VIT, "backbone_weights": "nowhere.pth"})
     assert missing.status_code == 400 and "does not exist" in missing.json()["backbone_weights"][0]
+    too_long = staff.post("/api/v1/projects/", {"name": "vit", "backbone": VIT, "backbone_weights": "a" * 300})
+    assert too_long.status_code == 400 and "cannot be read" in too_long.json()["backbone_weights"][0]
     no_package = staff.post("/api/v1/projects/", {"name": "vit", "backbone": VIT})  # LEARNER_PRETRAINED=package
     assert no_package.status_code == 400 and "No installable package" in no_package.json()["backbone_weights"][0]
     assert Project.objects.count() == before
