@@ -15,7 +15,7 @@ import torch
 from django.conf import settings as django_settings
 
 from annotations.models import AnnotationTask, Project, Role
-from learner import embedding
+from learner import embedding, round_stages
 from learner.conf import learner_settings
 from learner.core.classifier import load_model
 from learner.models import ModelVersion, TrainingRound
@@ -88,6 +88,11 @@ def test_a_transformer_is_fed_at_its_own_input_size(weights: dict[str, str]) -> 
     assert embedding.image_size(64, embedding.platform_backbone("tf_efficientnet_lite0", cfg)) == 64
     store = embedding.store_for(vit, 64, cfg)
     assert store.model_id.startswith(f"{VIT}-{vit.weights_id}-224px") and store.dim == 192
+    # A round's training config (and so the classifier it saves, which exports read) says 224 too.
+    project = ProjectFactory(patch_size=64, backbone=VIT, backbone_weights=weights["vit"])
+    setup = round_stages.RoundSetup.of(project, 1, ["a", "b"], cfg)
+    assert setup.config.image_size == 64
+    assert setup.for_backbone(vit, project.patch_size).config.image_size == 224
 
 
 @pytest.mark.django_db(transaction=True)
