@@ -94,7 +94,19 @@ class Project(models.Model):
         default=100, validators=[MinValueValidator(1), MaxValueValidator(MAX_BATCH_SIZE)]
     )
     random_fraction = models.FloatField(default=0.1, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)])
-    backbone = models.CharField(max_length=100, default="tf_efficientnet_lite0", validators=[no_control_characters])
+    backbone = models.CharField(
+        max_length=100,
+        default="tf_efficientnet_lite0",
+        validators=[no_control_characters],
+        help_text="A timm model name (a CNN or a ViT) or a Hugging Face hub id, hf-hub:ORGANISATION/MODEL.",
+    )
+    backbone_weights = models.CharField(
+        max_length=500,
+        blank=True,
+        validators=[no_control_characters],
+        help_text="The backbone's weights file or folder, relative to LEARNER_PRETRAINED_DIR on the workers; "
+        "empty for the platform's LEARNER_PRETRAINED.",
+    )
     train_mode = models.CharField(max_length=16, choices=TrainMode.choices, default=TrainMode.HEAD)
     seed = models.IntegerField(default=0)
     suggestion_strip = models.CharField(

@@ -47,6 +47,7 @@ class ProjectSerializer(serializers.ModelSerializer):
             "batch_size",
             "random_fraction",
             "backbone",
+            "backbone_weights",
             "train_mode",
             "seed",
             "suggestion_strip",
@@ -59,6 +60,34 @@ class ProjectSerializer(serializers.ModelSerializer):
     def get_role(self, project: Project) -> str | None:
         roles = self.context.get("roles") or {}
         return roles.get(project.pk)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """A backbone the workers could not build with its weights is refused here, not by a failed round."""
+        current = self.instance
+        name = attrs.get("backbone", current.backbone if current else Project._meta.get_field("backbone").default)
+        weights = attrs.get("backbone_weights", current.backbone_weights if current else "")
+        if current is None or (name, weights) != (current.backbone, current.backbone_weights):
+            check_project_backbone(name, weights)
+        return attrs
+
+
+def check_project_backbone(name: str, weights: str) -> None:
+    """Raise a ValidationError on the field at fault if the backbone ``name`` cannot be built with ``weights``
+    (the project's own file or folder, or the platform's LEARNER_PRETRAINED): only the file's tensor shapes
+    are read and the network is built without memory, so even a foundation model's checkpoint takes a moment."""
+    from learner.conf import learner_settings
+    from learner.core import sources
+    from learner.core.backbone import check_backbone
+    from learner.core.errors import LearnerError
+    from learner.embedding import backbone_spec
+
+    field = "backbone" if not sources.known_name(name) else "backbone_weights"
+    try:
+        check_backbone(backbone_spec(name, learner_settings(), weights))
+    except LearnerError as exc:
+        raise serializers.ValidationError({field: str(exc)}) from exc
+    except OSError as exc:  # a path the file system refuses outright (too long, unreadable)
+        raise serializers.ValidationError({"backbone_weights": f"The weights path cannot be read: {exc}."}) from exc
 
 
 class MembershipSerializer(serializers.ModelSerializer):

@@ -293,6 +293,7 @@ LEARNER = {
     "DEVICE": os.environ.get("LEARNER_DEVICE", "auto"),
     "MAP_METHOD": os.environ.get("LEARNER_MAP_METHOD", "pca"),  # the embedding map's layout: pca | umap
     "PRETRAINED": os.environ.get("LEARNER_PRETRAINED", "package"),
+    "PRETRAINED_DIR": os.environ.get("LEARNER_PRETRAINED_DIR", str(BASE_DIR / "var" / "pretrained")),
     "MULTISCALE": env_bool("LEARNER_MULTISCALE", True),
     "SELF_TRAINING": env_bool("LEARNER_SELF_TRAINING", True),
     "CPU_BACKEND": os.environ.get("LEARNER_CPU_BACKEND", "auto"),

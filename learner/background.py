@@ -37,6 +37,7 @@ def queue_slide_embedding(slide_id: int) -> int:
         for chunk in range((n + chunk_size - 1) // chunk_size):
             payload = {
                 "backbone": project.backbone,
+                "weights": project.backbone_weights,
                 "model_id": None,  # the worker's own settings decide; a round's shards carry the round's
                 "patch_size": project.patch_size,
                 "chunk_size": chunk_size,

@@ -13,7 +13,9 @@ class LearnerSettings:
     WEIGHTS_DIR: Path = Path("var/models")
     CACHE_DIR: Path = Path("var/cache")
     DEVICE: str = "auto"
-    PRETRAINED: str = "package"  # "package" | "timm" (online) | "none" | a path to a weights file
+    PRETRAINED: str = "package"  # "package" | "timm" (online) | "none" | a path to a weights file or folder
+    # Where a project's own backbone weights (Project.backbone_weights, a path relative to this) are placed.
+    PRETRAINED_DIR: Path = Path("var/pretrained")
     MIN_LABELS: int = 6
     VALIDATION_FRACTION: float = 0.2
     STALE_AFTER_SECONDS: int = 180  # a running round silent for this long has lost its worker
@@ -51,6 +53,19 @@ class LearnerSettings:
     MAP_METHOD: str = "pca"
     # A round lays out its pool for the map (its "map" stage) unless the stored layout is of the same pool.
     MAP_IN_ROUNDS: bool = True
+
+
+def project_weights(value: str, cfg: LearnerSettings) -> str:
+    """The weights a project's backbone loads: its own file or folder under PRETRAINED_DIR (``value``, relative
+    to it), else the platform's PRETRAINED. Raises ValueError, with the sentence to show, for a path that
+    leaves PRETRAINED_DIR (a project admin must not make the worker read any file on the machine)."""
+    if not value:
+        return cfg.PRETRAINED
+    root = cfg.PRETRAINED_DIR.resolve()
+    path = (root / value).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise ValueError(f"Backbone weights must be a file or folder inside LEARNER_PRETRAINED_DIR ({root}).")
+    return str(path)
 
 
 def learner_settings() -> LearnerSettings:

@@ -28,7 +28,7 @@ from learner.core.embeddings import embed, embedding_model_id
 from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, report
 
 from . import inference
-from .conf import LearnerSettings
+from .conf import LearnerSettings, project_weights
 from .locks import slide_file_lock
 from .store_paths import cache_dir, slide_key
 
@@ -73,22 +73,34 @@ def load_patches(patch_ids: np.ndarray) -> list[Patch]:
     return [by_id[int(i)] for i in patch_ids]
 
 
-def image_size(patch_size: int) -> int:
-    """The side a project's patches are fed to the network at."""
+def image_size(patch_size: int, backbone: Backbone | None = None) -> int:
+    """The side a project's patches are fed to the network at: a transformer's own input size (its patch grid
+    and position embeddings are built for it), else the patch's side up to MAX_NATIVE_SIZE."""
+    if backbone is not None and backbone.input_size is not None:
+        return backbone.input_size
     return patch_size if patch_size <= MAX_NATIVE_SIZE else RESIZED_TO
 
 
-def backbone_spec(name: str, cfg: LearnerSettings) -> BackboneSpec:
-    return BackboneSpec(name=name, weights=cfg.PRETRAINED, multiscale=cfg.MULTISCALE)
+def backbone_spec(name: str, cfg: LearnerSettings, weights: str = "") -> BackboneSpec:
+    """``weights`` is the project's own (``Project.backbone_weights``, under PRETRAINED_DIR); "" is the platform's."""
+    try:
+        resolved = project_weights(weights, cfg)
+    except ValueError as exc:
+        raise LearnerError(str(exc)) from exc
+    return BackboneSpec(name=name, weights=resolved, multiscale=cfg.MULTISCALE)
 
 
-def platform_backbone(name: str, cfg: LearnerSettings) -> Backbone:
-    """The feature extractor a round of a project with backbone ``name`` embeds with."""
-    return create_backbone(backbone_spec(name, cfg))
+def platform_backbone(name: str, cfg: LearnerSettings, weights: str = "") -> Backbone:
+    """The feature extractor a round of a project with backbone ``name`` (and weights ``weights``) embeds with."""
+    return create_backbone(backbone_spec(name, cfg, weights))
+
+
+def project_backbone(project: Project, cfg: LearnerSettings) -> Backbone:
+    return platform_backbone(project.backbone, cfg, project.backbone_weights)
 
 
 def store_for(backbone: Backbone, patch_size: int, cfg: LearnerSettings) -> EmbeddingStore:
-    model_id = embedding_model_id(backbone, image_size(patch_size), cfg.TTA)
+    model_id = embedding_model_id(backbone, image_size(patch_size, backbone), cfg.TTA)
     return EmbeddingStore(
         cache_dir(cfg) / "slides",
         model_id,
@@ -204,7 +216,7 @@ def embed_missing(
         vectors = embed(
             backbone,
             patch_images(load_patches(patch_ids[pool_idx])),
-            image_size=image_size(patch_size),
+            image_size=image_size(patch_size, backbone),
             batch_size=cfg.EMBED_BATCH_SIZE,
             tta=cfg.TTA,
             device=cfg.DEVICE,

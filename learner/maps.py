@@ -104,7 +104,7 @@ def compute_project_map(
 ) -> EmbeddingMap | None:
     """Lay out the project's pool now (embedding from the pixels whatever the store lacks): the task's body.
     Returns the new map, or None when the stored one is already of this pool."""
-    from .embedding import platform_backbone, pool_embeddings
+    from .embedding import pool_embeddings, project_backbone
     from .round_stages import _pool_rows
 
     cfg = cfg or learner_settings()
@@ -114,7 +114,7 @@ def compute_project_map(
     patch_ids, slide_ids = rows[:, 0].copy(), rows[:, 1].copy()
     emb = pool_embeddings(
         project.patch_size, patch_ids, slide_ids, rows[:, 2], rows[:, 3], rows[:, 4],
-        platform_backbone(project.backbone, cfg), cfg, progress=progress, should_stop=should_stop,
+        project_backbone(project, cfg), cfg, progress=progress, should_stop=should_stop,
     )  # fmt: skip
     del rows
     result = layout_for_pool(

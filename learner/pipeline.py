@@ -31,7 +31,7 @@ from learner.core.strategies import margin
 
 from . import maps, scores, similar
 from .conf import LearnerSettings, learner_settings
-from .embedding import platform_backbone, store_for
+from .embedding import project_backbone, store_for
 from .events import broadcast, round_payload
 from .layout import Layout
 from .models import ModelVersion, TrainingRound
@@ -173,9 +173,10 @@ def _execute(run: RoundRun) -> None:
         raise RoundFailed("The project has no patches yet; add slides and wait until they are ready.")
 
     reporter.stage("embed")
-    backbone = platform_backbone(project.backbone, cfg)
+    backbone = project_backbone(project, cfg)
+    setup = setup.for_backbone(backbone, project.patch_size)
     embedding_stats: dict[str, Any] = {}
-    emb = embed_pool(pool, backbone, project.backbone, setup, embedding_stats)
+    emb = embed_pool(pool, backbone, project.backbone, setup, embedding_stats, project.backbone_weights)
     if run.write_scores:  # the simulator writes no scores and needs no "more like this" either
         store = store_for(backbone, project.patch_size, cfg)
         # Sent when the round publishes (on commit): the cpu worker builds the index from the store.

@@ -16,7 +16,7 @@ patches, and selections that read embeddings look at most at SELECT_SAMPLE candi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -95,6 +95,10 @@ class RoundSetup:
             progress=progress,
             should_stop=should_stop,
         )
+
+    def for_backbone(self, backbone: Backbone, patch_size: int) -> RoundSetup:
+        """This setup with the input side the backbone takes (a transformer's own, e.g. 224 for 64 px patches)."""
+        return replace(self, config=replace(self.config, image_size=image_size(patch_size, backbone)))
 
 
 @dataclass
@@ -240,13 +244,19 @@ def snapshot(project: Project, class_names: list[str]) -> Pool:
 
 
 def embed_pool(
-    pool: Pool, backbone: Backbone, backbone_name: str, setup: RoundSetup, stats: dict[str, Any] | None = None
+    pool: Pool,
+    backbone: Backbone,
+    backbone_name: str,
+    setup: RoundSetup,
+    stats: dict[str, Any] | None = None,
+    backbone_weights: str = "",
 ) -> Rows:
     """The pool's embeddings, what the store lacks spread as shards over every worker on the shard queue
     (``learner.shards``); ``stats`` gets the pass's counts."""
     return embed_pool_sharded(
         pool.patch_size, pool.patch_ids, pool.slide_ids, pool.xs, pool.ys, pool.sizes, backbone, backbone_name,
         setup.settings, progress=setup.progress, should_stop=setup.should_stop, stats=stats,
+        backbone_weights=backbone_weights,
     )  # fmt: skip
 
 

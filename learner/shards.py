@@ -188,12 +188,12 @@ def embed_pieces(
 _backbones: dict[Any, Backbone] = {}
 
 
-def worker_backbone(name: str, cfg: LearnerSettings) -> Backbone:
+def worker_backbone(name: str, cfg: LearnerSettings, weights: str = "") -> Backbone:
     """The backbone, built once per worker process (weights load in seconds; a shard may take less)."""
-    spec = (backbone_spec(name, cfg), cfg.DEVICE)
+    spec = (backbone_spec(name, cfg, weights), cfg.DEVICE)
     if spec not in _backbones:
         _backbones.clear()
-        _backbones[spec] = platform_backbone(name, cfg)
+        _backbones[spec] = platform_backbone(name, cfg, weights)
     return _backbones[spec]
 
 
@@ -261,7 +261,7 @@ def run_shard(payload: dict[str, Any], worker: str = "", task_id: str = "") -> d
             "time (out of memory, or a decoder crash on a damaged region?); the shard is not tried again. "
             "Check the worker's log and the slide's file."
         )
-    backbone = worker_backbone(payload["backbone"], cfg)
+    backbone = worker_backbone(payload["backbone"], cfg, payload.get("weights", ""))
     store = store_for(backbone, patch_size, cfg)
     expected = payload.get("model_id")
     if expected and expected != store.model_id:
@@ -293,9 +293,12 @@ def _slides_gone(pieces: list[Piece]) -> list[int]:
     return sorted(wanted - ready)
 
 
-def shard_payload(pieces: list[Piece], backbone_name: str, model_id: str, patch_size: int, chunk_size: int) -> dict:
+def shard_payload(
+    pieces: list[Piece], backbone_name: str, model_id: str, patch_size: int, chunk_size: int, weights: str = ""
+) -> dict:
     return {
         "backbone": backbone_name,
+        "weights": weights,  # the project's own (relative to each worker's LEARNER_PRETRAINED_DIR), "" for theirs
         "model_id": model_id,
         "patch_size": patch_size,
         "chunk_size": chunk_size,
@@ -319,6 +322,7 @@ class ShardedEmbedding:
     progress: ProgressFn | None
     should_stop: StopFn | None
     total: int  # patches of the pool
+    backbone_weights: str = ""  # the project's Project.backbone_weights, sent with each shard
     stats: dict[str, Any] = field(default_factory=dict)
     results: list[AsyncResult] = field(default_factory=list)
 
@@ -370,7 +374,7 @@ class ShardedEmbedding:
         sigs = [
             signature(
                 SHARD_TASK,
-                args=(shard_payload(s, name, self.store.model_id, self.patch_size, chunk_size),),
+                args=(shard_payload(s, name, self.store.model_id, self.patch_size, chunk_size, self.backbone_weights),),
                 queue=self.cfg.SHARD_QUEUE,
                 priority=ROUND_PRIORITY,
             )
@@ -427,6 +431,7 @@ def embed_pool_sharded(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     stats: dict[str, Any] | None = None,
+    backbone_weights: str = "",
 ) -> Rows:
     """``embedding.pool_embeddings`` spread over every worker on ``cfg.SHARD_QUEUE``; ``stats`` gets the
     pass's counts (patches, missing, shards, embedded by the round and by each worker)."""
@@ -448,7 +453,9 @@ def embed_pool_sharded(
                 piece.idx = idx[piece.idx]  # pool indices
                 if piece.missing:
                     pieces.append(piece)
-        run = ShardedEmbedding(store, backbone, backbone_name, patch_ids, patch_size, cfg, progress, should_stop, n)
+        run = ShardedEmbedding(
+            store, backbone, backbone_name, patch_ids, patch_size, cfg, progress, should_stop, n, backbone_weights
+        )
         run.stats = stats
         run.run(pack(pieces, cfg.SHARD_PATCHES))
         groups, todo = lookup_groups(store, patch_size, slide_ids, x, y, size, should_stop)

@@ -157,7 +157,7 @@ def source_embeddings(source: SourceSet, progress: Progress | None = None) -> np
     cfg = learner_settings()
     by_id = Patch.objects.select_related("slide", "project").in_bulk(list(source.patch_ids))
     patches = [by_id[int(pid)] for pid in source.patch_ids]
-    source.backbone = embedding.platform_backbone(source.project.backbone, cfg)
+    source.backbone = embedding.project_backbone(source.project, cfg)
     last = [time.monotonic()]
 
     def report(stage: str, fraction: float) -> None:

@@ -51,7 +51,7 @@ def reuse_bench_cache(source: sim.SourceSet) -> int:
 
     cfg = learner_settings()
     backbone = embedding.platform_backbone(source.project.backbone, cfg)
-    model_id = embedding_model_id(backbone, embedding.image_size(source.project.patch_size), cfg.TTA)
+    model_id = embedding_model_id(backbone, embedding.image_size(source.project.patch_size, backbone), cfg.TTA)
     bench = EmbeddingCache(BENCH_CACHE)
     platform = embedding.store_for(backbone, source.project.patch_size, cfg)
     patches = Patch.objects.select_related("slide", "project").in_bulk(list(source.patch_ids))

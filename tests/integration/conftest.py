@@ -36,6 +36,7 @@ def celery_worker_process(
     env["MEDIA_ROOT"] = str(settings.MEDIA_ROOT)
     env["LEARNER_CACHE_DIR"] = settings.LEARNER["CACHE_DIR"]
     env["LEARNER_WEIGHTS_DIR"] = settings.LEARNER["WEIGHTS_DIR"]
+    env["LEARNER_PRETRAINED_DIR"] = settings.LEARNER["PRETRAINED_DIR"]
     env.pop("TEST_DATABASE_NAME", None)
     with log.open("wb") as out:
         proc = subprocess.Popen(
