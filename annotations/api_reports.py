@@ -103,7 +103,7 @@ class LabellingSpeedView(ProjectScoped):
     def get(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
         raw = request.query_params.get("days", "30")
-        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= speed.MAX_DAYS):
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 3 and 1 <= int(raw) <= speed.MAX_DAYS):
             return Response({"detail": f"Give days as a whole number from 1 to {speed.MAX_DAYS}."}, status=400)
         body = dict(speed.cached_labelling_speed(project, int(raw)))
         from learner.models import ModelVersion

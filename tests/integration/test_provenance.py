@@ -307,7 +307,7 @@ def test_labelling_speed_per_annotator_and_mode_from_known_timestamps() -> None:
     assert cache_free["modes"]["similar"] == {"labels": 1, "seconds": 0.0, "per_hour": None}
 
     assert body["latest_model"] is None
-    for bad in ("0", "400", "x", "-1"):
+    for bad in ("0", "400", "x", "-1", "9" * 5000, "１"):
         response = client.get(f"/api/v1/projects/{project.pk}/labelling-speed/?days={bad}")
         assert response.status_code == 400 and "days" in response.json()["detail"]
     crowd = api_client(member(project, Role.CROWD))
