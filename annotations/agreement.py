@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import asdict
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.db import connection
 
 from .consensus import gold_labels, label_names, vote_records
-from .domain.agreement import annotator_reliability, project_agreement
-from .models import Project, Role, Vote
+from .domain.agreement import annotator_reliability, pair_agreement, project_agreement
+from .models import Consensus, Project, Role, Vote
 
 
 def agreement_report(project: Project) -> dict[str, Any]:
@@ -18,7 +20,7 @@ def agreement_report(project: Project) -> dict[str, Any]:
     records = vote_records(project)
     labels = label_names(project)
     if not records:
-        return {"overall": None, "per_class": {}, "annotators": [], "labels": labels}
+        return {"overall": None, "per_class": {}, "annotators": [], "labels": labels, "provenance": []}
     agreement = project_agreement(records, labels, roles={Role.CROWD})
     reliability = annotator_reliability(records, labels, gold=gold_labels(project, records))
     users = dict(get_user_model().objects.filter(pk__in=list(reliability)).values_list("pk", "username"))
@@ -42,4 +44,70 @@ def agreement_report(project: Project) -> dict[str, Any]:
             }
             for a, r in sorted(reliability.items(), key=lambda kv: users.get(int(kv[0]), ""))
         ],
+        "provenance": provenance_agreement(project),
     }
+
+
+_VOTE = Vote._meta.db_table
+# Each active vote of a mode against the active votes of the others on the same patch that the reference
+# admits: (mode, its label, the reference's label) -> pairs. Aggregated in PostgreSQL, along the
+# (patch, annotator) index: a project has millions of votes.
+_PAIRS_SQL = f"""
+SELECT v.provenance, v.label_id, r.label_id, COUNT(*) FROM {_VOTE} v
+JOIN {_VOTE} r ON r.patch_id = v.patch_id AND r.annotator_id <> v.annotator_id AND r.is_active
+WHERE v.project_id = %(project)s AND v.is_active AND {{reference}}
+GROUP BY 1, 2, 3
+"""
+_REFERENCES = {
+    # The experts' and admins' votes on the patch (never the voter's own).
+    "experts": "r.role = ANY(%(expert_roles)s)",
+    # Votes made blind to the model: labelled one at a time, no suggestion shown.
+    "independent": "r.provenance = 'manual' AND r.model_version_shown_id IS NULL",
+}
+_CONSENSUS_SQL = f"""
+SELECT v.provenance, v.label_id, c.label_id, COUNT(*) FROM {_VOTE} v
+JOIN {Consensus._meta.db_table} c ON c.patch_id = v.patch_id
+WHERE v.project_id = %(project)s AND v.is_active AND c.label_id IS NOT NULL AND c.status = ANY(%(final)s)
+GROUP BY 1, 2, 3
+"""
+_COUNTS_SQL = f"""
+SELECT provenance, COUNT(*), COUNT(DISTINCT annotator_id) FROM {_VOTE}
+WHERE project_id = %(project)s AND is_active GROUP BY 1
+"""
+
+
+def _pair_tables(sql: str, params: dict[str, Any]) -> dict[str, dict[tuple[int, int], int]]:
+    tables: dict[str, dict[tuple[int, int], int]] = defaultdict(dict)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for mode, answer, reference, n in cursor.fetchall():
+            tables[str(mode)][(int(answer), int(reference))] = int(n)
+    return tables
+
+
+def provenance_agreement(project: Project) -> list[dict[str, Any]]:
+    """Per mode a vote was made in (provenance), how its active votes agree with the final consensus, with
+    the experts' votes on the same patches, and with the independent votes (one at a time, no suggestion
+    shown) of other annotators: the raw share and Cohen's kappa over the (vote, reference) pairs.
+
+    So a project can see whether accepted suggestions are as good as independent votes. The consensus
+    comparison includes the vote itself in what it is compared with (that is what the consensus is); the
+    other two never compare a vote with its own annotator."""
+    params = {
+        "project": project.pk,
+        "expert_roles": [Role.EXPERT.value, Role.ADMIN.value],
+        "final": [Consensus.Status.AGREED.value, Consensus.Status.EXPERT.value],
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_COUNTS_SQL, params)
+        counts = {str(mode): (int(n), int(people)) for mode, n, people in cursor.fetchall()}
+    references = {"consensus": _pair_tables(_CONSENSUS_SQL, params)}
+    for name, condition in _REFERENCES.items():
+        references[name] = _pair_tables(_PAIRS_SQL.format(reference=condition), params)
+    rows = []
+    for mode in sorted(counts):
+        row: dict[str, Any] = {"provenance": mode, "n_votes": counts[mode][0], "n_annotators": counts[mode][1]}
+        for name, tables in references.items():
+            row[f"vs_{name}"] = asdict(pair_agreement(tables.get(mode, {})))
+        rows.append(row)
+    return rows

@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import queue, stats, voting
+from . import consensus, queue, stats, voting
 from .member_cache import member_project
 from .models import Consensus, LabelClass, Membership, Patch, Project, Role, Vote
 from .permissions import project_for, projects_with_roles
@@ -109,8 +109,17 @@ class ProjectDetailView(ProjectScoped):
         project, role = self.load(request, project_id)
         serializer = ProjectSerializer(project, data=request.data, partial=True, context={"roles": {project.pk: role}})
         serializer.is_valid(raise_exception=True)
-        serializer.save()
-        return Response(serializer.data)
+        weight_before = project.suggestion_weight
+        with transaction.atomic():
+            serializer.save()
+            recompute = project.suggestion_weight != weight_before
+            if recompute:
+                # Every suggestion-made vote now counts differently: the whole project, in bulk, on the worker.
+                consensus.schedule_project_recompute(project)
+        body = dict(serializer.data)
+        if recompute:
+            body["consensus_recompute"] = "queued"
+        return Response(body)
 
 
 class LabelListView(ProjectScoped):

@@ -14,7 +14,7 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from . import agreement, consensus, label_files, regions, training_set
+from . import agreement, consensus, label_files, regions, speed, training_set
 from .api import ADMIN_ONLY, EXPERTS, ProjectScoped, query_id
 from .models import Consensus, Patch, Role, Slide, Vote
 from .serializers import (
@@ -88,6 +88,40 @@ class AgreementView(ProjectScoped):
     def get(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
         return Response(agreement.agreement_report(project))
+
+
+class LabellingSpeedView(ProjectScoped):
+    """Labels per hour per annotator and per mode over the last ``days`` days (annotations.speed), and how the
+    labels the latest model trained on were made (recorded by its round at the snapshot)."""
+
+    roles = EXPERTS
+
+    @extend_schema(
+        parameters=[OpenApiParameter("days", OpenApiTypes.INT, description=f"1-{speed.MAX_DAYS}, default 30.")],
+        responses=OpenApiTypes.OBJECT,
+    )
+    def get(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        raw = request.query_params.get("days", "30")
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 3 and 1 <= int(raw) <= speed.MAX_DAYS):
+            return Response({"detail": f"Give days as a whole number from 1 to {speed.MAX_DAYS}."}, status=400)
+        body = dict(speed.cached_labelling_speed(project, int(raw)))
+        from learner.models import ModelVersion
+
+        version = ModelVersion.objects.filter(project=project).select_related("round").order_by("-created_at").first()
+        trained = None
+        if version is not None:
+            counts = (version.round.metrics or {}).get("label_provenance")
+            trained = {
+                "model_version": version.pk,
+                "round": version.round.number,
+                "n_labels": version.n_labels,
+                # None for a round from before modes were recorded at the snapshot.
+                "votes": counts,
+                "shares": speed.shares(counts) if counts is not None else None,
+            }
+        body["latest_model"] = trained
+        return Response(body)
 
 
 class RecomputeConsensusView(ProjectScoped):

@@ -8,6 +8,10 @@ Two ways to compute it, one mapping to rows:
 - :func:`recompute_project_consensus` in bulk (a round's snapshot, the admin's "recompute"): every
   voted patch with the project's method, Dawid-Skene and GLAD included, seeded with the gold labels.
 
+Suggestion-made votes (:data:`SUGGESTION_PROVENANCES`) count with the project's ``suggestion_weight`` in
+all three, and not at all when it is 0 (:func:`vote_weight`); changing the setting recomputes the project
+(``annotations.tasks.recompute_project_consensus_task``, on the worker).
+
 Whenever a patch ends ``contested``, :func:`send_contested_to_experts` queues it for expert review;
 it is the only place that rule is written. It runs where the status is written: after a vote that
 leaves its patch contested (in the vote's transaction), and for the rows a bulk recompute turned
@@ -17,8 +21,10 @@ contested patches: they were routed when they became so, and a round writes only
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from django.db import connection, transaction
@@ -41,6 +47,28 @@ PROBABILITY_TOLERANCE = 1e-3
 def label_names(project: Project) -> list[str]:
     """The project's label names in display order (the class index order of every model)."""
     return list(LabelClass.objects.filter(project=project).order_by("order").values_list("name", flat=True))
+
+
+# Votes whose label came from the model: the annotator accepted the suggestion strip's answer. Not
+# "similar" or "bulk": their label is the annotator's own call on patches they chose (the neighbours of
+# a patch, a lasso), no model answer is proposed for them, and they are experts' votes; a flipped strip
+# patch is "manual" (the annotator overruled the model), so it counts in full as well.
+SUGGESTION_PROVENANCES = frozenset({Vote.Provenance.ACCEPTED_SUGGESTION.value})
+
+
+def vote_weight(project: Project, provenance: str) -> float:
+    """How much a vote made this way counts in the project's consensus (0: it is left out)."""
+    return float(project.suggestion_weight) if provenance in SUGGESTION_PROVENANCES else 1.0
+
+
+def weighted_record(
+    project: Project, item: int, annotator: int, label: str, role: str, provenance: str
+) -> VoteRecord | None:
+    """A vote as the domain functions take it, weighted by how it was made; None when the project leaves it out."""
+    weight = vote_weight(project, provenance)
+    if weight <= 0:
+        return None
+    return VoteRecord(item=item, annotator=annotator, label=label, role=role, weight=weight)
 
 
 def consensus_options(project: Project) -> dict[str, Any]:
@@ -66,12 +94,16 @@ def consensus_fields(result: ConsensusResult, label: LabelClass | None) -> dict[
     }
 
 
-def vote_records(project: Project) -> list[VoteRecord]:
-    """Every active vote of the project, as the domain functions take them."""
+def vote_records(project: Project, *, weighted: bool = False) -> list[VoteRecord]:
+    """Every active vote of the project, as the domain functions take them; ``weighted``: as consensus
+    counts them (suggestion-made votes weighted, or left out; see :func:`vote_weight`)."""
     rows = Vote.objects.filter(project=project, is_active=True).values_list(
-        "patch_id", "annotator_id", "label__name", "role"
+        "patch_id", "annotator_id", "label__name", "role", "provenance"
     )
-    return [VoteRecord(item=p, annotator=a, label=lbl, role=r) for p, a, lbl, r in rows]
+    if not weighted:
+        return [VoteRecord(item=p, annotator=a, label=lbl, role=r) for p, a, lbl, r, _ in rows.iterator(10_000)]
+    records = (weighted_record(project, p, a, lbl, r, how) for p, a, lbl, r, how in rows.iterator(10_000))
+    return [record for record in records if record is not None]
 
 
 def gold_labels(project: Project, records: list[VoteRecord] | None = None) -> dict[int, str]:
@@ -100,7 +132,7 @@ def _queue_reviews(project: Project, patch_ids: Iterable[int]) -> int:
 
 
 _ACTIVE_VOTES_SQL = """
-SELECT annotator_id, label_id, role FROM annotations_vote
+SELECT annotator_id, label_id, role, provenance FROM annotations_vote
 WHERE patch_id = %(patch)s AND is_active ORDER BY created_at, id
 """
 # One row per patch (patch_id is unique); a new row starts without a model version, an existing one keeps its own.
@@ -128,7 +160,8 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
     # Runs on every vote: two prepared statements (annotations.prepared), no ORM query building.
     votes = prepared.rows(_ACTIVE_VOTES_SQL, {"patch": patch_id})
     name_of = {lc.pk: lc.name for lc in labels}
-    records = [VoteRecord(item=patch_id, annotator=a, label=name_of[lbl], role=r) for a, lbl, r in votes]
+    weighed = (weighted_record(project, patch_id, a, name_of[lbl], r, how) for a, lbl, r, how in votes)
+    records = [record for record in weighed if record is not None]
     if records:
         result = consensus_for_item(records, [lc.name for lc in labels], **consensus_options(project))
         label = next((lc for lc in labels if lc.name == result.label), None) if result.label else None
@@ -182,10 +215,12 @@ def recompute_consensus_many(
     names = [lc.name for lc in labels]
     by_patch: dict[int, list[VoteRecord]] = {pid: [] for pid in ids}
     votes = Vote.objects.filter(patch_id__in=ids, is_active=True).values_list(
-        "patch_id", "annotator_id", "label_id", "role"
+        "patch_id", "annotator_id", "label_id", "role", "provenance"
     )
-    for pid, a, lbl, r in votes.iterator(chunk_size=10_000):
-        by_patch[pid].append(VoteRecord(item=pid, annotator=a, label=name_of[lbl], role=r))
+    for pid, a, lbl, r, how in votes.iterator(chunk_size=10_000):
+        record = weighted_record(project, pid, a, name_of[lbl], r, how)
+        if record is not None:
+            by_patch[pid].append(record)
     options = consensus_options(project)
     rows: dict[int, Consensus] = {}
     for pid, records in by_patch.items():
@@ -212,19 +247,54 @@ def recompute_consensus_many(
 def recompute_project_consensus(project: Project) -> int:
     """Batch consensus with the project's method (the iterative ones run here), seeded with gold.
 
-    Returns the number of consensus rows written. The patches it turned contested (new rows, or rows
+    Returns the number of consensus rows computed. The patches it turned contested (new rows, or rows
     that were not contested before) get their expert review in the same transaction; contested rows
-    it leaves as they were were routed when they became contested.
+    it leaves as they were were routed when they became contested. A row whose votes no longer count
+    (each left out by the suggestion weight) goes back to pending.
     """
-    records = vote_records(project)
-    if not records:
-        return 0
-    results = batch_consensus(
-        records,
-        label_names(project),
-        **consensus_options(project),
-        gold=gold_labels(project, records),
-        seed=project.seed,
+    with _project_lock(project):
+        return _recompute_project(project)
+
+
+@contextmanager
+def _project_lock(project: Project) -> Iterator[None]:
+    """One batch recompute of a project at a time (a round's snapshot, a settings change on the worker, the
+    admin's button): two at once would both create the same new rows. A session-level advisory lock, so
+    the long read and fit before the write need no open transaction; a killed worker's lock goes with its
+    connection."""
+    key = int.from_bytes(
+        hashlib.blake2b(f"consensus:{project.pk}".encode(), digest_size=8).digest(), "big", signed=True
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(%s)", [key])
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+
+
+def schedule_project_recompute(project: Project) -> None:
+    """Recompute the project's consensus on the worker once the caller's transaction commits (at a million
+    patches, with Dawid-Skene, it takes minutes: not something a settings request waits for)."""
+    from .tasks import recompute_project_consensus_task
+
+    project_id = project.pk
+    transaction.on_commit(lambda: recompute_project_consensus_task.delay(project_id))
+
+
+def _recompute_project(project: Project) -> int:
+    records = vote_records(project, weighted=True)
+    results = (
+        batch_consensus(
+            records,
+            label_names(project),
+            **consensus_options(project),
+            gold=gold_labels(project, records),
+            seed=project.seed,
+        )
+        if records
+        else {}
     )
     by_name = {lc.name: lc for lc in LabelClass.objects.filter(project=project)}
     existing = {
@@ -234,6 +304,12 @@ def recompute_project_consensus(project: Project) -> int:
         .iterator(chunk_size=10_000)
     }
     create, update, contested = [], [], []
+    pending = _pending_fields(project)
+    for pid, row in existing.items():
+        if pid not in results and _changed(row, pending):
+            for field, value in pending.items():
+                setattr(row, field, value)
+            update.append(row)
     for item, result in results.items():
         row = existing.get(int(item))
         fields = consensus_fields(result, by_name.get(result.label or ""))

@@ -116,6 +116,12 @@ class Project(models.Model):
         help_text="Who may accept the model's suggestions in a strip; off for the crowd by default, as seeing "
         "the model's answer first anchors a student's vote.",
     )
+    suggestion_weight = models.FloatField(
+        default=1.0,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="How much a vote that accepted the model's suggestion counts in consensus, from 1 (as much as "
+        "any vote) to 0 (not at all: such votes are left out). Changing it recomputes the project's consensus.",
+    )
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -51,6 +51,7 @@ class ProjectSerializer(serializers.ModelSerializer):
             "train_mode",
             "seed",
             "suggestion_strip",
+            "suggestion_weight",
             "created_at",
             "label_classes",
             "role",

@@ -26,6 +26,9 @@ urlpatterns = [
     path("projects/<int:project_id>/overlay/", api_reports.OverlayView.as_view(), name="overlay"),
     path("projects/<int:project_id>/agreement/", api_reports.AgreementView.as_view(), name="agreement"),
     path(
+        "projects/<int:project_id>/labelling-speed/", api_reports.LabellingSpeedView.as_view(), name="labelling-speed"
+    ),
+    path(
         "projects/<int:project_id>/consensus/recompute/",
         api_reports.RecomputeConsensusView.as_view(),
         name="consensus-recompute",

@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from annotations import queue
 from annotations.models import LabelClass, Project
+from annotations.speed import trained_label_modes
 from learner.core.classifier import Classifier, save_model
 from learner.core.errors import Cancelled, LearnerError
 from learner.core.strategies import margin
@@ -171,6 +172,8 @@ def _execute(run: RoundRun) -> None:
     pool = snapshot(project, class_names)
     if not len(pool):
         raise RoundFailed("The project has no patches yet; add slides and wait until they are ready.")
+    # How the labels just taken were made (votes per mode), for the dashboard's share of each mode.
+    label_modes = trained_label_modes(project)
 
     reporter.stage("embed")
     backbone = project_backbone(project, cfg)
@@ -190,6 +193,7 @@ def _execute(run: RoundRun) -> None:
         layout = _map(run, pool, emb)
         reporter.stage("publish")
         metrics = {"cold_start": True, "n_labels": len(pool.labelled), "reason": reason, "embedding": embedding_stats}
+        metrics["label_provenance"] = label_modes
         publish(run, RoundResult(chosen, metrics, len(pool.labelled), class_names, layout=layout))
         return
 
@@ -200,6 +204,7 @@ def _execute(run: RoundRun) -> None:
     reporter.stage("evaluate")
     metrics = evaluate_model(clf, pool, emb, split, backbone, setup)
     metrics["embedding"] = embedding_stats
+    metrics["label_provenance"] = label_modes
     refit = refit_for_deployment(pool, emb, split, backbone, setup)
     if refit is not None:
         clf, metrics["deployed"] = refit, "refit on all labels"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,3 +225,35 @@ def annotator_reliability(
             ds_confusion=ds_confusion.get(annotator),
         )
     return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Agreement of a group of votes with a reference (the provenance split)
+
+
+@dataclass(frozen=True)
+class PairAgreement:
+    """How often one set of answers matches a reference, over ``n_pairs`` (answer, reference) pairs on the
+    same items: the raw share and Cohen's kappa (chance-corrected with both sides' label frequencies)."""
+
+    n_pairs: int
+    agreement: float | None
+    kappa: float | None
+
+
+def pair_agreement(pairs: Mapping[tuple[Hashable, Hashable], int]) -> PairAgreement:
+    """``pairs`` maps (answer, reference) -> how many times that pair occurs (an aggregate query's rows).
+
+    Kappa is None where it is undefined (no pairs, or both sides used one and the same single label)."""
+    n = sum(pairs.values())
+    if n <= 0:
+        return PairAgreement(0, None, None)
+    observed = sum(count for (answer, reference), count in pairs.items() if answer == reference) / n
+    answers: Counter[Hashable] = Counter()
+    references: Counter[Hashable] = Counter()
+    for (answer, reference), count in pairs.items():
+        answers[answer] += count
+        references[reference] += count
+    expected = sum(answers[label] * references[label] for label in answers) / (n * n)
+    kappa = (observed - expected) / (1 - expected) if expected < 1 else None
+    return PairAgreement(n, observed, kappa)

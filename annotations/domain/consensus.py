@@ -27,6 +27,16 @@ Rules shared by every method (documented here because the statuses feed the queu
   4. "agreed": otherwise.
 - `agreement` is the share of all the item's votes (crowd and expert) equal to the label; 0.0 when the
   label is None. `confidence` is the posterior probability of the label; 0.0 when the label is None.
+
+Vote weights (`VoteRecord.weight`, in (0, 1]; 1 unless the caller says otherwise): a project may count
+votes that accepted the model's suggestion for less than an independent vote (annotations.consensus
+drops the ones it excludes, weight 0, before they get here). A weight scales the vote wherever votes are
+summed: the cheap methods' scores, the experts' decision, the share of crowd votes disagreeing, and
+`agreement`. It does not scale the quorum: a down-weighted vote is still one more person's vote towards
+`votes_required` and `vote_count`. The iterative methods cannot weight a vote inside their fit
+(crowd-kit takes none), so a weight w < 1 interpolates geometrically between the method's posterior
+with those votes counted fully and without them: posterior ∝ with^w · without^(1-w). For Dawid–Skene
+with its confusion matrices held fixed, that is each such vote's likelihood raised to the power w.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -75,6 +85,7 @@ class VoteRecord:
     annotator: Annotator
     label: str
     role: str
+    weight: float = 1.0  # see "Vote weights" in the module docstring
 
     @property
     def is_expert(self) -> bool:
@@ -127,6 +138,11 @@ def validate_votes(votes: Iterable[VoteRecord], labels: Sequence[str]) -> None:
                 f"Vote by annotator {vote.annotator!r} on item {vote.item!r} has label {vote.label!r}, "
                 f"which is not one of the project's labels {list(labels)!r}; add the label class or fix the vote."
             )
+        if not (isinstance(vote.weight, int | float) and 0 < vote.weight <= 1):
+            raise ValueError(
+                f"Vote by annotator {vote.annotator!r} on item {vote.item!r} has weight {vote.weight!r}; a weight "
+                "must be above 0 and at most 1 (leave out the votes that must not count)."
+            )
         if vote.role not in ROLES:
             raise ValueError(
                 f"Vote by annotator {vote.annotator!r} on item {vote.item!r} has role {vote.role!r}; "
@@ -178,7 +194,7 @@ def _normalise(scores: Mapping[str, float], labels: Sequence[str]) -> dict[str, 
 def _counts(votes: Iterable[VoteRecord], labels: Sequence[str], weight: float = 1.0) -> dict[str, float]:
     scores = dict.fromkeys(labels, 0.0)
     for vote in votes:
-        scores[vote.label] += weight
+        scores[vote.label] += weight * vote.weight
     return scores
 
 
@@ -238,10 +254,10 @@ def _result(
     elif len(crowd) < votes_required:
         status, label = PENDING, None
     else:
-        disagreeing = sum(1 for v in crowd if v.label != leading) / len(crowd)
+        disagreeing = _weighted_share(crowd, lambda v: v.label != leading)
         status = CONTESTED if (tied or disagreeing > contested_threshold) else AGREED
 
-    agreement = sum(1 for v in votes if v.label == label) / len(votes) if (label is not None and votes) else 0.0
+    agreement = _weighted_share(votes, lambda v: v.label == label) if (label is not None and votes) else 0.0
     return ConsensusResult(
         item=item,
         label=label,
@@ -252,6 +268,12 @@ def _result(
         agreement=agreement,
         status=status,
     )
+
+
+def _weighted_share(votes: Sequence[VoteRecord], condition: Callable[[VoteRecord], bool]) -> float:
+    """The weight of the votes meeting ``condition`` over the weight of all (the plain share when every weight is 1)."""
+    total = sum(v.weight for v in votes)
+    return sum(v.weight for v in votes if condition(v)) / total if total > 0 else 0.0
 
 
 def group_by_item(votes: Iterable[VoteRecord]) -> dict[Item, list[VoteRecord]]:
@@ -346,10 +368,7 @@ def batch_consensus(
         }
 
     truth = _truth_labels(by_item, labels, gold_labels)
-    if method == "dawid_skene":
-        posteriors = fit_dawid_skene(votes, labels, truth=truth).posteriors
-    else:
-        posteriors = _fit_glad_or_mace(votes, labels, method, seed)
+    posteriors = _iterative_posteriors(votes, labels, method, truth, seed)
 
     results: dict[Item, ConsensusResult] = {}
     for item, item_votes in by_item.items():
@@ -362,6 +381,37 @@ def batch_consensus(
             posterior = _normalise(_counts(item_votes, labels), labels)
         results[item] = finish(item, item_votes, posterior)
     return results
+
+
+def _iterative_posteriors(
+    votes: Sequence[VoteRecord], labels: Sequence[str], method: str, truth: Mapping[Item, str], seed: int
+) -> dict[Item, dict[str, float]]:
+    """The iterative method's posteriors, with down-weighted votes interpolated (see "Vote weights")."""
+
+    def fit(used: Sequence[VoteRecord]) -> tuple[dict[Item, dict[str, float]], dict[str, float] | None]:
+        if method == "dawid_skene":
+            found = fit_dawid_skene(used, labels, truth=truth)
+            return found.posteriors, found.priors or None
+        return _fit_glad_or_mace(used, labels, method, seed), None
+
+    weights = {v.weight for v in votes if v.weight < 1}
+    if not weights:
+        return fit(votes)[0]
+    if len(weights) > 1:
+        raise ValueError(
+            f"The iterative methods take one weight below 1 for all down-weighted votes, not {sorted(weights)!r}."
+        )
+    (w,) = weights
+    with_them, _ = fit(votes)
+    without, priors = fit([v for v in votes if v.weight == 1])
+    # An item only the down-weighted votes speak for leans on the prior (Dawid-Skene's class priors, else uniform).
+    fallback = priors or dict.fromkeys(labels, 1.0 / len(labels))
+    blended: dict[Item, dict[str, float]] = {}
+    for item, full in with_them.items():
+        base = without.get(item, fallback)
+        scores = {label: (full[label] ** w) * (base.get(label, 0.0) ** (1 - w)) for label in labels}
+        blended[item] = _normalise(scores, labels)
+    return blended
 
 
 def _validate_gold(gold: Mapping[Any, str], labels: Sequence[str]) -> None:

@@ -1,7 +1,9 @@
-"""The admin dashboard in a real browser: a training round started from the page, followed live."""
+"""The admin dashboard in a real browser: a training round started from the page, followed live; labelling speed
+per mode and the suggestion weight."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -9,6 +11,7 @@ from playwright.sync_api import expect
 
 from annotations.consensus import recompute_consensus
 from annotations.models import Role, Vote
+from tests.integration.conftest import wait_for
 
 from .conftest import login, screenshot, url_exists
 
@@ -65,3 +68,100 @@ def test_an_admin_starts_a_round_and_watches_it_succeed_without_reloading(
         expect(page.locator("#confusion-table")).to_be_visible()
         expect(page.locator("#learning-curve .uplot")).to_be_visible()
     screenshot(page, "dashboard-round-succeeded")
+
+
+def test_the_dashboard_shows_labelling_speed_per_mode_and_the_weight_of_suggestions_recomputes_consensus(
+    page: Any, make_project: Any, make_member: Any, committed: Any, celery_worker_process: Any
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from annotations import consensus, speed
+    from annotations.models import Consensus
+    from learner.models import ModelVersion, TrainingRound
+
+    seeded = make_project(queue=False, consensus_method="majority", votes_required=1)
+    project, patches = seeded.project, seeded.patches
+    make_member(project, Role.ADMIN, username="e2e-speed-admin")
+    expert = make_member(project, Role.EXPERT, username="e2e-speed-expert")
+    strip = [make_member(project, Role.EXPERT, username=f"e2e-speed-strip{i}") for i in (1, 2)]
+    t0 = timezone.now() - timedelta(hours=1)
+    second = timedelta(seconds=1)
+
+    def cast(user: Any, patch: Any, label: Any, at: Any, provenance: str, spent_ms: int = 0) -> None:
+        vote = Vote.objects.create(
+            project=project,
+            patch=patch,
+            annotator=user,
+            label=label,
+            role=Role.EXPERT,
+            provenance=provenance,
+            time_spent_ms=spent_ms,
+        )
+        Vote.objects.filter(pk=vote.pk).update(created_at=at)
+
+    with committed():
+        benign, squamous = (project.label_classes.get(name=n) for n in ("benign", "squamous"))
+        # One at a time: 4 labels, the first timed 30 s by the client, then 30 s apart: 120 s, 120 per hour.
+        for i in range(4):
+            cast(expert, patches[i], benign, t0 + 30 * i * second, "manual", spent_ms=30_000 if i == 0 else 0)
+        # A lasso of 6, 30 s after the last single vote: 720 per hour.
+        for i in range(6):
+            cast(expert, patches[4 + i], squamous, t0 + 120 * second + timedelta(microseconds=i), "bulk")
+        # Two experts accept 10 suggestions each, 3 s apart (the first timed 3 s): 20 labels in 60 s, 1,200 per hour.
+        for user in strip:
+            for i in range(10):
+                cast(user, patches[i], squamous, t0 + 3 * i * second, "accepted-suggestion", 3000 if i == 0 else 0)
+        consensus.recompute_project_consensus(project)
+        assert Consensus.objects.get(patch=patches[0]).label == squamous  # two suggestions outvote one hand
+        # The latest model's round, with the modes recorded at its snapshot (manual 4, bulk 6, suggestions 20).
+        round_ = TrainingRound.objects.create(
+            project=project,
+            number=1,
+            state="succeeded",
+            metrics={"label_provenance": speed.trained_label_modes(project)},
+        )
+        ModelVersion.objects.create(
+            project=project,
+            round=round_,
+            backbone="test",
+            train_mode="head",
+            weights_path="",
+            class_names=["adenocarcinoma", "benign", "squamous"],
+            n_labels=10,
+        )
+
+    login(page, "e2e-speed-admin", next_path=f"/projects/{project.pk}/dashboard/")
+    modes = page.locator("#speed-modes")
+    expect(modes.locator("tr[data-mode='manual'] [data-field='per-hour']")).to_have_text("120")
+    expect(modes.locator("tr[data-mode='bulk'] [data-field='per-hour']")).to_have_text("720")
+    expect(modes.locator("tr[data-mode='accepted-suggestion'] [data-field='per-hour']")).to_have_text(
+        re.compile(r"^1\D?200$")
+    )
+    expect(modes.locator("tr[data-mode='manual'] [data-field='share']")).to_have_text("13%")
+    expect(modes.locator("tr[data-mode='bulk'] [data-field='share']")).to_have_text("20%")
+    expect(modes.locator("tr[data-mode='accepted-suggestion'] [data-field='share']")).to_have_text("67%")
+    expect(modes.locator("tr[data-mode='accepted-suggestion'] th")).to_have_text("Accepted suggestion")
+    expect(page.locator("#speed-model-note")).to_contain_text("round 1")
+    person = page.locator("#speed-annotators tr[data-annotator='e2e-speed-strip1'][data-mode='accepted-suggestion']")
+    expect(person.locator("[data-field='per-hour']")).to_have_text(re.compile(r"^1\D?200$"))
+    expect(page.locator("#provenance-table tr[data-provenance='accepted-suggestion']")).to_contain_text("20")
+    screenshot(page, "dashboard-labelling-speed")
+
+    # The admin leaves accepted suggestions out: the worker recomputes, and the hand label wins.
+    weight = page.get_by_label("Weight of votes that accepted the model's suggestion")
+    expect(weight).to_have_value("1")
+    weight.fill("0")
+    page.locator("#suggestion-weight-form").get_by_role("button", name="Save").click()
+    expect(page.locator("#suggestion-weight-message")).to_contain_text("recomputing")
+
+    def recomputed() -> bool:
+        with committed():
+            return Consensus.objects.get(patch=patches[0]).label_id == benign.pk
+
+    wait_for(recomputed, timeout=60, message="the worker to recompute consensus without the suggestions")
+    with committed():
+        project.refresh_from_db()
+        assert project.suggestion_weight == 0.0
+        assert Consensus.objects.get(patch=patches[0]).vote_count == 1

@@ -43,6 +43,8 @@ ENDPOINTS: list[tuple[str, str, set[str], Any]] = [
     ("get", "/api/v1/projects/{p}/stats/", ALL, None),
     ("get", "/api/v1/projects/{p}/overlay/?slide={slide}", ALL, None),
     ("get", "/api/v1/projects/{p}/agreement/", EXPERTS, None),
+    ("get", "/api/v1/projects/{p}/labelling-speed/", EXPERTS, None),
+    ("patch", "/api/v1/projects/{p}/", ADMIN, {"suggestion_weight": 0.5}),
     ("post", "/api/v1/projects/{p}/consensus/recompute/", ADMIN, None),
     ("get", "/api/v1/projects/{p}/export/?format=csv&kind=votes", EXPERTS, None),
     ("post", "/api/v1/projects/{p}/import/", EXPERTS, "upload"),

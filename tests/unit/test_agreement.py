@@ -185,3 +185,16 @@ def test_it_lists_only_untied_expert_decisions_as_expert_labels() -> None:
 def test_it_rejects_an_unknown_label() -> None:
     with pytest.raises(ValueError, match="not one of the project's labels"):
         project_agreement([crowd(0, 1, "z")], LABELS)
+
+
+def test_pair_agreement_gives_the_share_and_cohens_kappa_of_a_pair_table() -> None:
+    from annotations.domain.agreement import pair_agreement
+
+    # 10 pairs: 4 (a, a), 3 (b, b), 2 (a, b), 1 (b, a). Observed 0.7; answers a 6 b 4, reference a 5 b 5:
+    # chance (6*5 + 4*5) / 100 = 0.5, so kappa (0.7 - 0.5) / 0.5 = 0.4.
+    found = pair_agreement({("a", "a"): 4, ("b", "b"): 3, ("a", "b"): 2, ("b", "a"): 1})
+    assert found.n_pairs == 10
+    assert found.agreement == pytest.approx(0.7) and found.kappa == pytest.approx(0.4)
+    assert pair_agreement({}) == type(found)(0, None, None)
+    # One label on both sides: chance agreement is 1 and kappa undefined.
+    assert pair_agreement({("a", "a"): 3}).kappa is None

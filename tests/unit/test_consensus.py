@@ -306,3 +306,62 @@ def test_it_keeps_dawid_skene_results_well_formed_and_labels_independent_of_vote
         check_result(result)
     shuffled = batch_consensus(data.draw(st.permutations(votes)), LABELS, method="dawid_skene", votes_required=2)
     assert {i: (r.label, r.status) for i, r in shuffled.items()} == {i: (r.label, r.status) for i, r in results.items()}
+
+
+# --- vote weights (suggestion-made votes) -------------------------------------------------------------------------
+
+
+def weighed(item: int, annotator: int, label: str, weight: float, role: str = "crowd") -> VoteRecord:
+    return VoteRecord(item=item, annotator=annotator, label=label, role=role, weight=weight)
+
+
+def test_a_weight_scales_a_vote_in_the_scores_the_disagreement_and_the_agreement() -> None:
+    votes = [crowd(1, 1, "a"), weighed(1, 2, "b", 0.4), weighed(1, 3, "b", 0.4)]
+    result = one(votes, contested_threshold=0.5)
+    assert result.label == "a" and result.posterior["a"] == pytest.approx(1 / 1.8)
+    assert result.agreement == pytest.approx(1 / 1.8)  # weighted: a's 1 of 1.8
+    assert result.status == "agreed"  # 0.8 of 1.8 disagree: 0.44 < 0.5
+    assert result.vote_count == 3  # a down-weighted vote still counts towards the quorum
+    full = one([crowd(1, 1, "a"), crowd(1, 2, "b"), crowd(1, 3, "b")], contested_threshold=0.5)
+    assert full.label == "b"
+
+
+def test_weighted_expert_votes_decide_by_weight() -> None:
+    votes = [expert(1, 1, "a"), weighed(1, 2, "b", 0.3, "expert"), weighed(1, 3, "b", 0.3, "expert")]
+    result = one(votes, method="weighted")
+    assert (result.label, result.status) == ("a", "expert")
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, math.nan])
+def test_a_weight_outside_zero_to_one_is_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match="weight"):
+        one([weighed(1, 1, "a", bad)])
+
+
+def test_all_weights_one_give_the_unweighted_batch_results() -> None:
+    votes = [crowd(i, a, LABELS[(i + a) % 3 if a == 2 else i % 3]) for i in range(6) for a in range(3)]
+    same = [VoteRecord(v.item, v.annotator, v.label, v.role, 1.0) for v in votes]
+    for method in ITERATIVE_METHODS:
+        assert batch_consensus(same, LABELS, method=method, votes_required=3) == batch_consensus(
+            votes, LABELS, method=method, votes_required=3
+        )
+
+
+@pytest.mark.parametrize("method", ITERATIVE_METHODS)
+def test_iterative_methods_interpolate_towards_the_posterior_without_the_down_weighted_votes(method: str) -> None:
+    # Three reliable annotators agree on items 0-4; on item 5 one labels "a", two down-weighted votes say "b".
+    votes = [crowd(i, a, LABELS[i % 3]) for i in range(5) for a in range(3)]
+    votes += [crowd(5, 0, "a")]
+    full = batch_consensus([*votes, crowd(5, 1, "b"), crowd(5, 2, "b")], LABELS, method=method, votes_required=1)
+    soft = batch_consensus(
+        [*votes, weighed(5, 1, "b", 0.2), weighed(5, 2, "b", 0.2)], LABELS, method=method, votes_required=1
+    )
+    assert full[5].label == "b"
+    assert soft[5].label == "a" and soft[5].posterior["b"] < full[5].posterior["b"]
+    assert soft[5].vote_count == 3
+
+
+def test_iterative_methods_take_one_weight_below_one() -> None:
+    votes = [weighed(1, 1, "a", 0.2), weighed(1, 2, "a", 0.5), crowd(1, 3, "b")]
+    with pytest.raises(ValueError, match="one weight below 1"):
+        batch_consensus(votes, LABELS, method="dawid_skene", votes_required=1)

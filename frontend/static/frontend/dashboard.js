@@ -1,4 +1,5 @@
-// Admin dashboard: slides, queue, training rounds with live progress, learning curve, agreement, exports.
+// Admin dashboard: slides, queue, training rounds with live progress, learning curve, agreement (also by how
+// votes were made), labelling speed per mode, the suggestion weight, exports.
 import { api, el, pageConfig } from "./api.js";
 import { drawLearningCurve } from "./learning-curve.js";
 import { connectLive, statusBadge } from "./live.js";
@@ -26,7 +27,26 @@ const ui = {
   slidesBody: document.querySelector("#slides-table tbody"),
   agreementFigures: document.getElementById("agreement-figures"),
   agreementBody: document.querySelector("#agreement-table tbody"),
+  provenanceBody: document.querySelector("#provenance-table tbody"),
+  speedModes: document.querySelector("#speed-modes tbody"),
+  speedAnnotators: document.querySelector("#speed-annotators tbody"),
+  speedModelNote: document.getElementById("speed-model-note"),
+  weightForm: document.getElementById("suggestion-weight-form"),
+  weightInput: document.getElementById("suggestion-weight"),
+  weightMessage: document.getElementById("suggestion-weight-message"),
 };
+
+// How a vote was made (Vote.Provenance), in words.
+const MODES = {
+  manual: "One at a time",
+  bulk: "Lasso (bulk)",
+  "accepted-suggestion": "Accepted suggestion",
+  similar: "More like this",
+  "label-import": "Label file import",
+  "region-import": "Region import",
+};
+const modeName = (mode) => MODES[mode] || mode;
+const percent = (share) => (share === null || share === undefined ? "–" : `${Math.round(share * 100)}%`);
 
 const state = { rounds: [], roundsAvailable: true, plot: null, live: null, pollTimer: null, slidesTimer: null };
 window.histoloopDashboard = state;
@@ -274,6 +294,7 @@ async function loadAgreement() {
     figure("Fleiss' κ (crowd)", fmt(report.fleiss_kappa)),
     figure("Krippendorff's α", fmt(report.krippendorff_alpha)),
   );
+  renderProvenance(report.provenance || []);
   const annotators = report.annotators || [];
   if (!annotators.length) {
     placeholder(ui.agreementBody, 5, "No votes yet.");
@@ -294,6 +315,125 @@ async function loadAgreement() {
   );
 }
 
+function pairCell(score) {
+  if (!score || !score.n_pairs) return el("td", { class: "num note", text: "–" });
+  const kappa = score.kappa === null || score.kappa === undefined ? "" : `, κ ${fmt(score.kappa, 2)}`;
+  return el("td", { class: "num", title: `${score.n_pairs} pairs`, text: `${percent(score.agreement)}${kappa} (${score.n_pairs})` });
+}
+
+function renderProvenance(rows) {
+  if (!rows.length) {
+    placeholder(ui.provenanceBody, 6, "No votes yet.");
+    return;
+  }
+  ui.provenanceBody.replaceChildren(
+    ...rows.map((row) =>
+      el(
+        "tr",
+        { dataset: { provenance: row.provenance } },
+        el("th", { scope: "row", text: modeName(row.provenance) }),
+        el("td", { class: "num", text: row.n_votes }),
+        el("td", { class: "num", text: row.n_annotators }),
+        pairCell(row.vs_consensus),
+        pairCell(row.vs_experts),
+        pairCell(row.vs_independent),
+      ),
+    ),
+  );
+}
+
+// --- labelling speed ---
+
+const duration = (seconds) => (seconds < 3600 ? `${(seconds / 60).toFixed(1)} min` : `${(seconds / 3600).toFixed(1)} h`);
+const perHour = (value) => (value === null || value === undefined ? "–" : Math.round(value).toLocaleString());
+
+async function loadSpeed() {
+  let body;
+  try {
+    body = await api(`${base}labelling-speed/`);
+  } catch (error) {
+    placeholder(ui.speedModes, 5, error.message, "error");
+    return;
+  }
+  const latest = body.latest_model;
+  const shares = (latest && latest.shares) || {};
+  const modes = new Set([...Object.keys(body.modes || {}), ...Object.keys(shares)]);
+  if (!modes.size) {
+    placeholder(ui.speedModes, 5, "No labels in this period yet.");
+  } else {
+    ui.speedModes.replaceChildren(
+      ...[...modes].sort().map((mode) => {
+        const row = (body.modes || {})[mode];
+        return el(
+          "tr",
+          { dataset: { mode } },
+          el("th", { scope: "row", text: modeName(mode) }),
+          el("td", { class: "num", text: row ? row.labels : "–" }),
+          el("td", { class: "num", text: row ? duration(row.seconds) : "–" }),
+          el("td", { class: "num", dataset: { field: "per-hour" }, text: row ? perHour(row.per_hour) : "–" }),
+          el("td", { class: "num", dataset: { field: "share" }, text: latest && latest.shares ? percent(shares[mode] || 0) : "–" }),
+        );
+      }),
+    );
+  }
+  ui.speedModelNote.textContent = !latest
+    ? "No model yet: the share of each mode appears after the first trained round."
+    : latest.shares
+      ? `Shares: the active votes behind the ${latest.n_labels} labels round ${latest.round} trained on, by mode.`
+      : `Round ${latest.round} ran before modes were recorded; the next round records them.`;
+  const people = body.annotators || [];
+  if (!people.length) {
+    placeholder(ui.speedAnnotators, 4, "No labels in this period yet.");
+    return;
+  }
+  ui.speedAnnotators.replaceChildren(
+    ...people.flatMap((person) =>
+      Object.entries(person.modes).map(([mode, row], i) =>
+        el(
+          "tr",
+          { dataset: { annotator: person.username, mode } },
+          i === 0 ? el("th", { scope: "row", rowspan: Object.keys(person.modes).length, text: person.username }) : null,
+          el("td", { text: modeName(mode) }),
+          el("td", { class: "num", text: row.labels }),
+          el("td", { class: "num", dataset: { field: "per-hour" }, text: perHour(row.per_hour) }),
+        ),
+      ),
+    ),
+  );
+}
+
+// --- the suggestion weight (admins) ---
+
+async function loadWeight() {
+  if (!ui.weightForm) return;
+  try {
+    const project = await api(base);
+    ui.weightInput.value = project.suggestion_weight;
+  } catch (error) {
+    message(ui.weightMessage, error.message);
+  }
+}
+
+async function saveWeight(event) {
+  event.preventDefault();
+  ui.weightMessage.classList.remove("error");
+  let project;
+  try {
+    project = await api(base, { method: "PATCH", body: { suggestion_weight: ui.weightInput.value === "" ? null : Number(ui.weightInput.value) } });
+  } catch (error) {
+    ui.weightMessage.classList.add("error");
+    message(ui.weightMessage, error.message);
+    return;
+  }
+  ui.weightInput.value = project.suggestion_weight;
+  message(
+    ui.weightMessage,
+    project.consensus_recompute === "queued"
+      ? `Saved: weight ${project.suggestion_weight}. The worker is recomputing the project's consensus.`
+      : `Unchanged: the weight was already ${project.suggestion_weight}.`,
+  );
+}
+
 // --- live events ---
 
 function onEvent(event) {
@@ -309,12 +449,14 @@ function onEvent(event) {
     loadRounds();
     loadStats();
     loadAgreement();
+    loadSpeed();
   } else if (event.type === "queue.refresh") {
     loadStats();
   }
 }
 
 if (ui.start) ui.start.addEventListener("click", startRound);
+if (ui.weightForm) ui.weightForm.addEventListener("submit", saveWeight);
 if (ui.cancel) ui.cancel.addEventListener("click", cancelRound);
 window.addEventListener("resize", () => {
   if (state.plot) state.plot.setSize({ width: Math.max(320, ui.curve.clientWidth), height: 260 });
@@ -337,3 +479,5 @@ loadRounds();
 loadStats();
 loadSlides();
 loadAgreement();
+loadSpeed();
+loadWeight();
