@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('annotations', '0009_suggestion_strip_and_vote_model_version'),
+        ('annotations', '0010_project_suggestion_weight'),
     ]
 
     operations = [
