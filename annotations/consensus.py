@@ -50,6 +50,8 @@ def consensus_options(project: Project) -> dict[str, Any]:
         "votes_required": project.votes_required,
         "expert_weight": project.expert_weight,
         "contested_threshold": project.contested_threshold,
+        # Adaptive redundancy: votes_required is then a cap, and a confident patch is settled before it.
+        "early_confidence": project.redundancy_confidence if project.adaptive_redundancy else None,
     }
 
 
@@ -115,6 +117,25 @@ ON CONFLICT (patch_id) DO UPDATE SET
     agreement = EXCLUDED.agreement, status = EXCLUDED.status, updated_at = EXCLUDED.updated_at
 RETURNING id
 """
+# Adaptive redundancy: the same upsert, and in the same statement (no query more on the vote's path) the
+# patch's open crowd task is closed, since its consensus no longer waits for votes. A leased one is left to
+# its holder, whose vote still counts.
+_CLOSE_CROWD_TASK_SQL = """
+WITH closed AS (
+    UPDATE annotations_annotationtask SET state = 'done', updated_at = %(updated_at)s
+    WHERE patch_id = %(patch)s AND kind = 'crowd' AND state = 'open'
+)
+"""
+
+
+def close_settled_crowd_tasks(project: Project, patch_ids: Iterable[int]) -> int:
+    """Adaptive redundancy, for many patches at once: close the open crowd tasks of these (settled) patches."""
+    ids = list(patch_ids)
+    if not (project.adaptive_redundancy and ids):
+        return 0
+    return AnnotationTask.objects.filter(
+        project=project, patch_id__in=ids, kind=AnnotationTask.Kind.CROWD, state=AnnotationTask.State.OPEN
+    ).update(state=AnnotationTask.State.DONE, updated_at=timezone.now())
 
 
 def recompute_consensus(project: Project, patch: Patch | int, labels: list[LabelClass] | None = None) -> Consensus:
@@ -136,8 +157,9 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
     else:
         fields = _pending_fields(project)
     row = Consensus(patch_id=patch_id, project=project, updated_at=timezone.now(), **fields)
+    settled = project.adaptive_redundancy and row.status != Consensus.Status.PENDING
     ((row.pk,),) = prepared.rows(
-        _UPSERT_CONSENSUS_SQL,
+        _CLOSE_CROWD_TASK_SQL + _UPSERT_CONSENSUS_SQL if settled else _UPSERT_CONSENSUS_SQL,
         {
             "patch": patch_id,
             "project": project.pk,
@@ -206,6 +228,7 @@ def recompute_consensus_many(
     contested = [pid for pid, row in rows.items() if row.status == Consensus.Status.CONTESTED]
     if contested:
         _queue_reviews(project, contested)
+    close_settled_crowd_tasks(project, [pid for pid, row in rows.items() if row.status != Consensus.Status.PENDING])
     return rows
 
 
@@ -233,10 +256,12 @@ def recompute_project_consensus(project: Project) -> int:
         .only("id", "patch_id", *CONSENSUS_UPDATE_FIELDS)
         .iterator(chunk_size=10_000)
     }
-    create, update, contested = [], [], []
+    create, update, contested, settled = [], [], [], []
     for item, result in results.items():
         row = existing.get(int(item))
         fields = consensus_fields(result, by_name.get(result.label or ""))
+        if result.status != Consensus.Status.PENDING and (row is None or row.status == Consensus.Status.PENDING):
+            settled.append(int(item))
         becomes_contested = result.status == Consensus.Status.CONTESTED and (
             row is None or row.status != Consensus.Status.CONTESTED
         )
@@ -254,6 +279,7 @@ def recompute_project_consensus(project: Project) -> int:
         _rewrite(update)
         if contested:
             send_contested_to_experts(project, contested)
+        close_settled_crowd_tasks(project, settled)
     return len(results)
 
 
