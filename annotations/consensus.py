@@ -133,9 +133,15 @@ def close_settled_crowd_tasks(project: Project, patch_ids: Iterable[int]) -> int
     ids = list(patch_ids)
     if not (project.adaptive_redundancy and ids):
         return 0
-    return AnnotationTask.objects.filter(
-        project=project, patch_id__in=ids, kind=AnnotationTask.Kind.CROWD, state=AnnotationTask.State.OPEN
-    ).update(state=AnnotationTask.State.DONE, updated_at=timezone.now())
+    closed, now = 0, timezone.now()
+    for start in range(0, len(ids), 10_000):  # a batch recompute can settle a large share of a big project
+        closed += AnnotationTask.objects.filter(
+            project=project,
+            patch_id__in=ids[start : start + 10_000],
+            kind=AnnotationTask.Kind.CROWD,
+            state=AnnotationTask.State.OPEN,
+        ).update(state=AnnotationTask.State.DONE, updated_at=now)
+    return closed
 
 
 def recompute_consensus(project: Project, patch: Patch | int, labels: list[LabelClass] | None = None) -> Consensus:

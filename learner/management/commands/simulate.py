@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -112,7 +113,8 @@ class Command(BaseCommand):
         elapsed = time.monotonic() - started
         n = len(rounds.rows)
         files = "rounds.csv, learning_curve.png, cost_curve.png and summary.txt"
-        say(f"\n{n} rounds in {elapsed:.0f}s; wrote {files} to {out}")
+        load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+        say(f"\n{n} rounds in {elapsed:.0f}s (load average {load}); wrote {files} to {out}")
 
     def config(self, opts: dict[str, Any]) -> sim.Config:
         bad_arms = set(opts["arms"]) - set(STRATEGIES)
