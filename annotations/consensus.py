@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import F
 from django.utils import timezone
 from psycopg.types.json import Jsonb
 
@@ -144,6 +145,32 @@ def close_settled_crowd_tasks(project: Project, patch_ids: Iterable[int]) -> int
     return closed
 
 
+def reopen_unsettled_crowd_tasks(project: Project, patch_ids: Iterable[int]) -> int:
+    """Adaptive redundancy, after a batch recompute found these patches less sure than their last vote did
+    (Dawid-Skene weighs each student by their reliability, the per-vote count does not): reopen each one's
+    latest closed crowd task that has room for another vote, unless the patch has a live one, so the crowd is
+    asked again, up to votes_required, instead of the patch waiting to be chosen by a round."""
+    ids = list(patch_ids)
+    if not (project.adaptive_redundancy and ids):
+        return 0
+    reopened, now = 0, timezone.now()
+    crowd = AnnotationTask.objects.filter(project=project, kind=AnnotationTask.Kind.CROWD)
+    for start in range(0, len(ids), 10_000):
+        chunk = ids[start : start + 10_000]
+        live = crowd.filter(AnnotationTask.live(), patch_id__in=chunk).values("patch_id")
+        latest = (
+            crowd.filter(patch_id__in=chunk, state=AnnotationTask.State.DONE, votes_received__lt=F("votes_needed"))
+            .exclude(patch_id__in=live)
+            .order_by("patch_id", "-id")
+            .distinct("patch_id")
+            .values_list("id", flat=True)
+        )
+        reopened += AnnotationTask.objects.filter(pk__in=list(latest)).update(
+            state=AnnotationTask.State.OPEN, updated_at=now
+        )
+    return reopened
+
+
 def recompute_consensus(project: Project, patch: Patch | int, labels: list[LabelClass] | None = None) -> Consensus:
     """Recompute one patch's consensus from its active votes with the project's cheap method.
 
@@ -262,12 +289,14 @@ def recompute_project_consensus(project: Project) -> int:
         .only("id", "patch_id", *CONSENSUS_UPDATE_FIELDS)
         .iterator(chunk_size=10_000)
     }
-    create, update, contested, settled = [], [], [], []
+    create, update, contested, settled, unsettled = [], [], [], [], []
     for item, result in results.items():
         row = existing.get(int(item))
         fields = consensus_fields(result, by_name.get(result.label or ""))
         if result.status != Consensus.Status.PENDING and (row is None or row.status == Consensus.Status.PENDING):
             settled.append(int(item))
+        elif result.status == Consensus.Status.PENDING and row is not None and row.status != result.status:
+            unsettled.append(int(item))
         becomes_contested = result.status == Consensus.Status.CONTESTED and (
             row is None or row.status != Consensus.Status.CONTESTED
         )
@@ -286,6 +315,7 @@ def recompute_project_consensus(project: Project) -> int:
         if contested:
             send_contested_to_experts(project, contested)
         close_settled_crowd_tasks(project, settled)
+        reopen_unsettled_crowd_tasks(project, unsettled)
     return len(results)
 
 

@@ -214,3 +214,33 @@ def test_an_admin_turns_it_on_through_the_api_and_the_next_vote_uses_it() -> Non
     vote_on_next(a, project, "benign")
     vote_on_next(b, project, "benign")
     assert the_task(project).state == "done"
+
+
+def test_a_batch_recompute_that_finds_a_patch_unsure_reopens_its_task_for_another_vote() -> None:
+    project = ProjectFactory(votes_required=3, gold_rate=0.0, adaptive_redundancy=True, consensus_method="dawid_skene")
+    slide = SlideFactory(project=project)
+    gold = PatchFactory.create_batch(9, slide=slide, is_gold=True)
+    target = PatchFactory(slide=slide)
+    queue.enqueue_patches(project, {target.pk: 1.0})
+    names = ["adenocarcinoma", "benign", "squamous"]
+    expert = member(project, Role.EXPERT)
+    s1, s2, s3 = (member(project, Role.CROWD) for _ in range(3))
+    for i, patch in enumerate(gold):
+        voting.cast_vote(project, expert, Role.EXPERT, patch_id=patch.pk, label=names[i // 3])
+        for student in (s1, s2):  # every answer for every true class: these two tell nothing
+            voting.cast_vote(
+                project, student, Role.CROWD, patch_id=patch.pk, label=names[i % 3], crowd_without_task=True
+            )
+    for student in (s1, s2):
+        task = queue.lease_next_task(project, student, Role.CROWD)
+        assert task is not None and task.patch_id == target.pk
+        voting.cast_vote(project, student, Role.CROWD, patch_id=target.pk, label="benign", task_id=task.pk)
+    assert the_task(project).state == "done"  # two agreeing votes: the per-vote count is sure
+    consensus.recompute_project_consensus(project)
+    row = Consensus.objects.get(patch=target)
+    assert row.status == "pending" and row.confidence == 0.0  # Dawid-Skene is not: they are unreliable
+    assert the_task(project).state == "open"
+    again = queue.lease_next_task(project, s3, Role.CROWD)
+    assert again is not None and again.pk == the_task(project).pk
+    voting.cast_vote(project, s3, Role.CROWD, patch_id=target.pk, label="benign", task_id=again.pk)
+    assert the_task(project).state == "done" and the_task(project).votes_received == 3  # the cap
