@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import F
 from django.utils import timezone
 from psycopg.types.json import Jsonb
 
@@ -78,6 +79,8 @@ def consensus_options(project: Project) -> dict[str, Any]:
         "votes_required": project.votes_required,
         "expert_weight": project.expert_weight,
         "contested_threshold": project.contested_threshold,
+        # Adaptive redundancy: votes_required is then a cap, and a confident patch is settled before it.
+        "early_confidence": project.redundancy_confidence if project.adaptive_redundancy else None,
     }
 
 
@@ -147,6 +150,57 @@ ON CONFLICT (patch_id) DO UPDATE SET
     agreement = EXCLUDED.agreement, status = EXCLUDED.status, updated_at = EXCLUDED.updated_at
 RETURNING id
 """
+# Adaptive redundancy: the same upsert, and in the same statement (no query more on the vote's path) the
+# patch's open crowd task is closed, since its consensus no longer waits for votes. A leased one is left to
+# its holder, whose vote still counts.
+_CLOSE_CROWD_TASK_SQL = """
+WITH closed AS (
+    UPDATE annotations_annotationtask SET state = 'done', updated_at = %(updated_at)s
+    WHERE patch_id = %(patch)s AND kind = 'crowd' AND state = 'open'
+)
+"""
+
+
+def close_settled_crowd_tasks(project: Project, patch_ids: Iterable[int]) -> int:
+    """Adaptive redundancy, for many patches at once: close the open crowd tasks of these (settled) patches."""
+    ids = list(patch_ids)
+    if not (project.adaptive_redundancy and ids):
+        return 0
+    closed, now = 0, timezone.now()
+    for start in range(0, len(ids), 10_000):  # a batch recompute can settle a large share of a big project
+        closed += AnnotationTask.objects.filter(
+            project=project,
+            patch_id__in=ids[start : start + 10_000],
+            kind=AnnotationTask.Kind.CROWD,
+            state=AnnotationTask.State.OPEN,
+        ).update(state=AnnotationTask.State.DONE, updated_at=now)
+    return closed
+
+
+def reopen_unsettled_crowd_tasks(project: Project, patch_ids: Iterable[int]) -> int:
+    """Adaptive redundancy, after a batch recompute found these patches less sure than their last vote did
+    (Dawid-Skene weighs each student by their reliability, the per-vote count does not): reopen each one's
+    latest closed crowd task that has room for another vote, unless the patch has a live one, so the crowd is
+    asked again, up to votes_required, instead of the patch waiting to be chosen by a round."""
+    ids = list(patch_ids)
+    if not (project.adaptive_redundancy and ids):
+        return 0
+    reopened, now = 0, timezone.now()
+    crowd = AnnotationTask.objects.filter(project=project, kind=AnnotationTask.Kind.CROWD)
+    for start in range(0, len(ids), 10_000):
+        chunk = ids[start : start + 10_000]
+        live = crowd.filter(AnnotationTask.live(), patch_id__in=chunk).values("patch_id")
+        latest = (
+            crowd.filter(patch_id__in=chunk, state=AnnotationTask.State.DONE, votes_received__lt=F("votes_needed"))
+            .exclude(patch_id__in=live)
+            .order_by("patch_id", "-id")
+            .distinct("patch_id")
+            .values_list("id", flat=True)
+        )
+        reopened += AnnotationTask.objects.filter(pk__in=list(latest)).update(
+            state=AnnotationTask.State.OPEN, updated_at=now
+        )
+    return reopened
 
 
 def recompute_consensus(project: Project, patch: Patch | int, labels: list[LabelClass] | None = None) -> Consensus:
@@ -169,8 +223,9 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
     else:
         fields = _pending_fields(project)
     row = Consensus(patch_id=patch_id, project=project, updated_at=timezone.now(), **fields)
+    settled = project.adaptive_redundancy and row.status != Consensus.Status.PENDING
     ((row.pk,),) = prepared.rows(
-        _UPSERT_CONSENSUS_SQL,
+        _CLOSE_CROWD_TASK_SQL + _UPSERT_CONSENSUS_SQL if settled else _UPSERT_CONSENSUS_SQL,
         {
             "patch": patch_id,
             "project": project.pk,
@@ -241,6 +296,7 @@ def recompute_consensus_many(
     contested = [pid for pid, row in rows.items() if row.status == Consensus.Status.CONTESTED]
     if contested:
         _queue_reviews(project, contested)
+    close_settled_crowd_tasks(project, [pid for pid, row in rows.items() if row.status != Consensus.Status.PENDING])
     return rows
 
 
@@ -303,16 +359,22 @@ def _recompute_project(project: Project) -> int:
         .only("id", "patch_id", *CONSENSUS_UPDATE_FIELDS)
         .iterator(chunk_size=10_000)
     }
-    create, update, contested = [], [], []
+    create, update, contested, settled, unsettled = [], [], [], [], []
     pending = _pending_fields(project)
     for pid, row in existing.items():
         if pid not in results and _changed(row, pending):
+            if row.status != Consensus.Status.PENDING:
+                unsettled.append(pid)  # its votes no longer count (a suggestion weight of 0): ask again
             for field, value in pending.items():
                 setattr(row, field, value)
             update.append(row)
     for item, result in results.items():
         row = existing.get(int(item))
         fields = consensus_fields(result, by_name.get(result.label or ""))
+        if result.status != Consensus.Status.PENDING and (row is None or row.status == Consensus.Status.PENDING):
+            settled.append(int(item))
+        elif result.status == Consensus.Status.PENDING and row is not None and row.status != result.status:
+            unsettled.append(int(item))
         becomes_contested = result.status == Consensus.Status.CONTESTED and (
             row is None or row.status != Consensus.Status.CONTESTED
         )
@@ -330,6 +392,8 @@ def _recompute_project(project: Project) -> int:
         _rewrite(update)
         if contested:
             send_contested_to_experts(project, contested)
+        close_settled_crowd_tasks(project, settled)
+        reopen_unsettled_crowd_tasks(project, unsettled)
     return len(results)
 
 

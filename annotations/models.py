@@ -25,6 +25,7 @@ MAX_LEASE_MINUTES = 24 * 60
 MAX_VOTES_REQUIRED = 20
 MAX_BATCH_SIZE = 50_000
 MAX_DESCRIPTION_LENGTH = 10_000
+MAX_VOTE_COST = 10_000.0
 
 
 class Role(models.TextChoices):
@@ -121,6 +122,28 @@ class Project(models.Model):
         validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
         help_text="How much a vote that accepted the model's suggestion counts in consensus, from 1 (as much as "
         "any vote) to 0 (not at all: such votes are left out). Changing it recomputes the project's consensus.",
+    )
+    # What a vote costs, relative to each other (a pathologist's minute against a student's): the dashboard's
+    # spent-so-far and the simulation's accuracy-against-cost curves count votes in these units.
+    expert_cost = models.FloatField(
+        default=10.0,
+        validators=[MinValueValidator(0.001), MaxValueValidator(MAX_VOTE_COST)],
+        help_text="Relative cost of one expert (or admin) vote, e.g. 10 against a crowd vote's 1.",
+    )
+    crowd_cost = models.FloatField(
+        default=1.0,
+        validators=[MinValueValidator(0.001), MaxValueValidator(MAX_VOTE_COST)],
+        help_text="Relative cost of one crowd vote.",
+    )
+    adaptive_redundancy = models.BooleanField(
+        default=False,
+        help_text="Stop asking the crowd about a patch once its consensus is confident (at least two crowd votes, "
+        "consensus confidence at or above redundancy_confidence); votes_required is then the most a patch is asked.",
+    )
+    redundancy_confidence = models.FloatField(
+        default=0.9,
+        validators=[MinValueValidator(0.5), MaxValueValidator(1.0)],
+        help_text="Consensus confidence at which adaptive redundancy stops asking the crowd.",
     )
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -273,10 +273,13 @@ def enqueue_patches(
     }
     settled: set[int] = set()
     if kind == Kind.CROWD:
+        enough = Q(vote_count__gte=votes_needed)
+        if project.adaptive_redundancy:  # a confident consensus needs no more crowd votes
+            enough |= Q(status__in=[Consensus.Status.AGREED, Consensus.Status.EXPERT])
         settled = set(
-            Consensus.objects.filter(
-                project=project, patch_id__in=list(priorities), vote_count__gte=votes_needed
-            ).values_list("patch_id", flat=True)
+            Consensus.objects.filter(enough, project=project, patch_id__in=list(priorities)).values_list(
+                "patch_id", flat=True
+            )
         )
     to_update = []
     for patch_id, task in live.items():

@@ -15,7 +15,7 @@ from django.core.cache import cache
 from django.db.models import Count, Q
 
 from . import queue
-from .models import Consensus, Patch, Project, Vote
+from .models import Consensus, Patch, Project, Role, Vote
 
 CACHE_SECONDS = 5
 
@@ -40,14 +40,33 @@ def label_counts(project: Project) -> dict[str, Any]:
 
     def compute() -> dict[str, Any]:
         active = Vote.objects.filter(project=project, is_active=True)
+        # One scan of the project's votes for all three counts. Every vote cast was paid for, so the
+        # cost counts the corrected and undone ones too.
+        cast = Vote.objects.filter(project=project).aggregate(
+            active=Count("id", filter=Q(is_active=True)),
+            crowd=Count("id", filter=Q(role=Role.CROWD)),
+            expert=Count("id", filter=~Q(role=Role.CROWD)),
+        )
         return {
             "consensus": dict(Consensus.objects.filter(project=project).values_list("status").annotate(n=Count("id"))),
             "patches": Patch.objects.filter(project=project).count(),
-            "votes": active.count(),
+            "votes": cast["active"],
+            "votes_cast": {"crowd": cast["crowd"], "expert": cast["expert"]},
             "annotators": active.values("annotator").distinct().count(),
             "labelled": Consensus.objects.filter(project=project, label__isnull=False)
             .filter(~Q(status=Consensus.Status.PENDING))
             .count(),
         }
 
-    return _cached(project, "labels", compute)
+    counts = _cached(project, "labels", compute)
+    # Priced outside the cache: a changed cost applies at once.
+    cast = counts["votes_cast"]
+    return {
+        **counts,
+        "annotation_cost": annotation_cost(project, crowd_votes=cast["crowd"], expert_votes=cast["expert"]),
+    }
+
+
+def annotation_cost(project: Project, *, crowd_votes: int, expert_votes: int) -> float:
+    """Votes priced at the project's relative costs (an expert's vote and a crowd member's)."""
+    return expert_votes * project.expert_cost + crowd_votes * project.crowd_cost

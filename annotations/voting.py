@@ -155,6 +155,9 @@ def cast_vote(
         )
         vote._state.adding = False
         consensus = recompute_consensus(project, pid, labels)
+        if task is not None and task.kind == Kind.CROWD and task.state == AnnotationTask.State.OPEN:
+            if project.adaptive_redundancy and consensus.status != Consensus.Status.PENDING:
+                task.state = AnnotationTask.State.DONE  # closed by the consensus upsert (adaptive redundancy)
     gold_answer = None
     if task is not None and task.kind == Kind.GOLD and project.training_mode:
         gold_answer = consensus.label

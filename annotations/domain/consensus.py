@@ -23,7 +23,9 @@ Rules shared by every method (documented here because the statuses feed the queu
      and "weighted"), or the crowd is tied, or the share of crowd votes disagreeing with the label is
      above `contested_threshold`.
   3. "pending": no expert vote and fewer crowd votes than `votes_required`. The label is None so that
-     nobody trains on it; the posterior still shows the interim leaning.
+     nobody trains on it; the posterior still shows the interim leaning. With adaptive redundancy
+     (`early_confidence` set) `votes_required` is a cap: a patch with at least EARLY_MIN_CROWD_VOTES crowd
+     votes whose posterior gives the (untied) leading label `early_confidence` or more is not pending.
   4. "agreed": otherwise.
 - `agreement` is the share of all the item's votes (crowd and expert) equal to the label; 0.0 when the
   label is None. `confidence` is the posterior probability of the label; 0.0 when the label is None.
@@ -73,6 +75,9 @@ EXPERT_STATUS = "expert"
 CHEAP_METHODS = ("majority", "weighted", "expert_override")
 ITERATIVE_METHODS = ("dawid_skene", "glad", "mace")
 METHODS = CHEAP_METHODS + ITERATIVE_METHODS
+
+# Adaptive redundancy never settles a patch on one crowd vote, however sure its posterior.
+EARLY_MIN_CROWD_VOTES = 2
 
 # Relative tolerance for calling two scores a tie: weighted sums of floats such as 3.0 + 1.0 must
 # compare equal to 4.0 however they were added up.
@@ -162,7 +167,11 @@ def as_label_dict(known: KnownLabels | None) -> dict[Item, str]:
     return dict((known or {}).items())
 
 
-def _validate_options(method: str, votes_required: int, expert_weight: float, contested_threshold: float) -> None:
+def _validate_options(
+    method: str, votes_required: int, expert_weight: float, contested_threshold: float, early_confidence: float | None
+) -> None:
+    if early_confidence is not None and not 0.5 <= early_confidence <= 1:
+        raise ValueError(f"early_confidence must be in [0.5, 1], not {early_confidence}.")
     if method not in METHODS:
         raise ValueError(f"Unknown consensus method {method!r}; choose one of {list(METHODS)!r}.")
     if votes_required < 1:
@@ -237,6 +246,7 @@ def _result(
     votes_required: int,
     contested_threshold: float,
     forced_label: str | None = None,
+    early_confidence: float | None = None,
 ) -> ConsensusResult:
     """Turn a posterior into a ConsensusResult, applying the status rules in the module docstring.
 
@@ -251,7 +261,12 @@ def _result(
     label: str | None = leading
     if experts_label is not None:
         status = EXPERT_STATUS if (not experts_tied and leading == experts_label) else CONTESTED
-    elif len(crowd) < votes_required:
+    elif len(crowd) < votes_required and not (
+        early_confidence is not None
+        and len(crowd) >= EARLY_MIN_CROWD_VOTES
+        and not tied
+        and posterior[leading] >= early_confidence - _TIE_RTOL
+    ):
         status, label = PENDING, None
     else:
         disagreeing = _weighted_share(crowd, lambda v: v.label != leading)
@@ -295,13 +310,14 @@ def consensus_for_item(
     votes_required: int,
     expert_weight: float = 3.0,
     contested_threshold: float = 0.34,
+    early_confidence: float | None = None,
 ) -> ConsensusResult:
     """Consensus for one item from its active votes; cheap enough to run on every vote.
 
     For the iterative methods this returns the "weighted" result and says so in `method`: their
     estimates need the whole project and are refreshed by `batch_consensus`.
     """
-    _validate_options(method, votes_required, expert_weight, contested_threshold)
+    _validate_options(method, votes_required, expert_weight, contested_threshold, early_confidence)
     if not votes:
         raise ValueError("consensus_for_item needs at least one vote; an item nobody voted on has no consensus row.")
     items = {v.item for v in votes}
@@ -318,6 +334,7 @@ def consensus_for_item(
         used,
         votes_required=votes_required,
         contested_threshold=contested_threshold,
+        early_confidence=early_confidence,
     )
 
 
@@ -335,6 +352,7 @@ def batch_consensus(
     contested_threshold: float = 0.34,
     gold: KnownLabels | None = None,
     seed: int = 0,
+    early_confidence: float | None = None,
 ) -> dict[Item, ConsensusResult]:
     """Consensus for every item that has votes.
 
@@ -343,7 +361,7 @@ def batch_consensus(
     reliability is learned against them. For the cheap methods `gold` is ignored: they must give the same
     answer as `consensus_for_item`. `seed` feeds MACE's random restarts; the other methods are deterministic.
     """
-    _validate_options(method, votes_required, expert_weight, contested_threshold)
+    _validate_options(method, votes_required, expert_weight, contested_threshold, early_confidence)
     validate_votes(votes, labels)
     gold_labels = as_label_dict(gold)
     _validate_gold(gold_labels, labels)
@@ -359,6 +377,7 @@ def batch_consensus(
             votes_required=votes_required,
             contested_threshold=contested_threshold,
             forced_label=gold_labels.get(item) if method in ITERATIVE_METHODS else None,
+            early_confidence=early_confidence,
         )
 
     if method in CHEAP_METHODS:

@@ -46,6 +46,9 @@ class Setting:
     expert_accuracy: float = 1.0
     expert_rate: float = 1.0  # share of contested patches the expert reviews
     gold_rate: float = 0.0  # share of a student's leases that are gold checks
+    # The project's adaptive redundancy: votes_required is then the most a patch is asked (annotations.voting).
+    adaptive: bool = False
+    redundancy_confidence: float = 0.9
 
 
 ORACLE = Setting("oracle")

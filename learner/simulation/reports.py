@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from django.db.models import Q
 from sklearn.metrics import f1_score
 
+from annotations.models import Role, Vote
+from annotations.stats import annotation_cost
 from learner.core.classifier import load_model
 from learner.core.config import TrainConfig
 from learner.core.evaluation import evaluate
@@ -20,6 +23,17 @@ from . import learning_curves
 
 if TYPE_CHECKING:
     from .runs import Run
+
+
+def votes_paid(run: Run) -> dict[str, int]:
+    """The votes the loop asked for, by role, from the pool project's votes (corrected and undone ones
+    included: they were paid for). The expert's up-front gold set is left out: it is the same for every run."""
+    votes = Vote.objects.filter(project=run.project)
+    up_front = Q(role=Role.EXPERT, task__isnull=True, patch_id__in=run.gold_ids)
+    return {
+        "crowd": votes.filter(role=Role.CROWD).count(),
+        "expert": votes.exclude(role=Role.CROWD).exclude(up_front).count(),
+    }
 
 
 def held_out_metrics(y: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict[str, float | None]:
@@ -58,6 +72,7 @@ def round_row(
     assert emb is not None
     test = run.split.test_rows
     proba = load_model(version.weights_path).predict_proba(emb[test])
+    paid = votes_paid(run)
     row: dict[str, Any] = {
         "setting": run.setting.name,
         "arm": run.arm,
@@ -66,6 +81,11 @@ def round_row(
         "budget": budget,
         "labels": len(trained),
         "votes": votes,
+        "crowd_votes": paid["crowd"],
+        "expert_votes": paid["expert"],
+        "cost": annotation_cost(run.project, crowd_votes=paid["crowd"], expert_votes=paid["expert"]),
+        "expert_cost": run.project.expert_cost,
+        "crowd_cost": run.project.crowd_cost,
         **{f"test_{k}": v for k, v in held_out_metrics(run.source.labels[test], proba, names).items()},
         "consensus_accuracy": float((y == run.source.labels[rows]).mean()) if len(rows) else None,
         # Distinct groups among the labels: uncertainty sampling can spend a batch on near-copies.
@@ -73,6 +93,7 @@ def round_row(
         "val_accuracy": round_.metrics.get("accuracy"),
         "val_split": round_.metrics.get("split"),
         "round_seconds": round(seconds, 2),
+        "split_warnings": " | ".join(run.split.warnings),
         "project": run.project.pk,
         "round_id": round_.pk,
     }
@@ -97,4 +118,5 @@ class RoundsCsv:
 def write_summary(rows: list[dict[str, Any]], out: Path, text: str) -> None:
     """The learning-curve plot of ``rows`` and ``text`` (the summary) beside rounds.csv."""
     learning_curves.plot(rows, out / "learning_curve.png")
+    learning_curves.plot_cost(rows, out / "cost_curve.png")
     (out / "summary.txt").write_text(text + "\n")

@@ -6,6 +6,7 @@ worker's code). Then every run of a Config, each round measured on the test grou
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,11 @@ class Config:
     write_scores: bool = False
     extra_heads: bool = True  # also score a plain head (no self-training) on the final labels (analysis)
     run_tag: str = ""
+    # Keep every class on both sides of the split (test and pool), grouped where the groups allow it.
+    stratify: bool = False
+    # The pool projects' relative vote costs (Project.expert_cost / crowd_cost): the rows' cost column.
+    expert_cost: float = 10.0
+    crowd_cost: float = 1.0
 
 
 @dataclass
@@ -49,15 +55,23 @@ class Split:
     test_rows: np.ndarray
     pool_rows: np.ndarray  # the pool project's non-gold patches
     gold_rows: np.ndarray
+    # What the split does to the classes, said loudly in the summary: a class missing from the pool or the
+    # test set (a grouped split can leave one out when it lives in few groups), or split by image.
+    warnings: tuple[str, ...] = ()
 
 
 def split_rows(source: SourceSet, cfg: Config, seed: int) -> Split:
-    """Test groups, then gold groups, drawn by group (never by image); the rest is the pool."""
+    """Test groups, then gold groups, drawn by group (never by image); the rest is the pool.
+
+    With ``cfg.stratify`` the test groups are stratified by class (scikit-learn's StratifiedGroupKFold) and
+    every class keeps a pool group; a class that lives in a single group is split by image, and said so."""
+    if cfg.stratify:
+        return _stratified_split(source, cfg, seed)
     rng = np.random.default_rng([seed, 104729])
     groups = np.unique(source.groups)
     rng.shuffle(groups)
     n_test = max(1, round(cfg.test_fraction * len(groups)))
-    n_gold = -(-cfg.gold_size // cfg.gold_per_group) if cfg.gold_size else 0
+    n_gold = _gold_groups_wanted(cfg)
     if n_test + n_gold >= len(groups):
         raise SimulationError(f"{len(groups)} groups are too few for a test set and {n_gold} gold groups.")
     test = np.isin(source.groups, groups[:n_test])
@@ -66,12 +80,149 @@ def split_rows(source: SourceSet, cfg: Config, seed: int) -> Split:
     for group in groups[n_test : n_test + n_gold]:
         members = np.flatnonzero(source.groups == group)
         gold_rows.extend(rng.choice(members, size=min(cfg.gold_per_group, len(members)), replace=False))
-    return Split(
+    return _finished(source, seed, test, gold_group, gold_rows, cfg.gold_size, [])
+
+
+def _gold_groups_wanted(cfg: Config) -> int:
+    return -(-cfg.gold_size // cfg.gold_per_group) if cfg.gold_size else 0
+
+
+def _finished(
+    source: SourceSet,
+    seed: int,
+    test: np.ndarray,
+    gold_group: np.ndarray,
+    gold_rows: list[int],
+    gold_size: int,
+    notes: list[str],
+) -> Split:
+    split = Split(
         seed=seed,
         test_rows=np.flatnonzero(test),
         pool_rows=np.flatnonzero(~test & ~gold_group),
-        gold_rows=np.array(sorted(gold_rows)[: cfg.gold_size], dtype=np.int64),
+        gold_rows=np.array(sorted(gold_rows)[:gold_size], dtype=np.int64),
     )
+    split.warnings = (*coverage_warnings(source, split), *notes)
+    return split
+
+
+def coverage_warnings(source: SourceSet, split: Split) -> list[str]:
+    """A sentence per class that the test set or the training pool lacks (and the gold set, when there is
+    one): a class absent from the pool can never be labelled, so every arm's curve is capped; one absent
+    from the test set is never measured."""
+    out = []
+    sides = [("training pool", split.pool_rows, "no label of it can be asked for, so every curve is capped")]
+    sides.append(("test set", split.test_rows, "its accuracy is never measured"))
+    if len(split.gold_rows):
+        sides.append(("gold (validation) set", split.gold_rows, "the rounds' validation never sees it"))
+    for side, rows, consequence in sides:
+        present = set(source.labels[rows].tolist())
+        for index, name in enumerate(source.class_names):
+            if index not in present:
+                n_groups = len(set(source.groups[source.labels == index].tolist()))
+                out.append(
+                    f"seed {split.seed}: class {name!r} ({n_groups} group(s)) has no image in the {side}: {consequence}"
+                )
+    return out
+
+
+def _stratified_split(source: SourceSet, cfg: Config, seed: int) -> Split:
+    """Test groups by StratifiedGroupKFold (one fold of round(1 / test_fraction)), gold groups spread over the
+    classes without taking a class's last pool group, then a repair for any class still missing on a side:
+    move one of its groups across if it has two or more there, else split its group by image (noted)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels, groups = source.labels, source.groups
+    rng = np.random.default_rng([seed, 104729, 1])
+    n_splits = max(2, round(1 / cfg.test_fraction)) if cfg.test_fraction > 0 else 2
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # "The least populated class has only N members": the repair below deals with such classes.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"sklearn\.")
+        _, test_idx = next(folds.split(np.zeros(len(labels)), labels, groups))
+    test = np.zeros(len(labels), dtype=bool)
+    test[test_idx] = True
+    notes: list[str] = []
+    for index, name in enumerate(source.class_names):
+        if not (test & (labels == index)).any():
+            _move_class(rng, labels, groups, test, index, to_test=True, fraction=cfg.test_fraction, name=name,
+                        notes=notes, seed=seed)  # fmt: skip
+    gold_groups = _spread_gold_groups(rng, labels, groups, test, _gold_groups_wanted(cfg))
+    gold_group = np.isin(groups, gold_groups) & ~test
+    for index, name in enumerate(source.class_names):
+        if not (~test & ~gold_group & (labels == index)).any():
+            gold_group &= labels != index  # the pool comes first: a gold group of this class gives it back
+            if not (~test & ~gold_group & (labels == index)).any():
+                _move_class(rng, labels, groups, test, index, to_test=False, fraction=cfg.test_fraction, name=name,
+                            notes=notes, seed=seed)  # fmt: skip
+    if not test.any() or test.all():
+        raise SimulationError(f"{len(labels)} images are too few to stratify a test set.")
+    gold_rows: list[int] = []
+    for group in gold_groups:
+        members = np.flatnonzero((groups == group) & gold_group)
+        if len(members):
+            gold_rows.extend(rng.choice(members, size=min(cfg.gold_per_group, len(members)), replace=False))
+    return _finished(source, seed, test, gold_group, gold_rows, cfg.gold_size, notes)
+
+
+def _move_class(
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    test: np.ndarray,
+    index: int,
+    *,
+    to_test: bool,
+    fraction: float,
+    name: str,
+    notes: list[str],
+    seed: int,
+) -> None:
+    """Give the side that lacks class ``index`` some of it: a whole group when the other side has two or
+    more of its groups, else a share of its images (the group is then split by image, and noted)."""
+    source_side = ~test if to_test else test
+    rows = np.flatnonzero(source_side & (labels == index))
+    if len(rows) == 0:
+        return
+    its_groups = np.unique(groups[rows])
+    if len(its_groups) >= 2:
+        group = rng.choice(its_groups)
+        test[(groups == group) & source_side] = to_test
+        return
+    if len(rows) < 2:
+        return  # one image cannot be on both sides: coverage_warnings says so
+    share = fraction if to_test else 1 - fraction
+    moved = rng.choice(rows, size=min(len(rows) - 1, max(1, round(share * len(rows)))), replace=False)
+    test[moved] = to_test
+    notes.append(
+        f"seed {seed}: class {name!r} lives in one group ({its_groups[0]}), split by image to put it on both sides: "
+        "near-copies of its images may be in both the pool and the test set"
+    )
+
+
+def _spread_gold_groups(
+    rng: np.random.Generator, labels: np.ndarray, groups: np.ndarray, test: np.ndarray, wanted: int
+) -> list[Any]:
+    """``wanted`` non-test groups, taken from the classes in turn (a group's class is its commonest label),
+    never a class's last pool group."""
+    if not wanted:
+        return []
+    candidates = np.unique(groups[~test])
+    rng.shuffle(candidates)
+    by_class: dict[int, list[Any]] = {}
+    for group in candidates:
+        members = labels[(groups == group) & ~test]
+        by_class.setdefault(int(np.bincount(members).argmax()), []).append(group)
+    chosen: list[Any] = []
+    while len(chosen) < wanted:
+        took = False
+        for queue_ in by_class.values():
+            if len(queue_) > 1 and len(chosen) < wanted:  # leave each class at least one pool group
+                chosen.append(queue_.pop())
+                took = True
+        if not took:
+            break
+    return chosen
 
 
 SLIDE_FIELDS = (
@@ -151,6 +302,10 @@ def start_run(source: SourceSet, split: Split, arm: str, setting: Setting, cfg: 
         random_fraction=1.0 if arm == "random" else cfg.random_fraction,
         votes_required=setting.votes_required,
         gold_rate=setting.gold_rate,
+        adaptive_redundancy=setting.adaptive,
+        redundancy_confidence=setting.redundancy_confidence,
+        expert_cost=cfg.expert_cost,
+        crowd_cost=cfg.crowd_cost,
         seed=split.seed,
         description="Simulated run (learner.simulation).",
     )
@@ -296,7 +451,12 @@ def simulate(
     splits: dict[int, Split] = {}
     rows: list[dict[str, Any]] = []
     for setting, seed, arm in jobs:
-        split = splits.setdefault(seed, split_rows(source, cfg, seed))
+        if seed not in splits:
+            splits[seed] = split_rows(source, cfg, seed)
+            for warning in splits[seed].warnings:
+                if progress:
+                    progress(f"WARNING: {warning}")
+        split = splits[seed]
         run = start_run(source, split, arm, setting, cfg)
         for row in simulate_run(run, cfg, progress):
             rows.append(row)

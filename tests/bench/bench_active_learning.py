@@ -112,14 +112,30 @@ def main() -> None:
     parser.add_argument("--target", type=float, help="accuracy to count labels to (default: random at 3,000)")
     parser.add_argument("--no-reference", action="store_true", help="skip random at 750/3,000/all labels")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
+    parser.add_argument("--stratify", action="store_true", help="keep every class in the pool and the test set")
+    parser.add_argument(
+        "--redundancy", default="fixed", help="noisy crowd policies: fixed and/or adaptive (compared by cost)"
+    )
+    parser.add_argument("--expert-cost", type=float, default=10.0)
+    parser.add_argument("--crowd-cost", type=float, default=1.0)
     args = parser.parse_args()
-    settings = tuple(sim.SETTINGS[s] for s in args.labelling.split(","))
+    settings: tuple[sim.Setting, ...] = ()
+    for name in args.labelling.split(","):
+        if name != "noisy":
+            settings += (sim.SETTINGS[name],)
+            continue
+        policies = args.redundancy.split(",")
+        settings += (sim.NOISY,) if "fixed" in policies else ()
+        settings += (replace(sim.NOISY, name="noisy-adaptive", adaptive=True),) if "adaptive" in policies else ()
     cfg = sim.Config(
         arms=tuple(args.arms.split(",")),
         seeds=tuple(range(args.seeds)),
         settings=settings,
         budgets=tuple(int(b) for b in args.budgets.split(",")),
         run_tag=f"bench-{args.tag}",
+        stratify=args.stratify,
+        expert_cost=args.expert_cost,
+        crowd_cost=args.crowd_cost,
     )
     if args.quick:
         cfg = replace(cfg, arms=("random", "margin"), seeds=(0,), settings=(sim.ORACLE,), budgets=(50, 100, 200))
@@ -154,7 +170,8 @@ def main() -> None:
             learning_curves.summary(rows, target) if target else "",
             "\nPlatform head (self-trained on the unlabelled pool) vs a plain head, same labels, final budget:",
             *heads_table(rows),
-            f"\nloop: {len(rows)} rounds in {loop_seconds:.0f}s; total {time.monotonic() - started:.0f}s",
+            f"\nloop: {len(rows)} rounds in {loop_seconds:.0f}s; total {time.monotonic() - started:.0f}s; "
+            f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
         ]
     )
     sim.write_summary(rows, out, text)

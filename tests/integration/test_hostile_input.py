@@ -186,6 +186,11 @@ def test_the_string_false_does_not_mark_a_patch_gold(world) -> None:  # type: ig
         ("description", "x" * 200_000),
         ("seed", 2**40),
         ("expert_weight", 10**6),
+        ("expert_cost", 0),
+        ("crowd_cost", -1),
+        ("expert_cost", 10**6),
+        ("crowd_cost", "cheap"),
+        ("redundancy_confidence", 0.1),
     ],
 )
 def test_project_settings_out_of_range_are_refused(world, field, value) -> None:  # type: ignore[no-untyped-def]

@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
 from annotations.models import AnnotationTask, Patch, Vote
 from learner import simulation as sim
 from learner.models import ModelVersion, TrainingRound
+from learner.simulation import learning_curves
 from tests.conftest import LC25000_DIR
 from tests.integration.lc25000 import image_path, manifest_rows
 
@@ -113,3 +114,48 @@ def test_the_command_writes_rows_a_plot_and_a_summary(db: None, tmp_path: Path) 
     assert (out / "rounds.csv").read_text().count("\n") == 1 + 4
     assert (out / "learning_curve.png").stat().st_size > 10_000
     assert "labels to reach" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.django_db
+def test_adaptive_redundancy_pays_fewer_crowd_votes_per_label_and_every_row_has_its_cost(source: sim.SourceSet) -> None:
+    fixed = sim.Setting("noisy", students=3, student_accuracy=(0.6, 0.8), votes_required=3, gold_rate=0.0)
+    adaptive = replace(fixed, name="noisy-adaptive", adaptive=True, redundancy_confidence=0.9)
+    cfg = tiny_config(arms=("random",), settings=(fixed, adaptive), budgets=(12,), expert_cost=10.0, crowd_cost=1.0)
+    rows = sim.simulate(source, cfg)
+
+    final = {r["setting"]: r for r in rows if r["budget"] == 12}
+    assert set(final) == {"noisy", "noisy-adaptive"}
+    for setting, row in final.items():
+        project = TrainingRound.objects.get(pk=row["round_id"]).project
+        assert project.adaptive_redundancy is (setting == "noisy-adaptive")
+        # The cost is the votes the loop asked for, priced at the project's costs (the gold set is not counted).
+        crowd = Vote.objects.filter(project=project, role="crowd").count()
+        assert row["crowd_votes"] == crowd and row["cost"] == crowd * 1.0 + row["expert_votes"] * 10.0
+    name = "sim t noisy-adaptive random seed 0"
+    tasks = AnnotationTask.objects.filter(project__name=name, kind="crowd", state="done")
+    assert tasks.filter(votes_received=2).exists()  # settled by two agreeing students
+    assert not tasks.filter(votes_received__gt=3).exists()  # never past the cap
+    per_label = {s: r["crowd_votes"] / max(1, r["labels"]) for s, r in final.items()}
+    assert per_label["noisy-adaptive"] < per_label["noisy"]
+    text = learning_curves.summary(rows)
+    assert "against annotation cost (expert 10 : crowd 1" in text and "noisy-adaptive" in text
+
+
+def test_the_command_compares_policies_by_cost_on_a_stratified_split(db: None, tmp_path: Path) -> None:
+    manifest = tmp_path / "patches.csv"
+    lines = ["path,label,group_id"] + [f"{i.path},{i.label},{i.group}" for i in small_items()]
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    call_command(
+        "simulate", str(manifest), "--arms=random", "--seeds=1", "--labelling=noisy", "--budgets=9",
+        "--redundancy=fixed,adaptive", "--expert-cost=8", "--crowd-cost=2", "--gold-size=0", "--gold-rate=0",
+        "--test-fraction=0.3", "--stratify", "--no-extra-heads", f"--out={out}", "--tag=cost",
+    )  # fmt: skip
+    text = (out / "summary.txt").read_text()
+    assert "against annotation cost (expert 8 : crowd 2" in text
+    assert "noisy-adaptive" in text and "WARNING" not in text  # stratified: every class on both sides
+    assert (out / "cost_curve.png").stat().st_size > 10_000
+    with pytest.raises(CommandError, match="--expert-cost"):
+        call_command("simulate", str(manifest), "--expert-cost=0", f"--out={out}")
+    with pytest.raises(CommandError, match="--redundancy"):
+        call_command("simulate", str(manifest), "--redundancy=sometimes", f"--out={out}")

@@ -43,3 +43,27 @@ def test_a_persons_own_counts_follow_each_vote_at_once(project) -> None:  # type
     shown = student.get(url).json()
     assert shown["my_votes_total"] == 1 and shown["my_votes_today"] == 1
     assert "votes" not in shown  # project-wide label counts are for experts and admins
+
+
+def test_the_annotation_cost_prices_every_vote_cast_at_the_projects_costs(project) -> None:  # type: ignore[no-untyped-def]
+    from annotations import queue, voting
+    from annotations.models import Project
+
+    admin = api_client(member(project, Role.ADMIN))
+    assert admin.patch(f"/api/v1/projects/{project.pk}/", {"expert_cost": 12, "crowd_cost": 0.5}).status_code == 200
+    project.refresh_from_db()
+    students = [member(project, Role.CROWD) for _ in range(3)]
+    for user in students:
+        task = queue.lease_next_task(project, user, Role.CROWD)
+        assert task is not None
+        voting.cast_vote(project, user, Role.CROWD, patch_id=task.patch_id, label="benign", task_id=task.pk)
+    expert = member(project, Role.EXPERT)
+    outcome = voting.cast_vote(project, expert, Role.EXPERT, patch_id=task.patch_id, label="squamous")
+    voting.correct_vote(project, expert, Role.EXPERT, vote_id=outcome.vote.pk, label="benign")  # paid twice
+    voting.undo_last_vote(project, students[0])  # an undone vote was paid for too
+    body = admin.get(f"/api/v1/projects/{project.pk}/stats/").json()
+    assert body["votes_cast"] == {"crowd": 3, "expert": 2}
+    assert body["annotation_cost"] == 3 * 0.5 + 2 * 12
+    # A new price applies at once, though the counts come from the cache.
+    Project.objects.filter(pk=project.pk).update(expert_cost=1.0)
+    assert admin.get(f"/api/v1/projects/{project.pk}/stats/").json()["annotation_cost"] == 3 * 0.5 + 2 * 1.0

@@ -365,3 +365,45 @@ def test_iterative_methods_take_one_weight_below_one() -> None:
     votes = [weighed(1, 1, "a", 0.2), weighed(1, 2, "a", 0.5), crowd(1, 3, "b")]
     with pytest.raises(ValueError, match="one weight below 1"):
         batch_consensus(votes, LABELS, method="dawid_skene", votes_required=1)
+
+
+# --- adaptive redundancy: votes_required is a cap, a confident patch settles before it ----------------
+
+
+def test_without_early_confidence_two_agreeing_votes_of_three_required_stay_pending() -> None:
+    result = one([crowd(1, 1, "b"), crowd(1, 2, "b")], method="weighted")
+    assert (result.label, result.status) == (None, "pending")
+
+
+def test_two_agreeing_crowd_votes_settle_a_patch_when_confident_enough() -> None:
+    result = one([crowd(1, 1, "b"), crowd(1, 2, "b")], method="weighted", early_confidence=0.9)
+    assert (result.label, result.status, result.confidence) == ("b", "agreed", 1.0)
+
+
+def test_one_vote_never_settles_early_and_a_split_waits_for_more_votes() -> None:
+    assert one([crowd(1, 1, "b")], votes_required=3, early_confidence=0.5).status == "pending"
+    split = one([crowd(1, 1, "b"), crowd(1, 2, "c")], early_confidence=0.5)
+    assert (split.label, split.status) == (None, "pending")  # a tie is never confident
+    two_to_one = one([crowd(1, 1, "b"), crowd(1, 2, "b"), crowd(1, 3, "a")], votes_required=5, early_confidence=0.9)
+    assert two_to_one.status == "pending"  # 2/3 < 0.9: ask again, up to the cap of 5
+    at_cap = one([crowd(1, i, "b") for i in range(1, 4)] + [crowd(1, 4, "a"), crowd(1, 5, "c")], votes_required=5,
+                 early_confidence=0.9)  # fmt: skip
+    assert (at_cap.label, at_cap.status) == ("b", "contested")  # the cap reached: the usual rules decide
+
+
+def test_the_batch_methods_settle_early_on_their_own_posterior() -> None:
+    # Dawid-Skene learns that annotator 3 always agrees with the gold: its vote with one other is confident.
+    gold = dict.fromkeys(range(10, 16), "a")
+    votes = [crowd(i, 3, "a") for i in gold] + [crowd(i, 4, "b") for i in gold]
+    votes += [crowd(1, 3, "c"), crowd(1, 5, "c")]
+    fixed = batch_consensus(votes, LABELS, method="dawid_skene", votes_required=3, gold=gold)
+    adaptive = batch_consensus(votes, LABELS, method="dawid_skene", votes_required=3, gold=gold, early_confidence=0.9)
+    assert fixed[1].status == "pending"
+    assert (adaptive[1].label, adaptive[1].status) == ("c", "agreed")
+    assert adaptive[1].confidence >= 0.9
+
+
+@pytest.mark.parametrize("value", [0.2, 1.5])
+def test_an_early_confidence_outside_half_to_one_is_refused(value: float) -> None:
+    with pytest.raises(ValueError, match="early_confidence"):
+        one([crowd(1, 1, "b"), crowd(1, 2, "b")], early_confidence=value)

@@ -56,3 +56,37 @@ def test_csv_and_plot_are_written(tmp_path: Path) -> None:
     assert len(read) == 8 and read[0].keys() >= {"arm", "seed", "budget", "test_accuracy"}
     lc.plot(data, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def cost_rows(setting: str, arm: str, points: dict[int, list[tuple[float, float]]]) -> list[dict]:
+    """points: {budget: [(cost, accuracy) per seed]}"""
+    return [
+        {"setting": setting, "arm": arm, "seed": seed, "budget": budget, "cost": cost, "test_accuracy": acc,
+         "expert_cost": 10.0, "crowd_cost": 1.0}
+        for budget, per_seed in points.items()
+        for seed, (cost, acc) in enumerate(per_seed)
+    ]  # fmt: skip
+
+
+def test_cost_to_reach_and_value_at_cost_interpolate_on_the_mean_curve() -> None:
+    curve = lc.cost_curves(cost_rows("noisy", "random", {50: [(100, 0.7), (140, 0.8)], 100: [(300, 0.9)]}))
+    points = curve[("noisy", "random")]
+    assert lc.cost_to_reach(points, 0.74) == 120  # reached at the first budget's mean cost
+    assert lc.cost_to_reach(points, 0.825) == pytest.approx(120 + 0.5 * 180)
+    assert lc.cost_to_reach(points, 0.95) is None
+    assert lc.value_at_cost(points, 210) == pytest.approx(0.825)
+    assert lc.value_at_cost(points, 50) is None and lc.value_at_cost(points, 301) is None
+
+
+def test_the_cost_summary_compares_each_policy_with_the_fixed_one_at_equal_accuracy_and_equal_cost() -> None:
+    rows = cost_rows("noisy", "margin", {50: [(150, 0.80)], 100: [(300, 0.90)]})
+    rows += cost_rows("noisy-adaptive", "margin", {50: [(100, 0.80)], 100: [(200, 0.88)]})
+    text = "\n".join(lc.cost_summary(rows))
+    assert "against annotation cost (expert 10 : crowd 1" in text
+    # Both reach 0.88 (adaptive's final): noisy at 150 + 0.8 x 150 = 270, adaptive at 200, 74% of it.
+    assert "cost to reach test_accuracy 0.880 / test_accuracy at cost 200" in text
+    adaptive = next(line for line in text.splitlines() if line.strip().startswith("noisy-adaptive") and "%" in line)
+    assert "200" in adaptive and "74% of noisy's cost" in adaptive
+    # At cost 200 noisy had 0.80 + 50/150 x 0.10 = 0.833: adaptive is 4.67 points above.
+    assert "+4.67 points" in adaptive
+    assert lc.cost_summary([{k: v for k, v in r.items() if k != "cost"} for r in rows]) == []

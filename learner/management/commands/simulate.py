@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from annotations.models import MAX_VOTE_COST
 from learner import simulation as sim
 from learner.core.strategies import STRATEGIES
 from learner.simulation import learning_curves
@@ -47,9 +49,27 @@ class Command(BaseCommand):
         parser.add_argument("--students", type=int, default=3, help="Crowd size in the noisy setting.")
         parser.add_argument("--crowd-accuracy", type=float, nargs=2, default=(0.6, 0.85), metavar=("LOW", "HIGH"))
         parser.add_argument("--votes-required", type=int, default=3, help="Crowd votes per patch (noisy).")
+        parser.add_argument(
+            "--redundancy",
+            type=_csv,
+            default=("fixed",),
+            help="Crowd policies to compare (noisy): fixed (votes-required votes on every patch) and/or adaptive "
+            "(stop once the consensus is confident; votes-required is the cap), run as setting noisy-adaptive.",
+        )
+        parser.add_argument(
+            "--redundancy-confidence", type=float, default=0.9, help="Adaptive: consensus confidence that stops."
+        )
+        parser.add_argument("--expert-cost", type=float, default=10.0, help="Relative cost of an expert vote.")
+        parser.add_argument("--crowd-cost", type=float, default=1.0, help="Relative cost of a crowd vote.")
         parser.add_argument("--expert-rate", type=float, default=1.0, help="Share of contested patches reviewed.")
         parser.add_argument("--gold-rate", type=float, default=0.1, help="Share of crowd leases that are gold.")
         parser.add_argument("--random-fraction", type=float, default=0.0, help="In-batch random control share.")
+        parser.add_argument(
+            "--stratify",
+            action="store_true",
+            help="Keep every class in both the pool and the test set (grouped where the groups allow; a class "
+            "living in one group is split by image, and the summary says so).",
+        )
         parser.add_argument("--target", type=float, help="Accuracy to count labels to (default: random's final).")
         parser.add_argument("--out", type=Path, help="Output folder (default bench-results/simulate-TAG).")
         parser.add_argument("--tag", help="Names this run's projects and users (default: a timestamp).")
@@ -92,7 +112,9 @@ class Command(BaseCommand):
         say(text)
         elapsed = time.monotonic() - started
         n = len(rounds.rows)
-        say(f"\n{n} rounds in {elapsed:.0f}s; wrote rounds.csv, learning_curve.png and summary.txt to {out}")
+        files = "rounds.csv, learning_curve.png, cost_curve.png and summary.txt"
+        load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+        say(f"\n{n} rounds in {elapsed:.0f}s (load average {load}); wrote {files} to {out}")
 
     def config(self, opts: dict[str, Any]) -> sim.Config:
         bad_arms = set(opts["arms"]) - set(STRATEGIES)
@@ -109,7 +131,23 @@ class Command(BaseCommand):
             expert_rate=opts["expert_rate"],
             gold_rate=opts["gold_rate"],
         )
-        settings = tuple(noisy if s == "noisy" else sim.ORACLE for s in opts["labelling"])
+        policies = set(opts["redundancy"])
+        if not policies or policies - {"fixed", "adaptive"}:
+            raise ValueError("--redundancy takes fixed and/or adaptive.")
+        if not 0.5 <= opts["redundancy_confidence"] <= 1.0:
+            raise ValueError("--redundancy-confidence must be between 0.5 and 1.")
+        for name in ("expert_cost", "crowd_cost"):
+            if not 0.001 <= opts[name] <= MAX_VOTE_COST:
+                raise ValueError(f"--{name.replace('_', '-')} must be between 0.001 and {MAX_VOTE_COST:g}.")
+        adaptive = replace(
+            noisy, name="noisy-adaptive", adaptive=True, redundancy_confidence=opts["redundancy_confidence"]
+        )
+        settings: tuple[sim.Setting, ...] = ()
+        for s in opts["labelling"]:
+            if s == "oracle":
+                settings += (sim.ORACLE,)
+            else:
+                settings += tuple(p for name, p in (("fixed", noisy), ("adaptive", adaptive)) if name in policies)
         budgets = tuple(sorted(int(b) for b in _csv(opts["budgets"])))
         if not budgets or budgets[0] < 1:
             raise ValueError("Budgets must be positive label counts, e.g. 50,100,200.")
@@ -123,5 +161,8 @@ class Command(BaseCommand):
             random_fraction=opts["random_fraction"],
             write_scores=opts["write_scores"],
             extra_heads=not opts["no_extra_heads"],
+            stratify=opts["stratify"],
+            expert_cost=opts["expert_cost"],
+            crowd_cost=opts["crowd_cost"],
             run_tag=opts["tag"] or time.strftime("%Y%m%d-%H%M%S"),
         )
