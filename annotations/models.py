@@ -54,6 +54,14 @@ class TrainMode(models.TextChoices):
     FINETUNE = "finetune", "Fine-tune backbone (GPU)"
 
 
+class TrainingLabels(models.TextChoices):
+    """What a round trains on from each final consensus label (learner.core.training)."""
+
+    HARD = "hard", "The consensus label, as if certain"
+    SOFT = "soft", "Soft targets: the consensus posterior (cross-entropy against it)"
+    WEIGHTED = "weighted", "The consensus label weighted by its posterior probability"
+
+
 class SuggestionAccess(models.TextChoices):
     """Who may open the "accept the model" strip (it shows the model's answer before one's own vote)."""
 
@@ -96,6 +104,12 @@ class Project(models.Model):
     random_fraction = models.FloatField(default=0.1, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)])
     backbone = models.CharField(max_length=100, default="tf_efficientnet_lite0", validators=[no_control_characters])
     train_mode = models.CharField(max_length=16, choices=TrainMode.choices, default=TrainMode.HEAD)
+    training_labels = models.CharField(
+        max_length=16,
+        choices=TrainingLabels.choices,
+        default=TrainingLabels.HARD,
+        help_text="Train on the consensus labels (hard) or on their posteriors (soft targets, or weights).",
+    )
     seed = models.IntegerField(default=0)
     suggestion_strip = models.CharField(
         max_length=16,

@@ -48,6 +48,7 @@ class ProjectSerializer(serializers.ModelSerializer):
             "random_fraction",
             "backbone",
             "train_mode",
+            "training_labels",
             "seed",
             "suggestion_strip",
             "created_at",

@@ -12,7 +12,7 @@ import numpy as np
 CSV_FIELDS = (
     "setting", "arm", "seed", "round", "budget", "labels", "votes", "test_accuracy", "test_balanced_accuracy",
     "test_macro_f1", "test_auc", "consensus_accuracy", "label_groups", "val_accuracy", "val_split",
-    "acc_supervised_only", "round_seconds", "project", "round_id",
+    "acc_supervised_only", "round_seconds", "project", "round_id", "training_labels",
 )  # fmt: skip
 # The column the curves, the summary and the plot are drawn from.
 METRIC = "test_accuracy"

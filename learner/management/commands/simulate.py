@@ -9,6 +9,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from annotations.models import TrainingLabels
 from learner import simulation as sim
 from learner.core.strategies import STRATEGIES
 from learner.simulation import learning_curves
@@ -55,6 +56,13 @@ class Command(BaseCommand):
         parser.add_argument("--tag", help="Names this run's projects and users (default: a timestamp).")
         parser.add_argument(
             "--no-extra-heads", action="store_true", help="Skip the plain-head (no self-training) analysis."
+        )
+        parser.add_argument(
+            "--training-labels",
+            choices=[c for c, _ in TrainingLabels.choices],
+            default=TrainingLabels.HARD,
+            help="What the rounds train on: the consensus labels (hard), their posteriors as soft targets (soft), "
+            "or the labels weighted by their posterior (weighted).",
         )
         parser.add_argument(
             "--write-scores", action="store_true", help="Write the per-slide scores (SlideScores) as the web rounds do."
@@ -123,5 +131,6 @@ class Command(BaseCommand):
             random_fraction=opts["random_fraction"],
             write_scores=opts["write_scores"],
             extra_heads=not opts["no_extra_heads"],
+            training_labels=str(opts["training_labels"]),
             run_tag=opts["tag"] or time.strftime("%Y%m%d-%H%M%S"),
         )
