@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
 from annotations.models import AnnotationTask, Patch, Vote
 from learner import simulation as sim
@@ -113,3 +113,20 @@ def test_the_command_writes_rows_a_plot_and_a_summary(db: None, tmp_path: Path) 
     assert (out / "rounds.csv").read_text().count("\n") == 1 + 4
     assert (out / "learning_curve.png").stat().st_size > 10_000
     assert "labels to reach" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.django_db
+def test_soft_labels_reach_the_simulated_projects_and_their_rounds(source: sim.SourceSet) -> None:
+    noisy = sim.Setting("noisy", students=3, student_accuracy=(0.6, 0.7), votes_required=3, gold_rate=0.0)
+    rows = sim.simulate(
+        source, tiny_config(arms=("random",), settings=(noisy,), budgets=(12,), training_labels="weighted")
+    )
+    assert rows and {r["training_labels"] for r in rows} == {"weighted"}
+    round_ = TrainingRound.objects.get(pk=rows[-1]["round_id"])
+    assert round_.project.training_labels == "weighted" and round_.metrics["training_labels"] == "weighted"
+
+
+def test_the_command_refuses_an_unknown_training_labels_value(db: None, tmp_path: Path) -> None:
+    with pytest.raises(CommandError, match="training-labels"):
+        call_command("simulate", str(tmp_path / "none.csv"), "--training-labels=fuzzy")
+    assert not TrainingRound.objects.exists()
