@@ -55,6 +55,14 @@ class TrainMode(models.TextChoices):
     FINETUNE = "finetune", "Fine-tune backbone (GPU)"
 
 
+class TrainingLabels(models.TextChoices):
+    """What a round trains on from each final consensus label (learner.core.training)."""
+
+    HARD = "hard", "The consensus label, as if certain"
+    SOFT = "soft", "Soft targets: the consensus posterior (cross-entropy against it)"
+    WEIGHTED = "weighted", "The consensus label weighted by its posterior probability"
+
+
 class SuggestionAccess(models.TextChoices):
     """Who may open the "accept the model" strip (it shows the model's answer before one's own vote)."""
 
@@ -109,6 +117,12 @@ class Project(models.Model):
         "empty for the platform's LEARNER_PRETRAINED.",
     )
     train_mode = models.CharField(max_length=16, choices=TrainMode.choices, default=TrainMode.HEAD)
+    training_labels = models.CharField(
+        max_length=16,
+        choices=TrainingLabels.choices,
+        default=TrainingLabels.HARD,
+        help_text="Train on the consensus labels (hard) or on their posteriors (soft targets, or weights).",
+    )
     seed = models.IntegerField(default=0)
     suggestion_strip = models.CharField(
         max_length=16,

@@ -49,6 +49,7 @@ class ProjectSerializer(serializers.ModelSerializer):
             "backbone",
             "backbone_weights",
             "train_mode",
+            "training_labels",
             "seed",
             "suggestion_strip",
             "suggestion_weight",

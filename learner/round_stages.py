@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 from django.db import connection
+from psycopg import sql
 
 from annotations import consensus
-from annotations.models import AnnotationTask, Consensus, Patch, Project, Slide
+from annotations.models import AnnotationTask, Consensus, LabelClass, Patch, Project, Slide
 from learner.core.backbone import Backbone
 from learner.core.classifier import Classifier
 from learner.core.config import TrainConfig
@@ -83,6 +84,7 @@ class RoundSetup:
             image_size=image_size(project.patch_size),
             seed=project.seed + round_number,
             device=settings.DEVICE,
+            labels=project.training_labels,
         )
         return cls(
             class_names=class_names,
@@ -117,6 +119,9 @@ class Pool:
     patch_size: int  # the project's: the side patches are read at
     split_unit: str = field(init=False)  # what a split holds out whole: "group", "slide" or "spatial block"
     arms: dict[int, str] = field(default_factory=dict)  # labelled patch id -> arm that chose it
+    # (pool, classes) float32: each labelled patch's consensus posterior in class order, zeros elsewhere;
+    # None when the snapshot has none (soft and weighted training then fall back to one-hot labels).
+    posterior: np.ndarray | None = None
     y: np.ndarray = field(init=False)  # class index per pool patch, -1 where unlabelled
     labelled: np.ndarray = field(init=False)  # pool indices with a label
     unlabelled: np.ndarray = field(init=False)
@@ -131,6 +136,16 @@ class Pool:
         self.labelled = np.flatnonzero(self.y >= 0).astype(np.int64)
         self.unlabelled = np.flatnonzero(self.y < 0).astype(np.int64)
         self.split_unit = _split_unit(np.unique(self.slide_ids), self.slide_groups)
+
+    def posteriors(self, idx: np.ndarray, k: int) -> np.ndarray:
+        """The consensus posterior of labelled pool patches ``idx``, (len(idx), k): one-hot labels where
+        the snapshot has no posterior or a row of it has no mass (soft training never fails on a row)."""
+        out = np.zeros((len(idx), k), dtype=np.float32)
+        if self.posterior is not None:
+            out[:] = self.posterior[idx]
+        empty = out.sum(1) <= 0
+        out[np.flatnonzero(empty), self.y[idx][empty]] = 1.0
+        return out
 
     def __len__(self) -> int:
         return len(self.patch_ids)
@@ -173,10 +188,34 @@ def _split_unit(slides: np.ndarray, slide_groups: dict[int, str]) -> str:
 
 # The pool's columns, in the order of _pool_rows' array.
 POOL_COLUMNS = ("id", "slide_id", "x", "y", "size", "is_gold")
-# One row of ``COPY ... (FORMAT binary)`` of POOL_COLUMNS, each cast to bigint: a field count, then each
-# field's length and its big-endian value. Fixed width, so the whole answer is one numpy array.
-_COPY_ROW = np.dtype([("n", ">i2")] + [f for c in POOL_COLUMNS for f in ((f"{c}_len", ">i4"), (c, ">i8"))])
 _COPY_HEADER = 19  # signature (11 bytes), flags (4), header extension length (4, zero)
+
+
+def _copy_row(columns: Sequence[str], kind: str) -> np.dtype:
+    """One row of ``COPY ... (FORMAT binary)`` whose every column is 8 bytes (``kind`` "i" for bigint, "f"
+    for double precision): a field count, then each field's length and its big-endian value. Fixed width,
+    so the whole answer is one numpy array."""
+    return np.dtype([("n", ">i2")] + [f for c in columns for f in ((f"{c}_len", ">i4"), (c, f">{kind}8"))])
+
+
+def _copy_fixed(query: str | sql.Composed, columns: Sequence[str], kind: str, what: str) -> np.ndarray:
+    """Run ``COPY (query) TO STDOUT (FORMAT binary)`` of ``columns`` (all 8-byte, none NULL) into an
+    (rows, columns) array of int64 (``kind`` "i") or float64 ("f")."""
+    statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(
+        sql.SQL(query) if isinstance(query, str) else query
+    )
+    buffer = bytearray()
+    with connection.cursor() as cursor, cursor.cursor.copy(statement) as copy:
+        for block in copy:
+            buffer += block
+    body = memoryview(buffer)[_COPY_HEADER : len(buffer) - 2]  # the trailer is a field count of -1
+    rows = np.frombuffer(body, dtype=_copy_row(columns, kind))
+    if len(rows) and ((rows["n"] != len(columns)).any() or any((rows[f"{c}_len"] != 8).any() for c in columns)):
+        raise ValueError(f"Unexpected COPY row layout while reading {what}.")  # a NULL or a type change
+    out = np.empty((len(rows), len(columns)), dtype=np.int64 if kind == "i" else np.float64)
+    for j, c in enumerate(columns):
+        out[:, j] = rows[c]
+    return out
 
 
 def _pool_rows(project: Project) -> np.ndarray:
@@ -186,23 +225,48 @@ def _pool_rows(project: Project) -> np.ndarray:
     in one go, where fetching rows builds six Python objects per patch."""
     patch, slide = Patch._meta.db_table, Slide._meta.db_table
     columns = ", ".join(f"p.{c}::bigint" if c != "is_gold" else "p.is_gold::int::bigint" for c in POOL_COLUMNS)
-    sql = (
-        f"COPY (SELECT {columns} FROM {patch} p JOIN {slide} s ON s.id = p.slide_id "
-        f"WHERE p.project_id = {int(project.pk)} AND s.status = 'ready' ORDER BY p.id) TO STDOUT (FORMAT binary)"
+    query = (
+        f"SELECT {columns} FROM {patch} p JOIN {slide} s ON s.id = p.slide_id "
+        f"WHERE p.project_id = {int(project.pk)} AND s.status = 'ready' ORDER BY p.id"
     )
-    buffer = bytearray()
-    with connection.cursor() as cursor, cursor.cursor.copy(sql) as copy:
-        for block in copy:
-            buffer += block
-    body = memoryview(buffer)[_COPY_HEADER : len(buffer) - 2]  # the trailer is a field count of -1
-    rows = np.frombuffer(body, dtype=_COPY_ROW)
-    if len(rows) and (
-        (rows["n"] != len(POOL_COLUMNS)).any() or any((rows[f"{c}_len"] != 8).any() for c in POOL_COLUMNS)
-    ):
-        raise ValueError("Unexpected COPY row layout while reading the pool.")  # a NULL or a type change
-    out = np.empty((len(rows), len(POOL_COLUMNS)), dtype=np.int64)
-    for j, c in enumerate(POOL_COLUMNS):
-        out[:, j] = rows[c]
+    return _copy_fixed(query, POOL_COLUMNS, "i", "the pool")
+
+
+def _final_labels(project: Project, class_names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(patch ids, class indices, posteriors) of every final consensus label, by patch id: int64, int64 and
+    (labels, classes) float32 with the posterior's probability of each class in ``class_names`` order.
+
+    One binary COPY of fixed-width float rows (the JSON posterior unpacked into one column per class by
+    PostgreSQL), where reading the rows would build a dict per label."""
+    names = [f"p{j}" for j in range(len(class_names))]
+    probability = [
+        sql.SQL("coalesce((c.posterior ->> {})::double precision, 0)").format(sql.Literal(name)) for name in class_names
+    ]
+    query = sql.SQL(
+        "SELECT c.patch_id::double precision, (array_position({names}::text[], l.name) - 1)::double precision, {ps} "
+        "FROM {consensus} c JOIN {label} l ON l.id = c.label_id "
+        "WHERE c.project_id = {project} AND c.status IN ({statuses}) ORDER BY c.patch_id"
+    ).format(
+        names=sql.Literal(list(class_names)),
+        ps=sql.SQL(", ").join(probability),
+        consensus=sql.Identifier(Consensus._meta.db_table),
+        label=sql.Identifier(LabelClass._meta.db_table),
+        project=sql.Literal(int(project.pk)),
+        statuses=sql.SQL(", ").join(sql.Literal(str(s)) for s in FINAL_LABEL_STATUSES),
+    )
+    # Every column as double precision: ids below 2**53 are exact, and one dtype keeps the rows fixed-width.
+    rows = _copy_fixed(query, ["patch", "label", *names], "f", "the consensus labels")
+    return rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64), rows[:, 2:].astype(np.float32)
+
+
+def _aligned(patch_ids: np.ndarray, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values`` (one row per id of ``ids``) placed at the rows of ``patch_ids`` (both ascending); zeros
+    for pool patches without one, and ids outside the pool dropped."""
+    out = np.zeros((len(patch_ids), values.shape[1]), dtype=values.dtype)
+    if len(patch_ids) and len(ids):
+        at = np.minimum(np.searchsorted(patch_ids, ids), len(patch_ids) - 1)
+        inside = patch_ids[at] == ids
+        out[at[inside]] = values[inside]
     return out
 
 
@@ -213,9 +277,9 @@ def snapshot(project: Project, class_names: list[str]) -> Pool:
     """
     consensus.recompute_project_consensus(project)
     rows = _pool_rows(project)
-    index = {name: i for i, name in enumerate(class_names)}
+    label_ids, label_index, label_posterior = _final_labels(project, class_names)
+    labels = dict(zip(label_ids.tolist(), label_index.tolist(), strict=True))
     final = Consensus.objects.filter(project=project, status__in=FINAL_LABEL_STATUSES, label__isnull=False)
-    labels = {pid: index[name] for pid, name in final.values_list("patch_id", "label__name")}
     # The arm of each labelled patch's latest crowd task (what the live control compares); none for the rest.
     latest = (
         AnnotationTask.objects.filter(
@@ -237,6 +301,7 @@ def snapshot(project: Project, class_names: list[str]) -> Pool:
         slide_groups=slide_groups,
         patch_size=project.patch_size,
         arms={pid: arm for pid, arm in latest if arm},
+        posterior=_aligned(rows[:, 0], label_ids, label_posterior),
     )
 
 
@@ -332,18 +397,23 @@ def platform_head(
     config: TrainConfig,
     settings: LearnerSettings,
     *,
+    posterior: np.ndarray | None = None,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> Classifier:
     """The head-mode model a round deploys: self-trained on the unlabelled embeddings (at most
-    LEARNER MAX_PSEUDO_LABELS of them) when LEARNER SELF_TRAINING is on, else the plain head on the labels."""
+    LEARNER MAX_PSEUDO_LABELS of them) when LEARNER SELF_TRAINING is on, else the plain head on the labels.
+    ``posterior`` (the labels' consensus posteriors) is what soft or weighted training (config.labels) uses."""
     if settings.SELF_TRAINING:
         return self_train_head(
-            x, y, unlabelled, class_names, backbone, config, threshold=settings.SELF_TRAINING_THRESHOLD,
-            max_pseudo_labels=settings.MAX_PSEUDO_LABELS, tta=settings.TTA, progress=progress,
-            should_stop=should_stop,
+            x, y, unlabelled, class_names, backbone, config, posterior=posterior,
+            threshold=settings.SELF_TRAINING_THRESHOLD, max_pseudo_labels=settings.MAX_PSEUDO_LABELS, tta=settings.TTA,
+            progress=progress, should_stop=should_stop,
         )  # fmt: skip
-    return train_head(x, y, class_names, backbone, config, tta=settings.TTA, progress=progress, should_stop=should_stop)
+    return train_head(
+        x, y, class_names, backbone, config, posterior=posterior, tta=settings.TTA, progress=progress,
+        should_stop=should_stop,
+    )  # fmt: skip
 
 
 def pseudo_label_candidates(pool: Pool, setup: RoundSetup) -> np.ndarray:
@@ -362,8 +432,15 @@ def _fit_head(
 ) -> Classifier:
     return platform_head(
         emb.take(idx), pool.y[idx], emb.subset(pseudo_label_candidates(pool, setup)), setup.class_names, backbone,
-        setup.config, setup.settings, progress=setup.progress if progress else None, should_stop=setup.should_stop,
+        setup.config, setup.settings, posterior=label_posteriors(pool, idx, setup),
+        progress=setup.progress if progress else None, should_stop=setup.should_stop,
     )  # fmt: skip
+
+
+def label_posteriors(pool: Pool, idx: np.ndarray, setup: RoundSetup) -> np.ndarray | None:
+    """The consensus posteriors of labelled pool patches ``idx`` when the project trains on them (soft or
+    weighted labels), else None."""
+    return pool.posteriors(idx, len(setup.class_names)) if setup.config.labels != "hard" else None
 
 
 def pool_images(pool: Pool, idx: np.ndarray) -> LazyImages:
@@ -384,6 +461,7 @@ def train(pool: Pool, emb: Rows, split: LabelSplit, backbone: Backbone, setup: R
         setup.config,
         val_images=pool_images(pool, split.val) if has_val else None,
         val_labels=pool.y[split.val] if has_val else None,
+        posterior=label_posteriors(pool, split.train, setup),
         progress=setup.progress,
         should_stop=setup.should_stop,
     )
@@ -439,7 +517,10 @@ def arm_metrics(pool: Pool, emb: Rows, split: LabelSplit, backbone: Backbone, se
     for arm, idx in (("strategy", strategy_idx), ("random", random_idx)):
         if len(np.unique(y[idx])) < 2:
             continue
-        clf = train_head(emb.take(idx), y[idx], setup.class_names, backbone, setup.config)
+        clf = train_head(
+            emb.take(idx), y[idx], setup.class_names, backbone, setup.config,
+            posterior=label_posteriors(pool, idx, setup),
+        )  # fmt: skip
         m = evaluate(y[val], clf.predict_proba(val_emb), setup.class_names)
         out[arm] = {
             "n_labels": int(n),
@@ -461,6 +542,7 @@ def evaluate_model(
         "n_val": len(split.val),
         "split": split.unit,
         "train_mode": setup.train_mode,
+        "training_labels": setup.config.labels,
     }
     if not len(split.val):
         metrics["note"] = "Too few groups to hold any out; no validation metrics this round."

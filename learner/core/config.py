@@ -8,6 +8,10 @@ from typing import Any, Literal
 TrainMode = Literal["head", "finetune"]
 Balance = Literal["loss", "sampler", "none"]
 StainMethod = Literal["macenko", "reinhard"]
+# What a model trains on from each consensus label: the label alone ("hard"), cross-entropy against the
+# consensus posterior ("soft"), or the label weighted by the posterior's probability of it ("weighted").
+LabelMode = Literal["hard", "soft", "weighted"]
+LABEL_MODES: tuple[LabelMode, ...] = ("hard", "soft", "weighted")
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
@@ -52,6 +56,7 @@ class TrainConfig:
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"  # "auto" picks cuda when available
+    labels: LabelMode = "hard"  # with "soft"/"weighted" the trainers need each label's consensus posterior
     # head mode: multinomial logistic regression on standardised embeddings
     head_c: float = 0.05  # inverse L2 strength; 0.05 >= 0.5 at every budget on LC25000 (bench_learner.py)
     head_max_iter: int = 1000

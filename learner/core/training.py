@@ -37,6 +37,42 @@ def _check_labels(labels: Sequence[int] | np.ndarray, n_items: int, n_classes: i
     return y
 
 
+def check_posterior(posterior: np.ndarray | None, n_items: int, n_classes: int) -> np.ndarray:
+    """The consensus posterior of each item as (items, classes) float64 rows summing to 1."""
+    if posterior is None:
+        raise LearnerError("Soft or weighted labels need each label's consensus posterior; none was given.")
+    p = np.asarray(posterior, dtype=np.float64)
+    if p.shape != (n_items, n_classes):
+        raise LearnerError(f"Got posteriors of shape {p.shape} for {n_items} items of {n_classes} classes.")
+    if not np.isfinite(p).all() or (p < 0).any() or (p.sum(1) <= 0).any():
+        raise LearnerError("Posteriors must be non-negative probabilities with some mass on a class.")
+    return p / p.sum(1, keepdims=True)
+
+
+def label_weights(y: np.ndarray, posterior: np.ndarray) -> np.ndarray:
+    """ "weighted" labels: each label weighs the posterior's probability of it, scaled to mean 1, so that
+    only the weights' ratios change a fit, not the overall strength of its L2 penalty or learning rate."""
+    w = posterior[np.arange(len(y)), y]
+    if w.sum() <= 0:
+        raise LearnerError("The posteriors give the labels no probability; nothing to train on.")
+    return w / w.mean()
+
+
+# "soft" labels in head mode: an item's posterior becomes one row per class it gives at least this much
+# (the rest renormalised), weighted by its probability. A weighted log-loss over those rows is exactly the
+# cross-entropy against the posterior, with the same solver as hard labels; consensus posteriors are mostly
+# near one-hot, so only the items the crowd split on add rows.
+SOFT_TARGET_MIN = 1e-3
+
+
+def soft_rows(posterior: np.ndarray, min_p: float = SOFT_TARGET_MIN) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(item index, class, weight) per class that an item's posterior gives at least ``min_p``."""
+    p = np.where(posterior >= min_p, posterior, 0.0)
+    p /= p.sum(1, keepdims=True)  # the largest entry is >= 1/k >= min_p, so every row keeps some mass
+    items, classes = np.nonzero(p)
+    return items, classes, p[items, classes]
+
+
 def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     """'balanced' weights n / (k * count_c); classes without examples get weight 0."""
     counts = np.bincount(y, minlength=n_classes).astype(float)
@@ -56,6 +92,7 @@ def train_head(
     backbone: Backbone,
     config: TrainConfig | None = None,
     *,
+    posterior: np.ndarray | None = None,
     image_size: int | None = None,
     tta: bool = False,
     progress: ProgressFn | None = None,
@@ -66,23 +103,18 @@ def train_head(
     Log-loss training gives probabilities that are reasonably calibrated out of the box (see `ece` in the
     evaluation dict). Classes with no labels yet get probability ~0. `image_size`/`tta` must describe how
     the embeddings were made, so that images given later to predict_proba are embedded the same way.
+    With `config.labels` "soft" or "weighted", `posterior` (items, classes) is each label's consensus
+    posterior: the fit is the cross-entropy against it, or the labels' log-loss weighted by it.
     """
     config = config or TrainConfig()
     k = len(class_names)
     x = np.asarray(embeddings, dtype=np.float32)
     y = _check_labels(labels, len(x), k)
+    p = check_posterior(posterior, len(y), k) if config.labels != "hard" else None
     check_stop(should_stop, "train")
     report(progress, "train", 0.0)
     scaler = StandardScaler().fit(x)
-    clf = LogisticRegression(
-        C=config.head_c,
-        max_iter=config.head_max_iter,
-        class_weight="balanced" if config.balance != "none" else None,
-        random_state=config.seed,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(scaler.transform(x), y)
+    clf = _fit_logistic(scaler.transform(x), y, p, config, k)
     check_stop(should_stop, "train")
 
     coef, intercept = clf.coef_, clf.intercept_
@@ -111,8 +143,38 @@ def train_head(
         weights_id=backbone.weights_id,
         tta=tta,
         _backbone=backbone,
-        extra={"n_train": len(y)},
+        extra={"n_train": len(y), "labels": config.labels},
     )
+
+
+def _fit_logistic(
+    x: np.ndarray, y: np.ndarray, posterior: np.ndarray | None, config: TrainConfig, k: int
+) -> LogisticRegression:
+    """The head's fit on standardised ``x``: on the labels, or (``posterior`` given) on the posterior as soft
+    targets (one weighted row per likely class) or as the labels' weights, as ``config.labels`` says."""
+    balanced = config.balance != "none"
+    clf = LogisticRegression(
+        C=config.head_c,
+        max_iter=config.head_max_iter,
+        class_weight="balanced" if balanced and config.labels != "soft" else None,
+        random_state=config.seed,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if posterior is None:
+            clf.fit(x, y)
+        elif config.labels == "weighted":
+            clf.fit(x, y, sample_weight=label_weights(y, posterior))
+        else:
+            items, classes, w = soft_rows(posterior)
+            if balanced:  # "balanced" over each class's probability mass, as sklearn's is over its count
+                mass = np.bincount(classes, weights=w, minlength=k)
+                present = mass > 0
+                per_class = np.zeros(k)
+                per_class[present] = len(y) / (present.sum() * mass[present])
+                w = w * per_class[classes]
+            clf.fit(x[items], classes, sample_weight=w)
+    return clf
 
 
 # --- fine-tuning ---------------------------------------------------------------------------------------------------
@@ -126,6 +188,7 @@ def self_train_head(
     backbone: Backbone,
     config: TrainConfig | None = None,
     *,
+    posterior: np.ndarray | None = None,
     threshold: float = 0.95,
     max_pseudo_labels: int | None = None,
     image_size: int | None = None,
@@ -140,11 +203,13 @@ def self_train_head(
     or `Rows` read chunk by chunk (a pool of any size); with `max_pseudo_labels`, more confident items than
     that are sampled down to it (seeded by `config.seed`, kept in pool order), which bounds the second
     fit's size and memory whatever the pool. The returned head's `extra["pseudo_labels"]` says how many
-    pool items joined."""
+    pool items joined. With soft or weighted labels (`posterior`, see train_head) the pseudo-labels are
+    hard: one-hot posteriors, weight 1."""
     config = config or TrainConfig()
     head = train_head(
-        embeddings, labels, class_names, backbone, config, image_size=image_size, tta=tta, should_stop=should_stop
-    )
+        embeddings, labels, class_names, backbone, config, posterior=posterior, image_size=image_size, tta=tta,
+        should_stop=should_stop,
+    )  # fmt: skip
     pool = as_rows(np.asarray(unlabelled, dtype=np.float32) if isinstance(unlabelled, np.ndarray) else unlabelled)
     if len(pool) == 0:
         head.extra["pseudo_labels"] = 0
@@ -164,11 +229,23 @@ def self_train_head(
         sure_idx, pseudo = sure_idx[keep], pseudo[keep]
     x = np.concatenate([np.asarray(embeddings, dtype=np.float32), pool.take(sure_idx)])
     y = np.concatenate([np.asarray(labels, dtype=np.int64), pseudo.astype(np.int64)])
+    p = None
+    if config.labels != "hard":
+        p = np.concatenate(
+            [check_posterior(posterior, len(y) - len(pseudo), len(class_names)), _one_hot(pseudo, len(class_names))]
+        )
     final = train_head(
-        x, y, class_names, backbone, config, image_size=image_size, tta=tta, progress=progress, should_stop=should_stop
-    )
+        x, y, class_names, backbone, config, posterior=p, image_size=image_size, tta=tta, progress=progress,
+        should_stop=should_stop,
+    )  # fmt: skip
     final.extra.update(n_train=len(x) - len(sure_idx), pseudo_labels=len(sure_idx))
     return final
+
+
+def _one_hot(y: np.ndarray, k: int) -> np.ndarray:
+    out = np.zeros((len(y), k))
+    out[np.arange(len(y)), y] = 1.0
+    return out
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -240,6 +317,26 @@ def _autocast(device: torch.device, amp: bool) -> Iterator[None]:
         yield
 
 
+def _loss(
+    loss_fn: nn.CrossEntropyLoss,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    idx: np.ndarray,
+    soft: np.ndarray | None,
+    sample_w: np.ndarray | None,
+    class_w: torch.Tensor | None,
+) -> torch.Tensor:
+    """A batch's loss: on the labels; against the posteriors (``soft``, probability targets, whose mean torch
+    takes over the batch); or with each label's loss weighted (``sample_w``), normalised as torch normalises
+    a class-weighted mean (by the batch's class weights), so that weights of 1 give the hard loss."""
+    if soft is not None:
+        return loss_fn(logits, torch.as_tensor(soft[idx], dtype=torch.float32, device=logits.device))
+    if sample_w is None:
+        return loss_fn(logits, target)
+    per_item = loss_fn(logits, target) * torch.as_tensor(sample_w[idx], dtype=torch.float32, device=logits.device)
+    return per_item.sum() / class_w[target].sum() if class_w is not None else per_item.mean()
+
+
 def finetune(
     spec: BackboneSpec,
     images: ImageSource | Sequence,
@@ -249,6 +346,7 @@ def finetune(
     *,
     val_images: ImageSource | Sequence | None = None,
     val_labels: Sequence[int] | np.ndarray | None = None,
+    posterior: np.ndarray | None = None,
     stain: StainNormaliser | None = None,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
@@ -257,12 +355,17 @@ def finetune(
     network (backbone lr scaled by `backbone_lr_scale`), AdamW + warm-up/cosine schedule, H&E augmentation,
     class-weighted loss or balanced sampling. With a validation set: early stopping on (balanced accuracy,
     -loss) and the best epoch's weights are returned; without one, the last epoch's.
-    bf16 autocast and channels_last on CUDA; the same code in fp32 on CPU.
+    bf16 autocast and channels_last on CUDA; the same code in fp32 on CPU. With `config.labels` "soft" the
+    loss is the cross-entropy against `posterior` (each training label's consensus posterior); "weighted"
+    weighs each label's loss by the posterior's probability of it (see label_weights). Validation stays on
+    the hard labels it is given.
     """
     config = config or TrainConfig(mode="finetune")
     k = len(class_names)
     train_src = as_source(images)
     y = _check_labels(labels, len(train_src), k)
+    p = check_posterior(posterior, len(y), k) if config.labels != "hard" else None
+    sample_w = label_weights(y, p) if p is not None and config.labels == "weighted" else None
     val_src = as_source(val_images) if val_images is not None else None
     y_val = np.asarray(val_labels, dtype=int) if val_labels is not None else None
     if (val_src is None) != (y_val is None) or (
@@ -285,7 +388,9 @@ def finetune(
         [{"params": body, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}], weight_decay=config.weight_decay
     )
     weight = torch.tensor(class_weights(y, k), dtype=torch.float32, device=device) if config.balance == "loss" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(
+        weight=weight, label_smoothing=config.label_smoothing, reduction="none" if sample_w is not None else "mean"
+    )
 
     steps_per_epoch = math.ceil(len(y) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -310,7 +415,8 @@ def finetune(
             for group, base in zip(optimiser.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
             with _autocast(device, config.amp):
-                loss = loss_fn(model(x).float(), target)
+                logits = model(x).float()
+            loss = _loss(loss_fn, logits, target, idx, p if config.labels == "soft" else None, sample_w, weight)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -359,6 +465,10 @@ def finetune(
         image_size=config.image_size,
         network=model,
         weights_id=built.weights_id,
-        extra={"n_train": len(y), "best_epoch": stopper.best_epoch if stopper.best_state else len(history) - 1},
+        extra={
+            "n_train": len(y),
+            "best_epoch": stopper.best_epoch if stopper.best_state else len(history) - 1,
+            "labels": config.labels,
+        },
     )
     return FinetuneResult(classifier, history, stopper.best_epoch, best_metrics)

@@ -15,6 +15,7 @@ CSV_FIELDS = (
     "expert_cost", "crowd_cost", "test_accuracy", "test_balanced_accuracy",
     "test_macro_f1", "test_auc", "consensus_accuracy", "label_groups", "val_accuracy", "val_split",
     "acc_supervised_only", "round_seconds", "project", "round_id", "split_warnings",
+    "training_labels",
 )  # fmt: skip
 # The column the curves, the summary and the plot are drawn from.
 METRIC = "test_accuracy"

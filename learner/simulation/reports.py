@@ -76,6 +76,7 @@ def round_row(
     row: dict[str, Any] = {
         "setting": run.setting.name,
         "arm": run.arm,
+        "training_labels": run.project.training_labels,
         "seed": run.split.seed,
         "round": round_.number,
         "budget": budget,

@@ -41,6 +41,7 @@ class Config:
     random_fraction: float = 0.0  # the platform's in-batch random control; 0 keeps the arms pure
     write_scores: bool = False
     extra_heads: bool = True  # also score a plain head (no self-training) on the final labels (analysis)
+    training_labels: str = "hard"  # the run projects' Project.training_labels: hard, soft or weighted
     run_tag: str = ""
     # Keep every class on both sides of the split (test and pool), grouped where the groups allow it.
     stratify: bool = False
@@ -307,6 +308,7 @@ def start_run(source: SourceSet, split: Split, arm: str, setting: Setting, cfg: 
         expert_cost=cfg.expert_cost,
         crowd_cost=cfg.crowd_cost,
         seed=split.seed,
+        training_labels=cfg.training_labels,
         description="Simulated run (learner.simulation).",
     )
     expert_user, student_users = simulation_users(cfg.run_tag, setting)

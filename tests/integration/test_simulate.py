@@ -159,3 +159,19 @@ def test_the_command_compares_policies_by_cost_on_a_stratified_split(db: None, t
         call_command("simulate", str(manifest), "--expert-cost=0", f"--out={out}")
     with pytest.raises(CommandError, match="--redundancy"):
         call_command("simulate", str(manifest), "--redundancy=sometimes", f"--out={out}")
+
+
+def test_soft_labels_reach_the_simulated_projects_and_their_rounds(source: sim.SourceSet) -> None:
+    noisy = sim.Setting("noisy", students=3, student_accuracy=(0.6, 0.7), votes_required=3, gold_rate=0.0)
+    rows = sim.simulate(
+        source, tiny_config(arms=("random",), settings=(noisy,), budgets=(12,), training_labels="weighted")
+    )
+    assert rows and {r["training_labels"] for r in rows} == {"weighted"}
+    round_ = TrainingRound.objects.get(pk=rows[-1]["round_id"])
+    assert round_.project.training_labels == "weighted" and round_.metrics["training_labels"] == "weighted"
+
+
+def test_the_command_refuses_an_unknown_training_labels_value(db: None, tmp_path: Path) -> None:
+    with pytest.raises(CommandError, match="training-labels"):
+        call_command("simulate", str(tmp_path / "none.csv"), "--training-labels=fuzzy")
+    assert not TrainingRound.objects.exists()

@@ -10,7 +10,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from annotations.models import MAX_VOTE_COST
+from annotations.models import MAX_VOTE_COST, TrainingLabels
 from learner import simulation as sim
 from learner.core.strategies import STRATEGIES
 from learner.simulation import learning_curves
@@ -75,6 +75,13 @@ class Command(BaseCommand):
         parser.add_argument("--tag", help="Names this run's projects and users (default: a timestamp).")
         parser.add_argument(
             "--no-extra-heads", action="store_true", help="Skip the plain-head (no self-training) analysis."
+        )
+        parser.add_argument(
+            "--training-labels",
+            choices=[c for c, _ in TrainingLabels.choices],
+            default=TrainingLabels.HARD,
+            help="What the rounds train on: the consensus labels (hard), their posteriors as soft targets (soft), "
+            "or the labels weighted by their posterior (weighted).",
         )
         parser.add_argument(
             "--write-scores", action="store_true", help="Write the per-slide scores (SlideScores) as the web rounds do."
@@ -164,5 +171,6 @@ class Command(BaseCommand):
             stratify=opts["stratify"],
             expert_cost=opts["expert_cost"],
             crowd_cost=opts["crowd_cost"],
+            training_labels=str(opts["training_labels"]),
             run_tag=opts["tag"] or time.strftime("%Y%m%d-%H%M%S"),
         )
