@@ -78,6 +78,12 @@ def test_an_expert_lassoes_a_cluster_labels_all_but_one_and_undoes_it(
     message = page.locator("#bulk-message")
     expect(message).to_contain_text(f"Labelled {len(first) - 1} patches as benign", timeout=60_000)
     screenshot(page, "map-lasso-labelled")
+    # The left-out patch is now the selection, ready to be labelled next without another lasso.
+    expect(page.locator("#selection-count")).to_contain_text("(1 patches)")
+    expect(tiles).to_have_count(1)
+    expect(tiles.first).to_have_attribute("data-id", str(left_out))
+    expect(tiles.first).to_have_attribute("aria-pressed", "false")
+    expect(page.get_by_role("button", name="Label all as squamous")).to_be_enabled()
 
     with committed():
         batch = VoteBatch.objects.get(project=project, annotator=expert)

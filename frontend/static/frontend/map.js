@@ -112,6 +112,7 @@ async function draw() {
   state.plot.set({ pointColor: palette, colorBy: "valueA", pointSize: n > 200000 ? 2 : n > 20000 ? 3 : 5, opacity: n > 200000 ? 0.6 : 0.9 });
   await state.plot.draw(data, { preventFilterReset: true, zDataType: "categorical" });
   if (state.selection.length) state.plot.select(state.selection, { preventEvent: true });
+  else state.plot.deselect({ preventEvent: true });
   drawLegend(legend);
 }
 
@@ -235,7 +236,12 @@ async function labelAll(labelId) {
     state.lastBatch = result.batch;
     const undo = el("button", { type: "button", id: "bulk-undo" }, "Undo");
     undo.addEventListener("click", () => undoBatch(result.batch.id));
-    showMessage(`Labelled ${result.created.toLocaleString()} patches as ${result.batch.label_name}${result.unchanged ? ` (${result.unchanged} already were)` : ""}. `, undo);
+    const rest = exclude.length ? ` The ${exclude.length.toLocaleString()} left out stay selected: label them next.` : "";
+    showMessage(`Labelled ${result.created.toLocaleString()} patches as ${result.batch.label_name}${result.unchanged ? ` (${result.unchanged} already were)` : ""}.${rest} `, undo);
+    // What was left out is what still needs a label: it becomes the selection, so the next action (all, or all
+    // but some clicked again) labels it without another lasso.
+    const leftOut = new Set(exclude);
+    setSelection(state.selection.filter((i) => leftOut.has(state.map.ids[i])));
     await refresh();
   } catch (error) {
     showError(error.message);
