@@ -221,6 +221,7 @@ function setSelection(indices) {
   state.selection = Array.from(indices).sort((a, b) => state.map.ids[a] - state.map.ids[b]);
   state.excluded = new Set();
   $("gallery").scrollTop = 0;
+  $("gallery-space").replaceChildren(); // a tile kept from the old selection would keep its left-out mark
   updateActions();
   renderGallery();
 }
