@@ -14,11 +14,12 @@ stroke and scroll (one per screenful of tiles beyond the first: the pathologist 
 counted. Label accuracy is the final consensus against the truth.
 
 1. ``one``: the annotator page, one key per patch (the baseline), for ``--baseline-labels`` patches.
-2. ``strip``: ``--seed-labels`` patches one at a time in the annotator, a round (Start round on the
-   dashboard, run by the worker), then the accept-the-model strip class by class (``--strip-size`` patches,
-   most confident first): a wrong tile is focused (one arrow when it is the next one, else a click) and given
-   its class by its digit key, Enter accepts the strip. Whenever the labels have doubled since the last
-   round, another round is started from the dashboard (counted: the tab switch, the click, back).
+2. ``strip``: a cold-start round (Start round on the dashboard with no labels: the worker queues a batch
+   spread over the embedding space), ``--seed-labels`` of it one at a time in the annotator, a round, then
+   the accept-the-model strip class by class (``--strip-size`` patches, most confident first): a wrong tile
+   is focused (one arrow when it is the next one, else a click) and given its class by its digit key, Enter
+   accepts the strip. Whenever the labels have grown by half since the last round, another round is started
+   from the dashboard (counted: the tab switch, the click, back); the strips after it use its model.
 3. ``lasso``: the embedding map (its layout by the worker's ``compute_embedding_map``). The pathologist
    divides the point cloud as seen on screen into regions of about ``--lasso-points`` points (k-means on the
    points' screen positions: the map is still grey, so nothing but where the points lie guides it) and lassoes
@@ -415,14 +416,18 @@ def mode_strip(browser: Browser, pool: Pool, seeds: int, strip_size: int) -> Mod
 
     started, counter = time.monotonic(), Interactions()
     context = browser.context()
+    # The dashboard (kept open in its own tab for the rounds): a first round with no labels is the platform's
+    # cold start, which queues a batch spread over the embedding space, so the seed labels are diverse.
+    dashboard = browser.page(context)
+    dashboard.goto(f"/projects/{pool.project.pk}/dashboard/")
+    run_round(dashboard, pool, counter)
     page = browser.page(context)
+    counter.clicks += 1  # opening the annotator in a second tab
     page.goto(f"/projects/{pool.project.pk}/annotate/")
     seeded = annotate(page, pool, counter, seeds)
     votes_settled(pool, seeded)
-    # The dashboard in a second tab (opening it: one click), kept open for the rounds.
-    dashboard = browser.page(context)
-    counter.clicks += 1
-    dashboard.goto(f"/projects/{pool.project.pk}/dashboard/")
+    counter.clicks += 1  # to the dashboard's tab
+    dashboard.bring_to_front()
     rounds = [run_round(dashboard, pool, counter)]
     labels_at_round = seeded
     counter.clicks += 1  # back to the annotator's tab
@@ -452,7 +457,7 @@ def mode_strip(browser: Browser, pool: Pool, seeds: int, strip_size: int) -> Mod
                 corrections += fixed
                 labelled_any = True
                 voted = Vote.objects.filter(project=pool.project, is_active=True).count()
-                if voted >= 2 * labels_at_round and voted < len(pool.truth):
+                if voted >= 1.5 * labels_at_round and voted < len(pool.truth):
                     counter.clicks += 1  # to the dashboard's tab
                     dashboard.bring_to_front()
                     rounds.append(run_round(dashboard, pool, counter))
@@ -514,6 +519,14 @@ def cell_polygon(centres: np.ndarray, k: int, box: tuple[float, float, float, fl
                 out.append(p + (q - p) * (sp / (sp - sq)))
         poly = np.array(out)
     return poly
+
+
+def inside_convex(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Which ``points`` lie inside the convex ``polygon`` (vertices in order, either orientation)."""
+    edges = np.roll(polygon, -1, axis=0) - polygon
+    rel = points[:, None, :] - polygon[None, :, :]
+    cross = edges[None, :, 0] * rel[:, :, 1] - edges[None, :, 1] * rel[:, :, 0]
+    return np.all(cross >= 0, axis=1) | np.all(cross <= 0, axis=1)
 
 
 def lasso(page: Any, polygon: np.ndarray, counter: Interactions) -> None:
@@ -589,6 +602,11 @@ def mode_lasso(browser: Browser, pool: Pool, lasso_points: int) -> ModeResult:
     page = browser.page(context)
     page.goto(f"/projects/{pool.project.pk}/map/")
     page.wait_for_selector("body[data-map-ready='true']")
+    # Told when the plot reports a lasso's selection (or that it selected nothing).
+    page.evaluate(
+        "() => { const p = window.histoloopMap.plot; p.subscribe('select', () => { window.benchSelected = true; });"
+        " p.subscribe('deselect', () => { window.benchSelected = false; }); }"
+    )
     seen = page.evaluate(SCREEN)
     ids = np.array(seen["ids"], dtype=np.int64)
     xy = np.array(seen["xy"], dtype=np.float64)
@@ -598,6 +616,7 @@ def mode_lasso(browser: Browser, pool: Pool, lasso_points: int) -> ModeResult:
     # The cells' outer edges a little inside the canvas (a stroke that leaves it is not the lasso's).
     box = (left + 3, top + 3, right - 3, bottom - 3)
     purity = []
+    caught: list[tuple[int, int]] = []  # per stroke: points inside it on screen, points the plot selected
     actions = 0
     for cell in range(k):
         members = ids[kmeans.labels_ == cell]
@@ -607,28 +626,25 @@ def mode_lasso(browser: Browser, pool: Pool, lasso_points: int) -> ModeResult:
         polygon = cell_polygon(kmeans.cluster_centers_, cell, box)
         if len(polygon) < 3:
             continue
-        previous = page.locator("#selection-count").text_content()
+        page.wait_for_selector("body[data-map-ready='true']")  # a stroke during a redraw is ignored
+        inside = int(inside_convex(xy, polygon).sum())
+        page.evaluate("() => { window.benchSelected = null; }")
         lasso(page, polygon, counter)
-        try:
-            page.wait_for_function(
-                "(before) => document.getElementById('selection-count').textContent !== before",
-                arg=previous,
-                timeout=10_000,
-            )
-        except Exception:  # noqa: S110 - a stroke that caught nothing new changes nothing; the next cell goes on
-            pass
+        page.wait_for_function("() => window.benchSelected !== null", timeout=60_000)
+        caught.append((inside, len(page.evaluate(GALLERY)["ids"])))
         actions += label_gallery(page, pool, counter)
     voted = Vote.objects.filter(project=pool.project, is_active=True).values("patch_id").distinct().count()
     missed = len(pool.truth) - voted
     if missed:
         # Fix what no lasso caught: one at a time in the annotator (its queue leaves out what the user labelled).
+        page.wait_for_selector("body[data-map-ready='true']")
         counter.click(page.get_by_role("link", name="Annotate"))
         done = annotate(page, pool, counter, missed)
         votes_settled(pool, voted + done)
     context.close()
     labels, correct = final_labels(pool)
     notes = {"lasso_regions": k, "bulk_actions": actions, "missed_by_lassos": missed,
-             "region_purity_mean": round(float(np.mean(purity)), 3)}  # fmt: skip
+             "region_purity_mean": round(float(np.mean(purity)), 3), "stroke_inside_vs_selected": caught}  # fmt: skip
     return ModeResult("lasso", counter, labels, correct, len(pool.truth), time.monotonic() - started, load(), notes)
 
 

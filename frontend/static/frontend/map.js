@@ -260,9 +260,19 @@ async function undoBatch(batchId) {
   }
 }
 
+// While the points are redrawn the scatterplot ignores the mouse (a lasso started then is lost): the page says
+// so in data-map-ready ("refreshing", then "true") for scripts, and the status line says it for people.
 async function refresh() {
-  state.map = await loadMap();
-  await draw();
+  const status = $("map-status").textContent;
+  document.body.dataset.mapReady = "refreshing";
+  $("map-status").textContent = "Updating the map's colours…";
+  try {
+    state.map = await loadMap();
+    await draw();
+  } finally {
+    $("map-status").textContent = status;
+    document.body.dataset.mapReady = "true";
+  }
 }
 
 // --- start ---------------------------------------------------------------------------------------------------------
