@@ -54,7 +54,7 @@ FIRST_PAINT = """() => {
                 window.benchFirstPaint = {ms: performance.now(), ready: document.body.dataset.mapReady};
             }, 0));
         }
-    }).observe(document.documentElement, {attributes: true, subtree: true, attributeFilter: ["data-map-ready"]});
+    }).observe(document, {attributes: true, subtree: true, attributeFilter: ["data-map-ready"]});
 }"""
 LASSO_AROUND = """(target) => {
     // The screen disc holding the ``target`` points nearest the middle of the first cluster (every 8th point).
@@ -111,7 +111,7 @@ def open_map(browser: Browser, project: Any) -> tuple[Any, Any, float]:
     page = browser.page(context)
     page.add_init_script(FIRST_PAINT)
     page.goto(f"/projects/{project.pk}/map/")
-    page.wait_for_function("() => window.benchFirstPaint !== undefined", timeout=600_000)
+    page.wait_for_function("() => window.benchFirstPaint !== undefined", timeout=300_000)
     painted = page.evaluate("window.benchFirstPaint")
     if painted["ready"] != "true":
         raise RuntimeError(f"the map page failed: {page.locator('#map-status').text_content()}")
@@ -131,7 +131,7 @@ def time_map(browser: Browser, project: Any, runs: int, lasso_points: int | None
             angles = np.linspace(0, 2 * math.pi, 48, endpoint=False)
             polygon = np.c_[disc["x"] + disc["r"] * np.cos(angles), disc["y"] + disc["r"] * np.sin(angles)]
             lasso(page, polygon, Interactions())
-            page.wait_for_function("() => window.benchLasso", timeout=600_000)
+            page.wait_for_function("() => window.benchLasso", timeout=300_000)
             result = page.evaluate("window.benchLasso")
             lassos.append(float(result["ms"]))
             caught.append(int(result["n"]))

@@ -290,7 +290,20 @@ async function start() {
     // The spatial index is built in this page, not in a blob: worker the Content-Security-Policy refuses.
     spatialIndexUseWorker: false,
   });
-  state.plot.subscribe("select", ({ points: selected }) => setSelection(selected));
+  // A lasso closed where it began ends in a click there (the pointer went down and up at the same place),
+  // which the plot takes for picking the point under it: that pick must not replace what the lasso caught.
+  state.plot.subscribe("lassoEnd", () => {
+    state.lassoEnd = { at: performance.now(), points: state.selection.slice() };
+  });
+  state.plot.subscribe("select", ({ points: selected }) => {
+    const lasso = state.lassoEnd;
+    state.lassoEnd = null;
+    if (lasso && lasso.points.length && selected.length === 1 && performance.now() - lasso.at < 500) {
+      state.plot.select(lasso.points, { preventEvent: true });
+      return;
+    }
+    setSelection(selected);
+  });
   state.plot.subscribe("deselect", () => setSelection([]));
   state.plot.subscribe("pointover", (i) => showHover(i));
   state.plot.subscribe("pointout", () => {
