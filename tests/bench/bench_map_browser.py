@@ -109,7 +109,7 @@ def map_project(n: int, user: Any, tag: str) -> Any:
 def open_map(browser: Browser, project: Any) -> tuple[Any, Any, float]:
     context = browser.context()
     page = browser.page(context)
-    page.add_init_script(FIRST_PAINT)
+    page.add_init_script(f"({FIRST_PAINT})();")  # a script, not a function: call it
     page.goto(f"/projects/{project.pk}/map/")
     page.wait_for_function("() => window.benchFirstPaint !== undefined", timeout=300_000)
     painted = page.evaluate("window.benchFirstPaint")
