@@ -270,6 +270,7 @@ class Browser:
         self.base = base
         self.cookie = cookie
         self.errors: list[str] = []
+        self.ignore: Callable[[str], bool] | None = None  # console errors a benchmark expects
 
     def context(self, viewport: dict[str, int] = VIEWPORT) -> Any:
         context = self.browser.new_context(base_url=self.base, viewport=viewport)
@@ -285,7 +286,9 @@ class Browser:
 
     def _console(self, message: Any) -> None:
         if message.type == "error":
-            self.errors.append(f"console error: {message.text} ({(message.location or {}).get('url', '')})")
+            text = f"console error: {message.text} ({(message.location or {}).get('url', '')})"
+            if not (self.ignore and self.ignore(text)):
+                self.errors.append(text)
 
     def check(self) -> None:
         if self.errors:
