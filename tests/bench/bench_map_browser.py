@@ -136,6 +136,8 @@ def time_map(browser: Browser, project: Any, runs: int, lasso_points: int | None
             lassos.append(float(result["ms"]))
             caught.append(int(result["n"]))
         context.close()
+        lassoed = f", lasso of {caught[-1]:,} points {lassos[-1]:.0f} ms" if lasso_points else ""
+        say(f"  {project.patches.count():,} points: first paint {ms:.0f} ms{lassoed}; load {load()}")
     out: dict[str, Any] = {
         "points": project.patches.count(),
         "first_paint_ms": [round(v) for v in paints],
