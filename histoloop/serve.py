@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         access_log=not args.no_access_log,
         timeout_keep_alive=75,  # browsers keep idle connections open between clicks (nginx's default)
         timeout_graceful_shutdown=10,
+        # The supervisor kills a child that does not answer its ping within this many seconds; a child
+        # importing the views (torch included) on a loaded machine can take longer than uvicorn's 5 s,
+        # and was then killed and restarted over and over without ever serving.
+        timeout_worker_healthcheck=60,
     )
 
 

@@ -78,6 +78,12 @@ def test_an_expert_lassoes_a_cluster_labels_all_but_one_and_undoes_it(
     message = page.locator("#bulk-message")
     expect(message).to_contain_text(f"Labelled {len(first) - 1} patches as benign", timeout=60_000)
     screenshot(page, "map-lasso-labelled")
+    # The left-out patch is now the selection, ready to be labelled next without another lasso.
+    expect(page.locator("#selection-count")).to_contain_text("(1 patches)")
+    expect(tiles).to_have_count(1)
+    expect(tiles.first).to_have_attribute("data-id", str(left_out))
+    expect(tiles.first).to_have_attribute("aria-pressed", "false")
+    expect(page.get_by_role("button", name="Label all as squamous")).to_be_enabled()
 
     with committed():
         batch = VoteBatch.objects.get(project=project, annotator=expert)
@@ -98,3 +104,33 @@ def test_an_expert_lassoes_a_cluster_labels_all_but_one_and_undoes_it(
     with committed():
         assert not Vote.objects.filter(project=project, is_active=True).exists()
         assert set(Consensus.objects.filter(project=project).values_list("status", flat=True)) == {"pending"}
+
+
+def test_a_lasso_closed_on_a_point_keeps_what_it_caught(
+    page: Any, make_project: Any, make_member: Any, committed: Any
+) -> None:
+    """Closing a lasso where it began is a click there too, which the plot takes for picking the point under
+    the pointer; the lasso's selection must survive it."""
+    seeded = make_project(queue=False)
+    make_member(seeded.project, Role.EXPERT, username="e2e-map-closer")
+    first, _ = two_clusters(seeded, committed)
+    page.set_default_timeout(60_000)
+    login(page, "e2e-map-closer", next_path=f"/projects/{seeded.project.pk}/map/")
+    expect(page.locator("body")).to_have_attribute("data-map-ready", "true", timeout=30_000)
+    positions = np.array(page.evaluate(SCREEN_POSITIONS, list(range(len(first)))))
+    (x0, y0), (x1, y1) = positions.min(axis=0) - 12, positions.max(axis=0) + 12
+    start = positions[int(np.argmin(positions[:, 0]))]  # the leftmost point: the stroke begins and ends on it
+    page.keyboard.down("Shift")
+    page.mouse.move(*start)
+    page.mouse.down()
+    for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), tuple(start)):
+        page.mouse.move(x, y, steps=12)
+        page.wait_for_timeout(25)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    count = page.locator("#selection-count")
+    expect(count).not_to_contain_text("(none", timeout=30_000)
+    page.wait_for_timeout(1000)  # the plot's events arrive after timeouts: give a late pick time to land
+    selected = page.evaluate("() => window.histoloopMap.selection.length")
+    assert selected >= len(first) - 1, f"the lasso kept {selected} of {len(first)} points"
+    expect(page.locator("#gallery .gallery-tile").first).to_be_visible()

@@ -112,6 +112,7 @@ async function draw() {
   state.plot.set({ pointColor: palette, colorBy: "valueA", pointSize: n > 200000 ? 2 : n > 20000 ? 3 : 5, opacity: n > 200000 ? 0.6 : 0.9 });
   await state.plot.draw(data, { preventFilterReset: true, zDataType: "categorical" });
   if (state.selection.length) state.plot.select(state.selection, { preventEvent: true });
+  else state.plot.deselect({ preventEvent: true });
   drawLegend(legend);
 }
 
@@ -220,6 +221,7 @@ function setSelection(indices) {
   state.selection = Array.from(indices).sort((a, b) => state.map.ids[a] - state.map.ids[b]);
   state.excluded = new Set();
   $("gallery").scrollTop = 0;
+  $("gallery-space").replaceChildren(); // a tile kept from the old selection would keep its left-out mark
   updateActions();
   renderGallery();
 }
@@ -235,7 +237,12 @@ async function labelAll(labelId) {
     state.lastBatch = result.batch;
     const undo = el("button", { type: "button", id: "bulk-undo" }, "Undo");
     undo.addEventListener("click", () => undoBatch(result.batch.id));
-    showMessage(`Labelled ${result.created.toLocaleString()} patches as ${result.batch.label_name}${result.unchanged ? ` (${result.unchanged} already were)` : ""}. `, undo);
+    const rest = exclude.length ? ` The ${exclude.length.toLocaleString()} left out stay selected: label them next.` : "";
+    showMessage(`Labelled ${result.created.toLocaleString()} patches as ${result.batch.label_name}${result.unchanged ? ` (${result.unchanged} already were)` : ""}.${rest} `, undo);
+    // What was left out is what still needs a label: it becomes the selection, so the next action (all, or all
+    // but some clicked again) labels it without another lasso.
+    const leftOut = new Set(exclude);
+    setSelection(state.selection.filter((i) => leftOut.has(state.map.ids[i])));
     await refresh();
   } catch (error) {
     showError(error.message);
@@ -253,9 +260,19 @@ async function undoBatch(batchId) {
   }
 }
 
+// While the points are redrawn the scatterplot ignores the mouse (a lasso started then is lost): the page says
+// so in data-map-ready ("refreshing", then "true") for scripts, and the status line says it for people.
 async function refresh() {
-  state.map = await loadMap();
-  await draw();
+  const status = $("map-status").textContent;
+  document.body.dataset.mapReady = "refreshing";
+  $("map-status").textContent = "Updating the map's colours…";
+  try {
+    state.map = await loadMap();
+    await draw();
+  } finally {
+    $("map-status").textContent = status;
+    document.body.dataset.mapReady = "true";
+  }
 }
 
 // --- start ---------------------------------------------------------------------------------------------------------
@@ -273,7 +290,20 @@ async function start() {
     // The spatial index is built in this page, not in a blob: worker the Content-Security-Policy refuses.
     spatialIndexUseWorker: false,
   });
-  state.plot.subscribe("select", ({ points: selected }) => setSelection(selected));
+  // A lasso closed where it began ends in a click there (the pointer went down and up at the same place),
+  // which the plot takes for picking the point under it: that pick must not replace what the lasso caught.
+  state.plot.subscribe("lassoEnd", () => {
+    state.lassoEnd = { at: performance.now(), points: state.selection.slice() };
+  });
+  state.plot.subscribe("select", ({ points: selected }) => {
+    const lasso = state.lassoEnd;
+    state.lassoEnd = null;
+    if (lasso && lasso.points.length && selected.length === 1 && performance.now() - lasso.at < 500) {
+      state.plot.select(lasso.points, { preventEvent: true });
+      return;
+    }
+    setSelection(selected);
+  });
   state.plot.subscribe("deselect", () => setSelection([]));
   state.plot.subscribe("pointover", (i) => showHover(i));
   state.plot.subscribe("pointout", () => {
