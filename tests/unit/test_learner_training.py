@@ -102,7 +102,7 @@ def test_head_model_saves_loads_and_predicts_from_images(head_run: dict, tmp_pat
     assert meta["mode"] == "head" and meta["class_names"] == head_run["classes"]
     assert meta["backbone"] == {"name": "tf_efficientnet_lite0", "weights": "package", "multiscale": False}
     assert meta["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
-    assert load_model(path).extra == {"n_train": 60, "round": 3}
+    assert load_model(path).extra == {"n_train": 60, "labels": "hard", "round": 3}
     assert [p.name for p in path.parent.iterdir()] == ["v1.pt"]  # no temp file left behind
 
     loaded = load_model(path)
