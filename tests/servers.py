@@ -1,5 +1,5 @@
-"""A real ASGI server for browser tests and benchmarks: the same command the demo and the
-Docker image serve with (``histoloop.serve``)."""
+"""Real processes for tests and benchmarks: an ASGI server (the same command the demo and the Docker
+image serve with, ``histoloop.serve``) and Celery workers (the same ``celery worker`` the compose files run)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,53 @@ def asgi_server(env: dict[str, str], log: Path, *, workers: int = 1, timeout: fl
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def start_celery_worker(
+    env: dict[str, str], log: Path, *, queues: str, name: str, pool: str = "solo"
+) -> subprocess.Popen[bytes]:
+    """Start one ``celery -A histoloop worker`` (concurrency 1) on ``queues``, logging to ``log``; it is not
+    ready yet: see :func:`wait_until_ready` (start several first, then wait, so they import torch at once)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "histoloop", "worker", "-Q", queues, "--pool", pool,
+             "--concurrency", "1", "-l", "info", "--without-gossip", "--without-mingle", "-n", name],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def wait_until_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    """Wait for the worker's "ready." line; kill it and raise with its log's tail if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while "ready." not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            why = "exited early" if proc.poll() is not None else f"was not ready after {timeout:.0f} s"
+            raise RuntimeError(f"The Celery worker {why}:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM (a worker's warm shutdown), then SIGKILL if it has not ended within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def celery_worker(
+    env: dict[str, str], log: Path, *, queues: str = "gpu,cpu", name: str = "", pool: str = "solo", timeout: float = 120
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A ready Celery worker for the block, stopped after it."""
+    proc = start_celery_worker(env, log, queues=queues, name=name or f"test-{os.getpid()}@%h", pool=pool)
+    try:
+        wait_until_ready(proc, log, timeout)
+        yield proc
+    finally:
+        stop_process(proc)
 
 
 def live_processes_in_group(pgid: int) -> list[int]:

@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.bench import make_wsi  # noqa: E402
 from tests.bench.bench_scale import scratch_database  # noqa: E402
+from tests.servers import start_celery_worker, stop_process, wait_until_ready  # noqa: E402
 
 TCGA = REPO.parent / "shared" / "data" / "slides" / "tcga-cr-7395-01a-01-ts1.svs"
 BATCH = 32
@@ -321,18 +322,8 @@ def start_shard_worker(queue: str, store_dir: Path, threads: int, work: Path) ->
         LEARNER_CPU_BACKEND="onnxruntime",
         OMP_NUM_THREADS=str(threads),
     )
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "histoloop", "worker", "-Q", queue, "--pool", "solo",
-             "--concurrency", "1", "-l", "info", "--without-gossip", "--without-mingle", "-n", f"{queue}@%h"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while "ready." not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"The shard worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
+    proc = start_celery_worker(env, log, queues=queue, name=f"{queue}@%h")
+    wait_until_ready(proc, log, timeout=240)
     return proc, log
 
 
@@ -376,10 +367,7 @@ def sharded(
         for proc, _ in workers:
             proc.terminate()
         for proc, _ in workers:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
         from histoloop.celery import app
 
         with app.connection_for_write() as conn:  # the round's own shards, left as no-ops when it did them

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from django.conf import settings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.servers import REPO_ROOT, celery_worker
+
+__all__ = ["REPO_ROOT", "celery_worker_process", "test_database_url", "wait_for"]
 
 
 def test_database_url() -> str:
@@ -38,50 +38,9 @@ def celery_worker_process(
     env["LEARNER_WEIGHTS_DIR"] = settings.LEARNER["WEIGHTS_DIR"]
     env["LEARNER_PRETRAINED_DIR"] = settings.LEARNER["PRETRAINED_DIR"]
     env.pop("TEST_DATABASE_NAME", None)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "histoloop",
-                "worker",
-                "-Q",
-                "gpu,cpu",
-                "--pool",
-                "solo",
-                "--concurrency",
-                "1",
-                "-l",
-                "info",
-                "--without-gossip",
-                "--without-mingle",
-                "-n",
-                f"test-{os.getpid()}@%h",
-            ],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Celery worker exited early:\n{log.read_text()}")
-        if "ready." in log.read_text():
-            break
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError(f"Celery worker did not become ready:\n{log.read_text()}")
-    proc.log_path = log  # type: ignore[attr-defined]
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with celery_worker(env, log, queues="gpu,cpu", name=f"test-{os.getpid()}@%h", timeout=120) as proc:
+        proc.log_path = log  # type: ignore[attr-defined]
+        yield proc
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, message: str = "condition"):  # type: ignore[no-untyped-def]

@@ -15,7 +15,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -40,9 +39,10 @@ from learner.conf import learner_settings
 from learner.models import TrainingRound
 from tests.conftest import SLIDES_DIR
 from tests.factories import ProjectFactory, member
-from tests.integration.conftest import REPO_ROOT, wait_for
 from tests.integration.conftest import test_database_url as database_url
+from tests.integration.conftest import wait_for
 from tests.integration.test_rounds import collect_events
+from tests.servers import start_celery_worker, wait_until_ready
 
 QUEUE = f"shards-test-{os.getpid()}"
 SHARD_PATCHES = 4
@@ -83,12 +83,7 @@ def start_worker(label: str, cache_dir: Path, folder: Path) -> Worker:
         LEARNER_CPU_BACKEND="torch",
     )
     env.pop("TEST_DATABASE_NAME", None)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "histoloop", "worker", "-Q", QUEUE, "--pool", "prefork",
-             "--concurrency", "1", "-l", "info", "--without-gossip", "--without-mingle", "-n", name],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    proc = start_celery_worker(env, log, queues=QUEUE, name=name, pool="prefork")
     return Worker(name.replace("%h", socket.gethostname()), proc, log)
 
 
@@ -99,12 +94,8 @@ def shard_workers(django_db_setup: None, tmp_path_factory: pytest.TempPathFactor
     cache_dir = folder / "cache"
     workers = tuple(start_worker(label, cache_dir, folder) for label in ("shardsA", "shardsB"))
     try:
-        deadline = time.monotonic() + 180  # both import Django and torch at once, on a shared machine
-        for worker in workers:
-            while "ready." not in worker.text():
-                if worker.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Celery worker {worker.name} did not start:\n{worker.text()[-3000:]}")
-                time.sleep(0.2)
+        for worker in workers:  # both import Django and torch at once, on a shared machine
+            wait_until_ready(worker.proc, worker.log, timeout=180)
         workers[0].cache_dir = cache_dir  # type: ignore[attr-defined]
         yield workers
     finally:
