@@ -93,7 +93,11 @@ class RoundCancelView(ProjectScoped):
 
 
 class HeatmapView(ProjectScoped):
-    """Per-patch probability of one class from the latest model, for a slide overlay."""
+    """Per-patch probability of one class from the latest model, for a slide overlay.
+
+    Columnar like the overlay (one array per field), so a slide of 50,000 patches is a few hundred
+    kilobytes of arrays, not 50,000 JSON objects. The latest model is the newest version that has
+    classes (a version saved without any cannot be drawn)."""
 
     write_roles = None
 
@@ -103,10 +107,13 @@ class HeatmapView(ProjectScoped):
         slide = request.query_params.get("slide", "")
         if not slide.isdigit():
             return Response({"detail": "Give the slide id as ?slide=<id>."}, status=400)
-        version = ModelVersion.objects.filter(project=project).order_by("-created_at").first()
+        version = (
+            ModelVersion.objects.filter(project=project).exclude(class_names=[]).order_by("-created_at").first()
+        )
         label = request.query_params.get("label")
+        columns: dict[str, list[Any]] = {key: [] for key in ("id", "x", "y", "size", "prob")}
         if version is None:
-            return Response({"model_version": None, "label": label, "patches": []})
+            return Response({"model_version": None, "label": label, "count": 0, "patches": columns})
         names = version.class_names
         if label is None:
             label = names[0]
@@ -116,15 +123,20 @@ class HeatmapView(ProjectScoped):
         ids, probs = scores.for_slide(version, int(slide))
         geometry = Patch.objects.filter(project=project, slide_id=int(slide)).order_by("id")
         rows = np.array(list(geometry.values_list("id", "x", "y", "size")), dtype=np.int64).reshape(-1, 4)
-        at = np.minimum(np.searchsorted(ids, rows[:, 0]), max(len(ids) - 1, 0))
-        scored = (at < len(ids)) & (ids[at] == rows[:, 0]) if len(ids) else np.zeros(len(rows), dtype=bool)
-        prob = np.round(probs[at[scored], k].astype(np.float64), 5).tolist() if len(ids) else []
-        patches = [
-            {"id": pid, "x": x, "y": y, "size": size, "prob": p}
-            for (pid, x, y, size), p in zip(rows[scored].tolist(), prob, strict=True)
-        ]
+        if len(ids) and len(rows):
+            at = np.minimum(np.searchsorted(ids, rows[:, 0]), len(ids) - 1)
+            scored = ids[at] == rows[:, 0]
+            for i, key in enumerate(("id", "x", "y", "size")):
+                columns[key] = rows[scored, i].tolist()
+            columns["prob"] = np.round(probs[at[scored], k].astype(np.float64), 5).tolist()
         return Response(
-            {"model_version": version.pk, "round": version.round.number, "label": label, "patches": patches}
+            {
+                "model_version": version.pk,
+                "round": version.round.number,
+                "label": label,
+                "count": len(columns["id"]),
+                "patches": columns,
+            }
         )
 
 

@@ -37,9 +37,10 @@ def server_env(database_url: str) -> dict[str, str]:
 
 
 @contextmanager
-def asgi_server(env: dict[str, str], log: Path, *, workers: int = 1, timeout: float = 60) -> Iterator[int]:
+def asgi_server(env: dict[str, str], log: Path, *, workers: int = 1, timeout: float = 180) -> Iterator[int]:
     """histoloop.asgi served by ``workers`` processes on a free loopback port; yields the port
-    once it accepts connections."""
+    once it accepts connections. ``timeout`` is generous: on a loaded 2-core machine importing the
+    application (torch included) in each process can take a minute."""
     port = free_port()
     started_before = log.read_text(errors="replace").count("Started server process") if log.exists() else 0
     with log.open("ab") as out:

@@ -262,7 +262,8 @@ def test_after_a_round_the_heatmap_prediction_and_grad_cam_describe_the_latest_m
     expert = api_client(member(project, Role.EXPERT))
     patch = Patch.objects.filter(project=project).first()
     heat = expert.get(f"/api/v1/projects/{project.pk}/heatmap/?slide={patch.slide_id}&label=benign").json()
-    assert heat["label"] == "benign" and len(heat["patches"]) == 1 and 0 <= heat["patches"][0]["prob"] <= 1
+    assert heat["label"] == "benign" and heat["count"] == 1 and heat["patches"]["id"] == [patch.pk]
+    assert 0 <= heat["patches"]["prob"][0] <= 1 and heat["patches"]["x"] == [patch.x]
     prediction = expert.get(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/prediction/").json()
     assert set(prediction["probs"]) == set(CLASS_NAMES.values())
     assert sum(prediction["probs"].values()) == pytest.approx(1.0, abs=1e-3)

@@ -142,8 +142,15 @@ async function loadHeatmap(layer) {
     setStatus("No model has been trained yet: start a training round from the dashboard.");
     layer.heatmap = [];
   } else {
-    layer.heatmap = body.patches;
-    setStatus(`Model ${body.model_version}: probability of ${body.label} on ${body.patches.length} patches.`);
+    const c = body.patches;
+    layer.heatmap = Array.from({ length: body.count }, (_, i) => ({
+      id: c.id[i],
+      x: c.x[i],
+      y: c.y[i],
+      size: c.size[i],
+      prob: c.prob[i],
+    }));
+    setStatus(`Model ${body.model_version}: probability of ${body.label} on ${body.count} patches.`);
   }
   ui.osd.dataset.heatmapPatches = String(layer.heatmap.length);
   layer.show.heatmap = true;
