@@ -107,9 +107,7 @@ class HeatmapView(ProjectScoped):
         slide = request.query_params.get("slide", "")
         if not slide.isdigit():
             return Response({"detail": "Give the slide id as ?slide=<id>."}, status=400)
-        version = (
-            ModelVersion.objects.filter(project=project).exclude(class_names=[]).order_by("-created_at").first()
-        )
+        version = ModelVersion.objects.filter(project=project).exclude(class_names=[]).order_by("-created_at").first()
         label = request.query_params.get("label")
         columns: dict[str, list[Any]] = {key: [] for key in ("id", "x", "y", "size", "prob")}
         if version is None:
