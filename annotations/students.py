@@ -130,30 +130,31 @@ def is_certified(project: Project, gold_answers: int, gold_correct: int) -> bool
 
 # Every (or one) member's gold answers, their first vote on each gold patch with an expert label, counted and
 # compared in PostgreSQL, and the membership rows rewritten in the same statement. ``old`` is the row before
-# the update, so the statement returns whether each one counted in consensus before and counts now.
-_REFRESH_SQL = (
-    """
-WITH gold AS (
-    SELECT v.patch_id, MIN(v.label_id) AS label_id FROM annotations_patch p
-    JOIN annotations_vote v ON v.patch_id = p.id AND v.is_active AND v.role IN ('expert', 'admin')
-    WHERE p.project_id = %(project)s AND p.is_gold
-    GROUP BY v.patch_id HAVING COUNT(DISTINCT v.label_id) = 1
-), firsts AS (
+# the update, so the statement returns whether each one counted in consensus before and counts now. For one
+# member it walks the project's gold patches (the (project, is_gold) index) and looks up that member's votes on
+# each along (patch, annotator); the member filter is spelled out, not optional, so the plan can use it.
+def _refresh_sql(one: bool) -> str:
+    voter = "AND v.annotator_id = %(user)s" if one else ""
+    member = "AND old.user_id = %(user)s" if one else ""
+    was = counts_sql("old", "old.gold_answers", "old.gold_correct")
+    counts = counts_sql("old", "COALESCE(s.n, 0)", "COALESCE(s.ok, 0)")
+    return f"""
+WITH firsts AS (
     SELECT DISTINCT ON (v.annotator_id, v.patch_id) v.annotator_id, v.patch_id, v.label_id
-    FROM annotations_vote v JOIN gold g ON g.patch_id = v.patch_id
-    WHERE v.project_id = %(project)s AND (%(user)s::bigint IS NULL OR v.annotator_id = %(user)s::bigint)
+    FROM annotations_patch p JOIN annotations_vote v ON v.patch_id = p.id {voter}
+    WHERE p.project_id = %(project)s AND p.is_gold
     ORDER BY v.annotator_id, v.patch_id, v.created_at, v.id
+), gold AS (
+    SELECT e.patch_id, MIN(e.label_id) AS label_id FROM annotations_vote e
+    WHERE e.patch_id IN (SELECT patch_id FROM firsts) AND e.is_active AND e.role IN ('expert', 'admin')
+    GROUP BY e.patch_id HAVING COUNT(DISTINCT e.label_id) = 1
 ), stats AS (
     SELECT f.annotator_id, COUNT(*) AS n, COUNT(*) FILTER (WHERE f.label_id = g.label_id) AS ok
     FROM firsts f JOIN gold g ON g.patch_id = f.patch_id GROUP BY f.annotator_id
 ), fresh AS (
-    SELECT old.id, COALESCE(s.n, 0) AS n, COALESCE(s.ok, 0) AS ok, """
-    + counts_sql("old", "old.gold_answers", "old.gold_correct")
-    + """ AS was, """
-    + counts_sql("old", "COALESCE(s.n, 0)", "COALESCE(s.ok, 0)")
-    + """ AS counts
+    SELECT old.id, COALESCE(s.n, 0) AS n, COALESCE(s.ok, 0) AS ok, {was} AS was, {counts} AS counts
     FROM annotations_membership old LEFT JOIN stats s ON s.annotator_id = old.user_id
-    WHERE old.project_id = %(project)s AND (%(user)s::bigint IS NULL OR old.user_id = %(user)s::bigint)
+    WHERE old.project_id = %(project)s {member}
 )
 UPDATE annotations_membership m
 SET gold_answers = fresh.n, gold_correct = fresh.ok,
@@ -161,7 +162,9 @@ SET gold_answers = fresh.n, gold_correct = fresh.ok,
 FROM fresh WHERE m.id = fresh.id
 RETURNING m.user_id, fresh.was, fresh.counts
 """
-)
+
+
+_REFRESH_ONE_SQL, _REFRESH_ALL_SQL = _refresh_sql(True), _refresh_sql(False)
 
 
 def refresh_students(project: Project, user: Any = None, *, recompute: bool = True) -> list[int]:
@@ -178,7 +181,7 @@ def refresh_students(project: Project, user: Any = None, *, recompute: bool = Tr
         **certification_params(project),
     }
     with connection.cursor() as cursor:
-        cursor.execute(_REFRESH_SQL, params)
+        cursor.execute(_REFRESH_ALL_SQL if params["user"] is None else _REFRESH_ONE_SQL, params)
         changed = [int(uid) for uid, was, counts in cursor.fetchall() if was != counts]
     if changed and recompute:
         recompute_students_patches(project, changed)
