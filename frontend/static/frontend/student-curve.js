@@ -37,7 +37,7 @@ export function drawStudentCurve(node, body, previous) {
   const low = Math.min(0, ...data[2].filter((v) => v !== null));
   return new uPlot(
     {
-      width: Math.max(300, node.clientWidth || 420),
+      width: Math.max(220, node.clientWidth || 420),
       height: 220,
       series: [{ label: "Answers" }, line("Gold accuracy", COLOURS.gold), line("κ vs experts", COLOURS.kappa, [6, 4])],
       scales: { x: { time: false }, y: { range: [low, 1] } },
