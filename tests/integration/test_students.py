@@ -9,6 +9,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 from sklearn.metrics import cohen_kappa_score
@@ -102,6 +104,9 @@ def test_an_unknown_student_gets_more_gold_checks_than_a_proven_one() -> None:
         for name, user in (("proven", proven), ("unknown", unknown))
     }
     assert flips["unknown"] > 3 * flips["proven"], flips
+    with CaptureQueriesContext(connection) as sent:
+        queue._wants_gold(project, unknown, ahead=0)
+    assert len(sent) == 1, [q["sql"][:80] for q in sent]  # the vote count and the gold counts, one statement
     assert flips == {
         name: sum(queue._wants_gold(project, user, ahead=k) for k in range(600))
         for name, user in (("proven", proven), ("unknown", unknown))
