@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import consensus, queue, stats, voting
+from . import consensus, queue, stats, students, voting
 from .member_cache import member_project
 from .models import Consensus, LabelClass, Membership, Patch, Project, Role, Vote
 from .permissions import project_for, projects_with_roles
@@ -109,10 +109,14 @@ class ProjectDetailView(ProjectScoped):
         project, role = self.load(request, project_id)
         serializer = ProjectSerializer(project, data=request.data, partial=True, context={"roles": {project.pk: role}})
         serializer.is_valid(raise_exception=True)
-        weight_before = project.suggestion_weight
+        weight_before, threshold_before = project.suggestion_weight, project.certification_threshold
         with transaction.atomic():
             serializer.save()
             recompute = project.suggestion_weight != weight_before
+            if project.certification_threshold != threshold_before:
+                # Who is certified now (at once, for the per-vote path), then every patch in bulk on the worker.
+                students.refresh_students(project, recompute=False)
+                recompute = True
             if recompute:
                 # Every suggestion-made vote now counts differently: the whole project, in bulk, on the worker.
                 consensus.schedule_project_recompute(project)
@@ -194,6 +198,9 @@ class MemberDetailView(ProjectScoped):
         data.is_valid(raise_exception=True)
         membership.role = data.validated_data["role"]
         membership.save(update_fields=["role"])
+        if project.certification_threshold > 0 and students.refresh_students(project, membership.user_id) == []:
+            # A student's crowd votes are judged, an expert's are not: theirs count differently from now on.
+            students.recompute_students_patches(project, [membership.user_id])
         return Response(MembershipSerializer(membership).data)
 
     @extend_schema(responses={204: None})
@@ -377,6 +384,7 @@ class PatchGoldView(ProjectScoped):
             return Response({"detail": "Only a patch with an expert label can be gold; label it first."}, status=409)
         patch.is_gold = gold
         patch.save(update_fields=["is_gold"])
+        students.refresh_students(project)  # every student's gold counts, and who is certified, follow the gold set
         return Response(PatchSerializer(patch).data)
 
 

@@ -14,9 +14,9 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from . import agreement, consensus, label_files, regions, speed, training_set
+from . import agreement, consensus, label_files, regions, speed, students, training_set
 from .api import ADMIN_ONLY, EXPERTS, ProjectScoped, query_id
-from .models import Consensus, Patch, Role, Slide, Vote
+from .models import Consensus, Membership, Patch, Role, Slide, Vote
 from .serializers import (
     LabelImportInputSerializer,
     LabelImportResultSerializer,
@@ -88,6 +88,82 @@ class AgreementView(ProjectScoped):
     def get(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
         return Response(agreement.agreement_report(project))
+
+
+def _block(request: Request) -> int | None:
+    """``?block=`` (answers per point of a learning curve), or None when it is not a whole number in range."""
+    raw = request.query_params.get("block", str(students.DEFAULT_BLOCK))
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4):
+        return None
+    value = int(raw)
+    return value if students.MIN_BLOCK <= value <= students.MAX_BLOCK else None
+
+
+BLOCK_ERROR = f"Give block as a whole number of answers from {students.MIN_BLOCK} to {students.MAX_BLOCK}."
+
+
+class StudentsView(ProjectScoped):
+    """The crowd members with their gold answers, accuracy, gold rate and whether they are certified
+    (annotations.students). Experts and admins, like the agreement report."""
+
+    roles = EXPERTS
+
+    @extend_schema(responses=OpenApiTypes.OBJECT)
+    def get(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        return Response(students.students(project))
+
+
+class StudentCurveView(ProjectScoped):
+    """One member's learning curve: gold accuracy and Cohen's kappa against the experts, block by block of
+    their answers. Experts and admins; a crowd member reads their own at ``my-progress/``."""
+
+    roles = EXPERTS
+
+    @extend_schema(
+        parameters=[OpenApiParameter("block", OpenApiTypes.INT, description="Answers per point, default 25.")],
+        responses=OpenApiTypes.OBJECT,
+    )
+    def get(self, request: Request, project_id: int, user_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        block = _block(request)
+        if block is None:
+            return Response({"detail": BLOCK_ERROR}, status=400)
+        membership = Membership.objects.filter(project=project, user_id=user_id).select_related("user").first()
+        if membership is None:
+            return Response({"detail": "No such member in this project."}, status=404)
+        body = students.learning_curve(project, membership.user_id, block)
+        body["student"] = students.student_summary(project, membership)
+        return Response(body)
+
+
+class MyProgressView(ProjectScoped):
+    """The caller's own learning curve. A crowd member sees it only in training mode: block by block, the
+    number of gold answers would tell them which of their tasks were gold checks, which training mode
+    shows anyway and blind checks must not."""
+
+    write_roles = None
+
+    @extend_schema(
+        parameters=[OpenApiParameter("block", OpenApiTypes.INT, description="Answers per point, default 25.")],
+        responses=OpenApiTypes.OBJECT,
+    )
+    def get(self, request: Request, project_id: int) -> Response:
+        project, role = self.load(request, project_id)
+        if role == Role.CROWD and not project.training_mode:
+            return Response(
+                {"detail": "Your progress is shown in training mode only; this project is not in training mode."},
+                status=403,
+            )
+        block = _block(request)
+        if block is None:
+            return Response({"detail": BLOCK_ERROR}, status=400)
+        body = students.learning_curve(project, request.user.pk, block)
+        membership = Membership.objects.filter(project=project, user=request.user).select_related("user").first()
+        if membership is not None:
+            summary = students.student_summary(project, membership)
+            body["me"] = {key: summary[key] for key in ("gold_answers", "gold_correct", "gold_accuracy", "certified")}
+        return Response(body)
 
 
 class LabellingSpeedView(ProjectScoped):

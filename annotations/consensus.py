@@ -12,6 +12,10 @@ Suggestion-made votes (:data:`SUGGESTION_PROVENANCES`) count with the project's 
 all three, and not at all when it is 0 (:func:`vote_weight`); changing the setting recomputes the project
 (``annotations.tasks.recompute_project_consensus_task``, on the worker).
 
+Crowd votes of a student below the project's certification threshold (too few gold answers, or too few of
+them right: annotations.students) are left out of all three the same way; a student's certification changing
+recomputes the patches they voted on.
+
 Whenever a patch ends ``contested``, :func:`send_contested_to_experts` queues it for expert review;
 it is the only place that rule is written. It runs where the status is written: after a vote that
 leaves its patch contested (in the vote's transaction), and for the rows a bulk recompute turned
@@ -35,7 +39,8 @@ from psycopg.types.json import Jsonb
 from . import prepared, queue
 from .domain.agreement import expert_labels
 from .domain.consensus import ConsensusResult, VoteRecord, batch_consensus, consensus_for_item
-from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Vote
+from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Role, Vote
+from .students import certification_params, counts_sql, refresh_students, uncounted_students
 
 # Expert reviews sort above every crowd task (round priorities are 10,000 x round number + rank).
 EXPERT_REVIEW_PRIORITY = 1e6
@@ -99,13 +104,19 @@ def consensus_fields(result: ConsensusResult, label: LabelClass | None) -> dict[
 
 def vote_records(project: Project, *, weighted: bool = False) -> list[VoteRecord]:
     """Every active vote of the project, as the domain functions take them; ``weighted``: as consensus
-    counts them (suggestion-made votes weighted, or left out; see :func:`vote_weight`)."""
+    counts them (suggestion-made votes weighted, or left out, see :func:`vote_weight`; the votes of students
+    below the certification threshold left out)."""
     rows = Vote.objects.filter(project=project, is_active=True).values_list(
         "patch_id", "annotator_id", "label__name", "role", "provenance"
     )
     if not weighted:
         return [VoteRecord(item=p, annotator=a, label=lbl, role=r) for p, a, lbl, r, _ in rows.iterator(10_000)]
-    records = (weighted_record(project, p, a, lbl, r, how) for p, a, lbl, r, how in rows.iterator(10_000))
+    uncounted = uncounted_students(project)
+    records = (
+        weighted_record(project, p, a, lbl, r, how)
+        for p, a, lbl, r, how in rows.iterator(10_000)
+        if not (a in uncounted and r == Role.CROWD)
+    )
     return [record for record in records if record is not None]
 
 
@@ -134,9 +145,14 @@ def _queue_reviews(project: Project, patch_ids: Iterable[int]) -> int:
     return queue.enqueue_patches(project, priorities, kind=AnnotationTask.Kind.EXPERT)
 
 
-_ACTIVE_VOTES_SQL = """
-SELECT annotator_id, label_id, role, provenance FROM annotations_vote
-WHERE patch_id = %(patch)s AND is_active ORDER BY created_at, id
+# The patch's active votes that count: a crowd vote of a student below the certification threshold does not
+# (their membership says so; annotations.students).
+_ACTIVE_VOTES_SQL = f"""
+SELECT v.annotator_id, v.label_id, v.role, v.provenance FROM annotations_vote v
+LEFT JOIN annotations_membership m ON m.user_id = v.annotator_id AND m.project_id = v.project_id
+WHERE v.patch_id = %(patch)s AND v.is_active
+  AND (v.role <> 'crowd' OR {counts_sql("m", "m.gold_answers", "m.gold_correct")})
+ORDER BY v.created_at, v.id
 """
 # One row per patch (patch_id is unique); a new row starts without a model version, an existing one keeps its own.
 _UPSERT_CONSENSUS_SQL = """
@@ -212,7 +228,7 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
     patch_id = patch.pk if isinstance(patch, Patch) else int(patch)
     labels = list(LabelClass.objects.filter(project=project).order_by("order")) if labels is None else labels
     # Runs on every vote: two prepared statements (annotations.prepared), no ORM query building.
-    votes = prepared.rows(_ACTIVE_VOTES_SQL, {"patch": patch_id})
+    votes = prepared.rows(_ACTIVE_VOTES_SQL, {"patch": patch_id, **certification_params(project)})
     name_of = {lc.pk: lc.name for lc in labels}
     weighed = (weighted_record(project, patch_id, a, name_of[lbl], r, how) for a, lbl, r, how in votes)
     records = [record for record in weighed if record is not None]
@@ -272,7 +288,10 @@ def recompute_consensus_many(
     votes = Vote.objects.filter(patch_id__in=ids, is_active=True).values_list(
         "patch_id", "annotator_id", "label_id", "role", "provenance"
     )
+    uncounted = uncounted_students(project)
     for pid, a, lbl, r, how in votes.iterator(chunk_size=10_000):
+        if a in uncounted and r == Role.CROWD:
+            continue  # a student below the certification threshold
         record = weighted_record(project, pid, a, name_of[lbl], r, how)
         if record is not None:
             by_patch[pid].append(record)
@@ -340,6 +359,7 @@ def schedule_project_recompute(project: Project) -> None:
 
 
 def _recompute_project(project: Project) -> int:
+    refresh_students(project, recompute=False)  # who counts now: this recompute covers every patch
     records = vote_records(project, weighted=True)
     results = (
         batch_consensus(

@@ -159,6 +159,19 @@ class Project(models.Model):
         validators=[MinValueValidator(0.5), MaxValueValidator(1.0)],
         help_text="Consensus confidence at which adaptive redundancy stops asking the crowd.",
     )
+    # Students who improve (annotations.students): more gold checks while a student is unknown or weak, fewer
+    # once proven; a student below the certification threshold is recorded but not counted in consensus.
+    adaptive_gold = models.BooleanField(
+        default=False,
+        help_text="Give each student a gold rate of their own: up to 3x gold_rate while their gold accuracy is "
+        "unknown or low, down to gold_rate/3 once proven (see annotations.students). Off: gold_rate for everyone.",
+    )
+    certification_threshold = models.FloatField(
+        default=0.0,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Gold accuracy a student needs (over at least 10 gold answers) for their votes to count in "
+        "consensus; below it their votes are recorded but not counted. 0 turns certification off.",
+    )
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -195,6 +208,12 @@ class Membership(models.Model):
     project = models.ForeignKey(Project, related_name="memberships", on_delete=models.CASCADE)
     role = models.CharField(max_length=16, choices=Role.choices)
     created_at = models.DateTimeField(auto_now_add=True)
+    # What is known of a student from the gold checks (annotations.students keeps these in step with the votes,
+    # in one statement per refresh): their first answer on each gold patch, and how many of those were right.
+    # Whether their votes count in consensus follows from these and the project's certification threshold.
+    gold_answers = models.PositiveIntegerField(default=0)
+    gold_correct = models.PositiveIntegerField(default=0)
+    certified_at = models.DateTimeField(null=True, blank=True, help_text="When the student last became certified.")
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "project"], name="membership_unique")]

@@ -21,7 +21,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from . import prepared
+from . import prepared, students
 from .models import AnnotationTask, Consensus, Patch, Project, Role, Slide, TaskSkip, Vote
 
 Kind = AnnotationTask.Kind
@@ -132,15 +132,13 @@ def held_leases(project: Project, user: Any, now: Any = None) -> list[Annotation
 
 
 def _wants_gold(project: Project, user: Any, ahead: int) -> bool:
-    """A reproducible coin flip per (project, user, vote count) at the project's gold rate.
+    """A reproducible coin flip per (project, user, vote count) at the student's gold rate: the project's
+    ``gold_rate``, or with ``adaptive_gold`` one that follows what the gold checks say of the student
+    (annotations.students). At most one query.
 
     ``ahead`` counts the leases already held, so a lease taken ahead gets the flip of the vote
     it will become."""
-    if project.gold_rate <= 0:
-        return False
-    n_votes = Vote.objects.filter(project=project, annotator=user).count() + ahead
-    rng = random.Random(f"{project.seed}:{user.pk}:{n_votes}")
-    return rng.random() < project.gold_rate
+    return students.wants_gold(project, user, ahead)
 
 
 def _lease_gold(project: Project, user: Any, now: Any) -> AnnotationTask | None:

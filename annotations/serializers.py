@@ -57,6 +57,8 @@ class ProjectSerializer(serializers.ModelSerializer):
             "crowd_cost",
             "adaptive_redundancy",
             "redundancy_confidence",
+            "adaptive_gold",
+            "certification_threshold",
             "created_at",
             "label_classes",
             "role",

@@ -25,6 +25,13 @@ urlpatterns = [
     path("projects/<int:project_id>/stats/", api.ProjectStatsView.as_view(), name="project-stats"),
     path("projects/<int:project_id>/overlay/", api_reports.OverlayView.as_view(), name="overlay"),
     path("projects/<int:project_id>/agreement/", api_reports.AgreementView.as_view(), name="agreement"),
+    path("projects/<int:project_id>/students/", api_reports.StudentsView.as_view(), name="students"),
+    path(
+        "projects/<int:project_id>/students/<int:user_id>/learning-curve/",
+        api_reports.StudentCurveView.as_view(),
+        name="student-learning-curve",
+    ),
+    path("projects/<int:project_id>/my-progress/", api_reports.MyProgressView.as_view(), name="my-progress"),
     path(
         "projects/<int:project_id>/labelling-speed/", api_reports.LabellingSpeedView.as_view(), name="labelling-speed"
     ),

@@ -19,6 +19,7 @@ from . import prepared
 from .consensus import recompute_consensus
 from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Role, Vote
 from .queue import QueueError
+from .students import refresh_students
 
 Kind = AnnotationTask.Kind
 
@@ -158,6 +159,11 @@ def cast_vote(
         if task is not None and task.kind == Kind.CROWD and task.state == AnnotationTask.State.OPEN:
             if project.adaptive_redundancy and consensus.status != Consensus.Status.PENDING:
                 task.state = AnnotationTask.State.DONE  # closed by the consensus upsert (adaptive redundancy)
+        if task is not None and task.kind == Kind.GOLD:
+            # A gold answer: the student's gold counts and certification follow it (annotations.students); a
+            # certification that changes recomputes the patches they voted on, this one included.
+            if refresh_students(project, user):
+                consensus = Consensus.objects.get(patch_id=pid)
     gold_answer = None
     if task is not None and task.kind == Kind.GOLD and project.training_mode:
         gold_answer = consensus.label

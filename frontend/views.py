@@ -61,7 +61,9 @@ def annotate(request: HttpRequest, project_id: int) -> HttpResponse:
     project, role = _member_project(request, project_id)
     from learner.suggestions import strip_allowed
 
-    config = _page_config(project, role, can_label_many=role in EXPERTS)
+    # A student's own learning curve, in training mode only (annotations.api_reports.MyProgressView says why).
+    my_progress = role == Role.CROWD and project.training_mode
+    config = _page_config(project, role, can_label_many=role in EXPERTS, my_progress=my_progress)
     context = {
         "project": project,
         "role": role,

@@ -44,6 +44,11 @@ ENDPOINTS: list[tuple[str, str, set[str], Any]] = [
     ("get", "/api/v1/projects/{p}/overlay/?slide={slide}", ALL, None),
     ("get", "/api/v1/projects/{p}/agreement/", EXPERTS, None),
     ("get", "/api/v1/projects/{p}/labelling-speed/", EXPERTS, None),
+    ("get", "/api/v1/projects/{p}/students/", EXPERTS, None),
+    ("get", "/api/v1/projects/{p}/students/{student}/learning-curve/", EXPERTS, None),
+    # A student reads their own curve in training mode only (this project is not in it).
+    ("get", "/api/v1/projects/{p}/my-progress/", EXPERTS, None),
+    ("patch", "/api/v1/projects/{p}/", ADMIN, {"certification_threshold": 0.5, "adaptive_gold": True}),
     ("patch", "/api/v1/projects/{p}/", ADMIN, {"suggestion_weight": 0.5}),
     ("post", "/api/v1/projects/{p}/consensus/recompute/", ADMIN, None),
     ("get", "/api/v1/projects/{p}/export/?format=csv&kind=votes", EXPERTS, None),
@@ -104,10 +109,12 @@ def test_every_endpoint_answers_every_role_as_the_matrix_says() -> None:
     version = ModelVersion.objects.create(
         project=project, round=round_, backbone="b", train_mode="head", class_names=names
     )
+    users = {role: member(project, role) for role in ("admin", "expert", "crowd")}
     ids = {"p": project.pk, "patch": patch.pk, "slide": slide.pk, "round": round_.pk, "version": version.pk}
+    ids["student"] = users["crowd"].pk
 
     other = ProjectFactory()
-    clients = {role: logged_in(member(project, role)) for role in ("admin", "expert", "crowd")}
+    clients = {role: logged_in(user) for role, user in users.items()}
     clients["outsider"] = logged_in(member(other, Role.ADMIN))
     clients["anonymous"] = APIClient()
 

@@ -8,6 +8,7 @@
 import { api, el, isTyping, pageConfig, paintLabelColours } from "./api.js";
 import { connectLive, statusBadge } from "./live.js";
 import { similarPanel } from "./similar-panel.js";
+import { drawStudentCurve } from "./student-curve.js";
 
 const config = pageConfig();
 paintLabelColours();
@@ -381,11 +382,38 @@ function undo() {
   });
 }
 
+// Training mode, students: their own learning curve, drawn again after each gold answer and when opened.
+const progress = {
+  root: document.getElementById("my-progress"),
+  curve: document.getElementById("my-progress-curve"),
+  summary: document.getElementById("my-progress-summary"),
+  plot: null,
+};
+
+async function loadProgress() {
+  if (!progress.root || !progress.root.open) return;
+  let body;
+  try {
+    body = await api(`${base}my-progress/?block=25`);
+  } catch (error) {
+    progress.curve.replaceChildren(el("p", { class: "error", text: error.message }));
+    return;
+  }
+  const me = body.me || {};
+  const share = me.gold_accuracy === null || me.gold_accuracy === undefined ? "–" : `${Math.round(me.gold_accuracy * 100)}%`;
+  const certified = me.certified === null || me.certified === undefined ? "" : me.certified ? " Certified: your votes count." : " Not certified yet: your votes are recorded, not counted.";
+  progress.summary.textContent = `Check patches: ${me.gold_correct ?? 0} of ${me.gold_answers ?? 0} right (${share}).${certified}`;
+  progress.plot = drawStudentCurve(progress.curve, body, progress.plot);
+}
+
+if (progress.root) progress.root.addEventListener("toggle", loadProgress);
+
 function showGold(gold) {
   if (!gold) {
     ui.gold.hidden = true;
     return;
   }
+  loadProgress();
   ui.gold.hidden = false;
   ui.gold.dataset.correct = gold.correct ? "true" : "false";
   ui.gold.textContent = gold.correct

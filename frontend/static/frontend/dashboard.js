@@ -1,8 +1,10 @@
 // Admin dashboard: slides, queue, training rounds with live progress, learning curve, agreement (also by how
-// votes were made), labelling speed per mode, the suggestion weight, exports.
+// votes were made), students (gold answers, certification, learning curves), labelling speed per mode, the
+// suggestion weight and the students settings, exports.
 import { api, el, pageConfig } from "./api.js";
 import { drawLearningCurve } from "./learning-curve.js";
 import { connectLive, statusBadge } from "./live.js";
+import { drawStudentCurve } from "./student-curve.js";
 
 const config = pageConfig();
 const base = config.api;
@@ -34,6 +36,13 @@ const ui = {
   weightForm: document.getElementById("suggestion-weight-form"),
   weightInput: document.getElementById("suggestion-weight"),
   weightMessage: document.getElementById("suggestion-weight-message"),
+  studentsBody: document.querySelector("#students-table tbody"),
+  studentCurve: document.getElementById("student-curve"),
+  studentCurveName: document.getElementById("student-curve-name"),
+  studentForm: document.getElementById("student-settings-form"),
+  adaptiveGold: document.getElementById("adaptive-gold"),
+  certification: document.getElementById("certification-threshold"),
+  studentMessage: document.getElementById("student-settings-message"),
 };
 
 // How a vote was made (Vote.Provenance), in words.
@@ -48,7 +57,7 @@ const MODES = {
 const modeName = (mode) => MODES[mode] || mode;
 const percent = (share) => (share === null || share === undefined ? "–" : `${Math.round(share * 100)}%`);
 
-const state = { rounds: [], roundsAvailable: true, plot: null, live: null, pollTimer: null, slidesTimer: null };
+const state = { rounds: [], roundsAvailable: true, plot: null, live: null, pollTimer: null, slidesTimer: null, studentPlot: null, student: null };
 window.histoloopDashboard = state;
 
 const fmt = (value, digits = 3) => (value === null || value === undefined || Number.isNaN(value) ? "–" : Number(value).toFixed(digits));
@@ -434,6 +443,82 @@ async function saveWeight(event) {
   );
 }
 
+// --- students: gold answers, certification, learning curves ---
+
+async function loadStudents() {
+  let body;
+  try {
+    body = await api(`${base}students/`);
+  } catch (error) {
+    placeholder(ui.studentsBody, 6, error.message, "error");
+    return;
+  }
+  if (!body.students.length) {
+    placeholder(ui.studentsBody, 6, "No students in this project yet.");
+    return;
+  }
+  const certified = (s) => (s.certified === null ? "– (off)" : s.certified ? "yes" : s.gold_answers < body.min_gold_answers ? `no (${s.gold_answers} of ${body.min_gold_answers} gold answers)` : "no");
+  ui.studentsBody.replaceChildren(
+    ...body.students.map((s) =>
+      el(
+        "tr",
+        { dataset: { student: s.username, certified: String(s.certified) } },
+        el("th", { scope: "row", text: s.username }),
+        el("td", { class: "num", text: s.gold_answers }),
+        el("td", { class: "num", text: percent(s.gold_accuracy) }),
+        el("td", { class: "num", text: percent(s.gold_rate) }),
+        el("td", { dataset: { field: "certified" }, text: certified(s) }),
+        el("td", {}, el("button", { type: "button", class: "link-button", onclick: () => loadStudentCurve(s), text: "Show" })),
+      ),
+    ),
+  );
+  const again = state.student && body.students.find((s) => s.user === state.student.user);
+  loadStudentCurve(again || body.students[0]);
+}
+
+async function loadStudentCurve(student) {
+  state.student = student;
+  ui.studentCurveName.textContent = student.username;
+  let body;
+  try {
+    body = await api(`${base}students/${student.user}/learning-curve/?block=25`);
+  } catch (error) {
+    ui.studentCurve.replaceChildren(el("p", { class: "error", text: error.message }));
+    return;
+  }
+  state.studentPlot = drawStudentCurve(ui.studentCurve, body, state.studentPlot);
+}
+
+async function loadStudentSettings() {
+  if (!ui.studentForm) return;
+  try {
+    const project = await api(base);
+    ui.adaptiveGold.checked = project.adaptive_gold;
+    ui.certification.value = project.certification_threshold;
+  } catch (error) {
+    message(ui.studentMessage, error.message);
+  }
+}
+
+async function saveStudentSettings(event) {
+  event.preventDefault();
+  ui.studentMessage.classList.remove("error");
+  let project;
+  try {
+    const threshold = ui.certification.value === "" ? null : Number(ui.certification.value);
+    project = await api(base, { method: "PATCH", body: { adaptive_gold: ui.adaptiveGold.checked, certification_threshold: threshold } });
+  } catch (error) {
+    ui.studentMessage.classList.add("error");
+    message(ui.studentMessage, error.message);
+    return;
+  }
+  ui.adaptiveGold.checked = project.adaptive_gold;
+  ui.certification.value = project.certification_threshold;
+  const recompute = project.consensus_recompute === "queued" ? " The worker is recomputing the project's consensus." : "";
+  message(ui.studentMessage, `Saved: adaptive gold ${project.adaptive_gold ? "on" : "off"}, certification threshold ${project.certification_threshold}.${recompute}`);
+  loadStudents();
+}
+
 // --- live events ---
 
 function onEvent(event) {
@@ -450,6 +535,7 @@ function onEvent(event) {
     loadStats();
     loadAgreement();
     loadSpeed();
+    loadStudents();
   } else if (event.type === "queue.refresh") {
     loadStats();
   }
@@ -457,6 +543,7 @@ function onEvent(event) {
 
 if (ui.start) ui.start.addEventListener("click", startRound);
 if (ui.weightForm) ui.weightForm.addEventListener("submit", saveWeight);
+if (ui.studentForm) ui.studentForm.addEventListener("submit", saveStudentSettings);
 if (ui.cancel) ui.cancel.addEventListener("click", cancelRound);
 window.addEventListener("resize", () => {
   if (state.plot) state.plot.setSize({ width: Math.max(320, ui.curve.clientWidth), height: 260 });
@@ -481,3 +568,5 @@ loadSlides();
 loadAgreement();
 loadSpeed();
 loadWeight();
+loadStudents();
+loadStudentSettings();

@@ -1,0 +1,101 @@
+"""Students who improve at size: the lease's gold coin, a student's learning curve and the gold-count refresh.
+
+    .venv/bin/python tests/bench/bench_students.py [--sizes 100000,1000000] [--repeat 5] [--keep]
+
+Each size is a number of votes, built as bench_provenance builds them (three crowd votes per patch from 30
+students, an expert vote on a tenth of the patches, a consensus row per patch) in a scratch database of its own,
+with 1% of the patches (expert-labelled ones) marked gold and a certification threshold of 0.8.
+
+Measured, median of ``--repeat`` runs, against a baseline from the same run: the fixed-rate coin's query (one
+student's vote count, what every crowd lease sent before). Figures: the adaptive coin (``students.wants_gold``:
+the vote count and the membership's gold counts, one query), one student's learning curve (blocks of 25), the
+refresh of one student's gold counts (after each gold answer) and of every member (a threshold change), and the
+students' table. The machine's load average is printed beside each figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from histoloop import embedded  # noqa: E402
+from tests.bench.bench_provenance import build, load, median_ms  # noqa: E402
+from tests.bench.bench_scale import scratch_database  # noqa: E402
+
+
+def measure(project, repeat: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    from django.db import connection
+
+    from annotations import students
+    from annotations.models import Membership, Patch, Project, Vote
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE annotations_patch SET is_gold = true WHERE project_id = %s AND id %% 100 = 0", [project.pk]
+        )
+        cursor.execute("ANALYZE annotations_patch")
+    Project.objects.filter(pk=project.pk).update(adaptive_gold=True, gold_rate=0.1, certification_threshold=0.8)
+    project.refresh_from_db()
+    member = Membership.objects.filter(project=project, role="crowd").select_related("user").first()
+    assert member is not None
+    user = member.user
+    students.refresh_students(project, recompute=False)
+    n_votes = Vote.objects.filter(project=project, annotator=user).count()
+    n_gold = Patch.objects.filter(project=project, is_gold=True).count()
+    print(f"  one student: {n_votes:,} votes; {n_gold:,} gold patches", flush=True)
+
+    mine = Vote.objects.filter(project=project, annotator=user)
+    figures = {"baseline_fixed_coin_ms": median_ms(mine.count, repeat)}
+    figures["adaptive_coin_ms"] = median_ms(lambda: students.wants_gold(project, user, 0), repeat)
+    figures["learning_curve_ms"] = median_ms(lambda: students.learning_curve(project, user.pk, 25), repeat)
+    figures["refresh_one_student_ms"] = median_ms(
+        lambda: students.refresh_students(project, user, recompute=False), repeat
+    )
+    figures["refresh_every_member_ms"] = median_ms(lambda: students.refresh_students(project, recompute=False), repeat)
+    figures["students_table_ms"] = median_ms(lambda: students.students(project), repeat)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000,1000000", help="votes per project, comma-separated")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--keep", action="store_true", help="keep the scratch database")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+
+    embedded.ensure_environment()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
+    os.environ.setdefault("DEBUG", "0")  # DEBUG keeps every query in memory
+    os.environ.setdefault("SECRET_KEY", "bench-students-" + "x" * 40)
+    with scratch_database(args.keep, prefix="bench_students") as url:
+        os.environ["DATABASE_URL"] = url
+        os.environ["DATABASE_POOL"] = "0"
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
+        print(f"{os.cpu_count()} cores, {load()}", flush=True)
+        results: dict[int, dict[str, float]] = {}
+        for n in sizes:
+            project = build(n, f"s{n}")
+            figures = measure(project, args.repeat)
+            base = figures["baseline_fixed_coin_ms"]
+            for name, ms in figures.items():
+                ratio = "" if name == "baseline_fixed_coin_ms" else f"  {ms / base:7.1f}x the baseline"
+                print(f"{n:>10,} votes  {name:<26} {ms:9.2f} ms{ratio}  ({load()})", flush=True)
+            results[n] = figures
+        print(json.dumps({"sizes": results, "load": os.getloadavg()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
