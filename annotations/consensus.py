@@ -129,9 +129,13 @@ def send_contested_to_experts(project: Project, patch_ids: Iterable[int] | None 
     return _queue_reviews(project, contested.values_list("patch_id", flat=True))
 
 
+CONTESTED_REASON = "expert: the crowd contested it (split votes)"
+
+
 def _queue_reviews(project: Project, patch_ids: Iterable[int]) -> int:
     priorities = dict.fromkeys(patch_ids, EXPERT_REVIEW_PRIORITY)
-    return queue.enqueue_patches(project, priorities, kind=AnnotationTask.Kind.EXPERT)
+    reasons = dict.fromkeys(priorities, CONTESTED_REASON)
+    return queue.enqueue_patches(project, priorities, kind=AnnotationTask.Kind.EXPERT, reasons=reasons)
 
 
 _ACTIVE_VOTES_SQL = """
@@ -242,7 +246,15 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
     row._state.adding = False
     if row.status == Consensus.Status.CONTESTED:
         _queue_reviews(project, [patch_id])
+    _note_votes(project)
     return row
+
+
+def _note_votes(project: Project) -> None:
+    """Every vote path recomputes here: tell the online reliabilities (annotations.reliability)."""
+    from .reliability import note_votes
+
+    note_votes(project)
 
 
 def _pending_fields(project: Project) -> dict[str, Any]:
@@ -297,6 +309,7 @@ def recompute_consensus_many(
     if contested:
         _queue_reviews(project, contested)
     close_settled_crowd_tasks(project, [pid for pid, row in rows.items() if row.status != Consensus.Status.PENDING])
+    _note_votes(project)
     return rows
 
 
