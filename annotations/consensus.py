@@ -3,7 +3,8 @@
 Two ways to compute it, one mapping to rows:
 
 - :func:`recompute_consensus` after every vote, correction or undo: one patch, the project's cheap
-  per-item method (the iterative methods fall back to a role-weighted vote per item);
+  per-item method (the iterative methods fall back to a role-weighted vote per item, except Dawid-Skene in a
+  project whose crowd fit is kept current, annotations.reliability, which uses that fit's confusions);
   :func:`recompute_consensus_many` the same for a bulk action's patches, in one query and one upsert.
 - :func:`recompute_project_consensus` in bulk (a round's snapshot, the admin's "recompute"): every
   voted patch with the project's method, Dawid-Skene and GLAD included, seeded with the gold labels.
@@ -221,7 +222,9 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
     weighed = (weighted_record(project, patch_id, a, name_of[lbl], r, how) for a, lbl, r, how in votes)
     records = [record for record in weighed if record is not None]
     if records:
-        result = consensus_for_item(records, [lc.name for lc in labels], **consensus_options(project))
+        result = consensus_for_item(
+            records, [lc.name for lc in labels], **consensus_options(project), reliabilities=_reliabilities(project)
+        )
         label = next((lc for lc in labels if lc.name == result.label), None) if result.label else None
         fields = consensus_fields(result, label)
     else:
@@ -248,6 +251,13 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
         _queue_reviews(project, [patch_id])
     _note_votes(project)
     return row
+
+
+def _reliabilities(project: Project) -> Any:
+    """The crowd's current Dawid-Skene fit for the per-vote consensus (annotations.reliability.current)."""
+    from .reliability import current
+
+    return current(project)
 
 
 def _note_votes(project: Project) -> None:
@@ -289,10 +299,11 @@ def recompute_consensus_many(
         if record is not None:
             by_patch[pid].append(record)
     options = consensus_options(project)
+    fit = _reliabilities(project)
     rows: dict[int, Consensus] = {}
     for pid, records in by_patch.items():
         if records:
-            result = consensus_for_item(records, names, **options)
+            result = consensus_for_item(records, names, **options, reliabilities=fit)
             label = next((lc for lc in labels if lc.name == result.label), None) if result.label else None
             fields = consensus_fields(result, label)
         else:

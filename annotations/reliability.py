@@ -31,6 +31,7 @@ from django.utils import timezone
 from psycopg import sql
 
 from .consensus import SUGGESTION_PROVENANCES
+from .domain.consensus import Reliabilities
 from .domain.dawid_skene import ArrayFit, confusion_from_counts, fit_arrays
 from .models import ExpertRouting, LabelClass, Project, ReliabilityFit, Role, Vote
 
@@ -44,6 +45,41 @@ _SCHEDULED = "reliability:scheduled:{}"
 # row a 2-byte field count and, per field, a 4-byte length and the value; a 2-byte -1 trailer.
 _COPY_HEADER = 19
 _COLUMNS = ("patch", "annotator", "label", "expert", "weight", "at")
+
+
+CURRENT_TTL_S = 5.0  # how long a process reuses the fit it read before reading it again
+_current: dict[int, tuple[float, Reliabilities | None]] = {}
+
+
+def current(project: Project) -> Reliabilities | None:
+    """The project's stored crowd fit as the per-vote consensus takes it, or None (no fit, or the project does
+    not route by value, the only projects whose fit is kept current). Read at most once per CURRENT_TTL_S per
+    process: on a busy project the vote path mostly finds it in memory, and it is at most that much older than
+    the stored one (itself at most REFRESH_DELAY_S plus a fit behind the votes)."""
+    if project.expert_routing != ExpertRouting.VALUE or project.consensus_method != "dawid_skene":
+        return None
+    now = time.monotonic()
+    cached = _current.get(project.pk)
+    if cached is not None and now - cached[0] < CURRENT_TTL_S:
+        return cached[1]
+    row = ReliabilityFit.objects.filter(project=project).values_list("labels", "priors", "students").first()
+    found = None
+    if row is not None and row[2]:
+        labels, priors, students = row
+        counts = {int(a): np.asarray(s["counts"], dtype=np.float64) for a, s in students.items()}
+        found = Reliabilities(
+            labels=tuple(labels),
+            priors=np.asarray(priors, dtype=np.float64),
+            confusion={a: confusion_from_counts(c) for a, c in counts.items()},
+            pooled=confusion_from_counts(sum(counts.values())),
+        )
+    _current[project.pk] = (now, found)
+    return found
+
+
+def forget_current(project_id: int) -> None:
+    """Drop this process's copy of the project's fit (a refresh in this process just stored a new one)."""
+    _current.pop(project_id, None)
 
 
 def note_votes(project: Project) -> None:
@@ -125,6 +161,7 @@ def _refresh(project: Project, budget_s: float) -> ReliabilityFit:
             "fitted_at": timezone.now(),
         },
     )
+    forget_current(project.pk)
     return row
 
 

@@ -269,3 +269,25 @@ def test_a_round_routes_its_batch_by_value_from_the_models_posteriors() -> None:
     assert batch.count() == project.batch_size
     assert batch.filter(kind=Kind.EXPERT).exists()
     assert all(t.route_reason.startswith(f"{t.kind}: crowd expected right") for t in batch)
+
+
+@pytest.mark.parametrize(("answer", "settled"), [(reliable, True), (confused, False)])
+def test_adaptive_redundancy_weighs_each_vote_by_the_students_current_reliability(
+    answer: Callable[[str, int], str], settled: bool
+) -> None:
+    """Two students agreeing on squamous settle the patch when they are reliable on it; when they are known to
+    guess between the carcinomas, their agreement is not enough and a third vote is asked for."""
+    project = value_project(adaptive_redundancy=True, redundancy_confidence=0.9)
+    students = [member(project, Role.CROWD) for _ in range(3)]
+    history(project, students, answer)
+    reliability.refresh(project)
+    (pid,) = publish(project, [LIKELY_BENIGN])
+    for student in students[:2]:
+        task = queue.lease_next_task(project, student, Role.CROWD)
+        assert task is not None and task.patch_id == pid
+        voting.cast_vote(project, student, Role.CROWD, patch_id=pid, label=SQUAMOUS, task_id=task.pk)
+    row = Consensus.objects.get(patch_id=pid)
+    assert row.method == "dawid_skene" and row.vote_count == 2
+    assert (row.status != "pending") is settled
+    assert (the_task(pid).state == "done") is settled
+    assert (row.posterior[SQUAMOUS] >= 0.9) is settled
