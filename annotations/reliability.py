@@ -10,7 +10,7 @@ and the refresh takes every vote that arrived by then.
 :func:`refresh` reads the project's active votes with one binary ``COPY`` into numpy arrays (no model
 instance, no tuple per vote: 3M votes are 120 MB of float64 parsed in one go), fits
 :func:`annotations.domain.dawid_skene.fit_arrays` warm-started from the stored fit, within
-``REFRESH_BUDGET_S`` seconds, and stores the students' expected-count matrices in the project's
+``REFRESH_BUDGET_S`` seconds of EM, and stores the students' expected-count matrices in the project's
 :class:`ReliabilityFit` row, the one place routing reads them. Known labels anchor the fit as in the batch
 consensus: untied expert decisions (gold patches' included) clamp their patches; suggestion-made votes count
 with the project's suggestion weight (left out at 0).
@@ -38,7 +38,7 @@ from .models import ExpertRouting, LabelClass, Project, ReliabilityFit, Role, Vo
 logger = logging.getLogger(__name__)
 
 REFRESH_DELAY_S = 20  # a vote's effect on the reliabilities is at most this late (plus the fit's time)
-REFRESH_BUDGET_S = 30.0  # a refresh stops iterating after this long (the warm start converges well before)
+REFRESH_BUDGET_S = 30.0  # a refresh's EM stops iterating after this long (the warm start converges well before)
 _SCHEDULED = "reliability:scheduled:{}"
 
 # COPY's binary format: an 11-byte signature, a 4-byte flags word and a 4-byte header extension length; each
@@ -139,7 +139,8 @@ def _refresh(project: Project, budget_s: float) -> ReliabilityFit:
     names = [name for _, name in labels]
     votes = vote_arrays(project, [pk for pk, _ in labels])
     previous = ReliabilityFit.objects.filter(project=project).first()
-    fit, annotators, last_vote, n_votes = _fit(votes, len(names), previous, names, started + budget_s)
+    # The budget bounds the EM, not the read (its time is the COPY's, linear in the votes).
+    fit, annotators, last_vote, n_votes = _fit(votes, len(names), previous, names, time.monotonic() + budget_s)
     students = {
         str(int(a)): {
             "counts": np.round(fit.counts[w], 4).tolist(),
