@@ -16,10 +16,11 @@ from rest_framework.views import APIView
 
 from . import consensus, queue, stats, students, voting
 from .member_cache import member_project
-from .models import Consensus, LabelClass, Membership, Patch, Project, Role, Vote
+from .models import AnnotationTask, Consensus, LabelClass, Membership, Patch, Project, Role, Vote
 from .permissions import project_for, projects_with_roles
 from .serializers import (
     MAX_ID,
+    AdminTaskSerializer,
     ConsensusSerializer,
     CorrectionInputSerializer,
     CorrectionResultSerializer,
@@ -242,6 +243,53 @@ class NextTaskView(ProjectScoped):
         return Response(body)
 
     get = post
+
+
+MAX_TASK_PAGE = 500
+
+
+class TaskListView(ProjectScoped):
+    """The queue as its admins inspect it: tasks newest first, with each one's ``route_reason`` (why it went
+    to the crowd or the experts). Filters ``kind``, ``state`` and ``round``; pages of ``limit`` (at most
+    MAX_TASK_PAGE) continue with ``before`` = the last id seen (keyset: any queue size, one indexed query)."""
+
+    roles = ADMIN_ONLY
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("kind", str, enum=list(AnnotationTask.Kind.values)),
+            OpenApiParameter("state", str, enum=list(AnnotationTask.State.values)),
+            OpenApiParameter("round", int),
+            OpenApiParameter("before", int),
+            OpenApiParameter("limit", int),
+        ],
+        responses=AdminTaskSerializer(many=True),
+    )
+    def get(self, request: Request, project_id: int) -> Response:
+        project, _ = self.load(request, project_id)
+        tasks = AnnotationTask.objects.filter(project=project)
+        for name, choices in (("kind", AnnotationTask.Kind.values), ("state", AnnotationTask.State.values)):
+            value = request.query_params.get(name)
+            if value:
+                if value not in choices:
+                    raise ValidationError({name: f"Use one of {sorted(choices)}, not {value[:20]!r}."})
+                tasks = tasks.filter(**{name: value})
+        round_id = query_id(request, "round")
+        if round_id is not None:
+            tasks = tasks.filter(round_id=round_id)
+        before = query_id(request, "before")
+        if before is not None:
+            tasks = tasks.filter(pk__lt=before)
+        limit = query_id(request, "limit") or 100
+        if not 1 <= limit <= MAX_TASK_PAGE:
+            raise ValidationError({"limit": f"Give a limit from 1 to {MAX_TASK_PAGE}."})
+        page = list(tasks.order_by("-id")[:limit])
+        return Response(
+            {
+                "results": AdminTaskSerializer(page, many=True).data,
+                "next_before": page[-1].pk if len(page) == limit else None,
+            }
+        )
 
 
 class SkipTaskView(ProjectScoped):

@@ -3,7 +3,8 @@
 Two ways to compute it, one mapping to rows:
 
 - :func:`recompute_consensus` after every vote, correction or undo: one patch, the project's cheap
-  per-item method (the iterative methods fall back to a role-weighted vote per item);
+  per-item method (the iterative methods fall back to a role-weighted vote per item, except Dawid-Skene in a
+  project whose crowd fit is kept current, annotations.reliability, which uses that fit's confusions);
   :func:`recompute_consensus_many` the same for a bulk action's patches, in one query and one upsert.
 - :func:`recompute_project_consensus` in bulk (a round's snapshot, the admin's "recompute"): every
   voted patch with the project's method, Dawid-Skene and GLAD included, seeded with the gold labels.
@@ -140,9 +141,13 @@ def send_contested_to_experts(project: Project, patch_ids: Iterable[int] | None 
     return _queue_reviews(project, contested.values_list("patch_id", flat=True))
 
 
+CONTESTED_REASON = "expert: the crowd contested it (split votes)"
+
+
 def _queue_reviews(project: Project, patch_ids: Iterable[int]) -> int:
     priorities = dict.fromkeys(patch_ids, EXPERT_REVIEW_PRIORITY)
-    return queue.enqueue_patches(project, priorities, kind=AnnotationTask.Kind.EXPERT)
+    reasons = dict.fromkeys(priorities, CONTESTED_REASON)
+    return queue.enqueue_patches(project, priorities, kind=AnnotationTask.Kind.EXPERT, reasons=reasons)
 
 
 # The patch's active votes that count: a crowd vote of a student below the certification threshold does not
@@ -233,7 +238,9 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
     weighed = (weighted_record(project, patch_id, a, name_of[lbl], r, how) for a, lbl, r, how in votes)
     records = [record for record in weighed if record is not None]
     if records:
-        result = consensus_for_item(records, [lc.name for lc in labels], **consensus_options(project))
+        result = consensus_for_item(
+            records, [lc.name for lc in labels], **consensus_options(project), reliabilities=_reliabilities(project)
+        )
         label = next((lc for lc in labels if lc.name == result.label), None) if result.label else None
         fields = consensus_fields(result, label)
     else:
@@ -258,7 +265,22 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
     row._state.adding = False
     if row.status == Consensus.Status.CONTESTED:
         _queue_reviews(project, [patch_id])
+    _note_votes(project)
     return row
+
+
+def _reliabilities(project: Project) -> Any:
+    """The crowd's current Dawid-Skene fit for the per-vote consensus (annotations.reliability.current)."""
+    from .reliability import current
+
+    return current(project)
+
+
+def _note_votes(project: Project) -> None:
+    """Every vote path recomputes here: tell the online reliabilities (annotations.reliability)."""
+    from .reliability import note_votes
+
+    note_votes(project)
 
 
 def _pending_fields(project: Project) -> dict[str, Any]:
@@ -296,10 +318,11 @@ def recompute_consensus_many(
         if record is not None:
             by_patch[pid].append(record)
     options = consensus_options(project)
+    fit = _reliabilities(project)
     rows: dict[int, Consensus] = {}
     for pid, records in by_patch.items():
         if records:
-            result = consensus_for_item(records, names, **options)
+            result = consensus_for_item(records, names, **options, reliabilities=fit)
             label = next((lc for lc in labels if lc.name == result.label), None) if result.label else None
             fields = consensus_fields(result, label)
         else:
@@ -316,6 +339,7 @@ def recompute_consensus_many(
     if contested:
         _queue_reviews(project, contested)
     close_settled_crowd_tasks(project, [pid for pid, row in rows.items() if row.status != Consensus.Status.PENDING])
+    _note_votes(project)
     return rows
 
 

@@ -63,6 +63,13 @@ class TrainingLabels(models.TextChoices):
     WEIGHTED = "weighted", "The consensus label weighted by its posterior probability"
 
 
+class ExpertRouting(models.TextChoices):
+    """How a round's batch is split between the crowd and the experts (annotations.expert_routing)."""
+
+    CONTESTED = "contested", "Crowd first; patches the crowd contests go to experts"
+    VALUE = "value", "By expected value per cost: experts directly where the crowd would be a waste"
+
+
 class SuggestionAccess(models.TextChoices):
     """Who may open the "accept the model" strip (it shows the model's answer before one's own vote)."""
 
@@ -171,6 +178,13 @@ class Project(models.Model):
         validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
         help_text="Gold accuracy a student needs (over at least 10 gold answers) for their votes to count in "
         "consensus; below it their votes are recorded but not counted. 0 turns certification off.",
+    )
+    expert_routing = models.CharField(
+        max_length=16,
+        choices=ExpertRouting.choices,
+        default=ExpertRouting.CONTESTED,
+        help_text="contested: a round's batch goes to the crowd, and what it contests to experts; value: each patch "
+        "goes straight to experts when the crowd's expected label accuracy per cost is below an expert's.",
     )
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -322,6 +336,14 @@ class AnnotationTask(models.Model):
     state = models.CharField(max_length=16, choices=State.choices, default=State.OPEN)
     votes_needed = models.PositiveSmallIntegerField(default=1)
     votes_received = models.PositiveSmallIntegerField(default=0)
+    # db_default too: set-based SQL that writes tasks (the benchmarks' builds) gets it without naming it.
+    route_reason = models.CharField(
+        max_length=300,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="Why the task went to the crowd or the experts (shown to admins).",
+    )
     lease_owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, related_name="leases", on_delete=models.SET_NULL
     )
@@ -528,3 +550,26 @@ class Consensus(models.Model):
 
     def __str__(self) -> str:
         return f"consensus of patch {self.patch_id}: {self.status}"
+
+
+class ReliabilityFit(models.Model):
+    """The project's latest Dawid-Skene fit of its crowd (annotations.reliability): what routing reads.
+
+    One row per project, rewritten by each refresh. ``students`` maps an annotator id (as a string) to
+    ``{"counts": K x K expected counts (rows: truth, columns: answer, in ``labels`` order), "votes": n,
+    "last_vote": ISO time}``; a student's confusion matrix is their counts row-normalised. Counts rather than
+    matrices, so routing can pool the available students by summing them.
+    """
+
+    project = models.OneToOneField(Project, related_name="reliability_fit", on_delete=models.CASCADE)
+    labels = models.JSONField(default=list, help_text="Label names, in the matrices' order.")
+    priors = models.JSONField(default=list, help_text="Class priors, in label order.")
+    students = models.JSONField(default=dict)
+    n_votes = models.PositiveIntegerField(default=0, help_text="Crowd votes the fit used.")
+    iterations = models.PositiveIntegerField(default=0)
+    converged = models.BooleanField(default=False)
+    seconds = models.FloatField(default=0.0)
+    fitted_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"reliability fit of project {self.project_id} ({self.n_votes} votes)"

@@ -253,15 +253,18 @@ def enqueue_patches(
     kind: str = Kind.CROWD,
     round_id: int | None = None,
     arms: dict[int, str] | None = None,
+    reasons: Mapping[int, str] | None = None,
 ) -> int:
     """Create tasks for patches that have no live task of this kind; update priorities of live ones.
 
     Returns the number of tasks created. Patches that already reached consensus from enough
-    votes are not queued again for the crowd.
+    votes are not queued again for the crowd. ``reasons`` (patch id -> why it was routed this way) is
+    each task's ``route_reason``; a live task given one takes it.
     """
     if not priorities:
         return 0
     arms = arms or {}
+    reasons = reasons or {}
     votes_needed = project.votes_required if kind == Kind.CROWD else 1
     live = {
         t.patch_id: t
@@ -281,11 +284,16 @@ def enqueue_patches(
         )
     to_update = []
     for patch_id, task in live.items():
-        wanted = (priorities[patch_id], round_id or task.round_id, arms.get(patch_id, task.arm))
-        if wanted != (task.priority, task.round_id, task.arm):
-            task.priority, task.round_id, task.arm = wanted
+        wanted = (
+            priorities[patch_id],
+            round_id or task.round_id,
+            arms.get(patch_id, task.arm),
+            reasons.get(patch_id, task.route_reason),
+        )
+        if wanted != (task.priority, task.round_id, task.arm, task.route_reason):
+            task.priority, task.round_id, task.arm, task.route_reason = wanted
             to_update.append(task)
-    AnnotationTask.objects.bulk_update(to_update, ["priority", "round", "arm"], batch_size=1000)
+    AnnotationTask.objects.bulk_update(to_update, ["priority", "round", "arm", "route_reason"], batch_size=1000)
     new = [
         AnnotationTask(
             project=project,
@@ -295,6 +303,7 @@ def enqueue_patches(
             round_id=round_id,
             arm=arms.get(pid, ""),
             votes_needed=votes_needed,
+            route_reason=reasons.get(pid, ""),
         )
         for pid, prio in priorities.items()
         if pid not in live and pid not in settled
@@ -324,8 +333,15 @@ def publish_round(
     rest_priority: Mapping[int, float] | None = None,
     round_number: int,
     tail: int | None = None,
+    proba: Any = None,
+    class_names: list[str] | None = None,
 ) -> int:
     """Put a round's choice at the top of the crowd queue; returns the number of tasks created.
+
+    With the project's ``expert_routing`` "value", the chosen patches the crowd would be a waste on go to
+    the experts' queue instead, at the same priorities (annotations.expert_routing); ``proba`` (the model's
+    posterior per chosen patch, rows in ``chosen`` order and columns in ``class_names`` order, None on a cold
+    start) is what that weighs. Every task gets its ``route_reason``.
 
     ``chosen`` is (patch id, arm) in the strategy's order, best first: its patches rank above every
     earlier round's. With ``rest_priority`` (the new model's uncertainty per patch), the ``tail``
@@ -347,7 +363,18 @@ def publish_round(
         size = n if tail is None else tail
         moved = _uncertain_tail(project, rest_priority, exclude=priorities, size=size)
         enqueue_patches(project, {pid: base - 1 + min(max(score, 0.0), 1.0) * 0.999 for pid, score in moved})
-    return enqueue_patches(project, priorities, round_id=round_id, arms=dict(chosen))
+    from .expert_routing import split_batch
+
+    split = split_batch(project, [pid for pid, _ in chosen], proba, class_names)
+    arms = dict(chosen)
+    created = 0
+    if split.expert:
+        experts = {pid: priorities[pid] for pid in split.expert}
+        created += enqueue_patches(
+            project, experts, kind=Kind.EXPERT, round_id=round_id, arms=arms, reasons=split.expert
+        )
+    crowd = {pid: priorities[pid] for pid in split.crowd}
+    return created + enqueue_patches(project, crowd, round_id=round_id, arms=arms, reasons=split.crowd)
 
 
 def _uncertain_tail(

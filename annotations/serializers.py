@@ -59,6 +59,7 @@ class ProjectSerializer(serializers.ModelSerializer):
             "redundancy_confidence",
             "adaptive_gold",
             "certification_threshold",
+            "expert_routing",
             "created_at",
             "label_classes",
             "role",
@@ -155,6 +156,8 @@ class TaskSerializer(serializers.ModelSerializer):
         data = super().to_representation(task)
         if self.context.get("role") == Role.CROWD and task.kind == AnnotationTask.Kind.GOLD:
             data.update(kind=AnnotationTask.Kind.CROWD, priority=0.0, arm="")
+        if self.context.get("role") != Role.ADMIN:
+            del data["route_reason"]  # it speaks of the students' reliabilities: admins only
         return data
 
     class Meta:
@@ -168,7 +171,28 @@ class TaskSerializer(serializers.ModelSerializer):
             "votes_needed",
             "votes_received",
             "lease_expires_at",
+            "route_reason",
             "patch",
+        ]
+
+
+class AdminTaskSerializer(serializers.ModelSerializer):
+    """A queue entry as the project's admins list it (annotations.api.TaskListView): with why it was routed."""
+
+    class Meta:
+        model = AnnotationTask
+        fields = [
+            "id",
+            "patch",
+            "kind",
+            "state",
+            "priority",
+            "round",
+            "arm",
+            "votes_needed",
+            "votes_received",
+            "route_reason",
+            "created_at",
         ]
 
 
@@ -188,7 +212,7 @@ def task_data(task: AnnotationTask, role: str) -> dict[str, Any]:
     patch = task.patch
     crowd = role == Role.CROWD
     blind = crowd and task.kind == AnnotationTask.Kind.GOLD  # a gold check looks like any crowd task
-    return {
+    data = {
         "id": task.pk,
         "kind": AnnotationTask.Kind.CROWD.value if blind else task.kind,
         "priority": 0.0 if blind else float(task.priority),
@@ -211,6 +235,9 @@ def task_data(task: AnnotationTask, role: str) -> dict[str, Any]:
             "context_url": f"/api/v1/patches/{patch.pk}/image.jpeg?context={patch.project.patch_size}",
         },
     }
+    if role == Role.ADMIN:
+        data["route_reason"] = task.route_reason
+    return data
 
 
 def vote_data(vote: Vote) -> dict[str, Any]:

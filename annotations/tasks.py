@@ -19,3 +19,21 @@ def recompute_project_consensus_task(project_id: int) -> int:
     if project is None:
         return 0  # deleted since
     return recompute_project_consensus(project)
+
+
+@shared_task(name="annotations.tasks.refresh_reliabilities", acks_late=True, soft_time_limit=300, time_limit=360)
+def refresh_reliabilities_task(project_id: int) -> int:
+    """Refit the project's crowd reliabilities (annotations.reliability), scheduled by its votes. Returns the
+    votes the fit used (0 for a deleted project, -1 when another refresh was running: it is scheduled again)."""
+    from .models import Project
+    from .reliability import _schedule, refresh, refresh_scheduled
+
+    refresh_scheduled(project_id)
+    project = Project.objects.filter(pk=project_id).first()
+    if project is None:
+        return 0
+    fit = refresh(project)
+    if fit is None:
+        _schedule(project_id)  # the running one may have read its votes before the latest ones
+        return -1
+    return fit.n_votes

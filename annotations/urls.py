@@ -10,6 +10,7 @@ urlpatterns = [
     path("projects/<int:project_id>/members/", api.MemberListView.as_view(), name="member-list"),
     path("projects/<int:project_id>/members/<int:member_id>/", api.MemberDetailView.as_view(), name="member-detail"),
     path("projects/<int:project_id>/next-task/", api.NextTaskView.as_view(), name="next-task"),
+    path("projects/<int:project_id>/tasks/", api.TaskListView.as_view(), name="task-list"),
     path("projects/<int:project_id>/tasks/<int:task_id>/skip/", api.SkipTaskView.as_view(), name="task-skip"),
     path("projects/<int:project_id>/votes/", api.VoteListView.as_view(), name="vote-list"),
     path("projects/<int:project_id>/votes/bulk/", api_bulk.BulkVoteView.as_view(), name="vote-bulk"),

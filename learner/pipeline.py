@@ -76,6 +76,20 @@ class TrainedModel:
         """1 - (top-1 minus top-2 probability) per pool patch: what the queue ranks by."""
         return margin(self.proba)
 
+    def posteriors_of(self, patch_ids: list[int]) -> np.ndarray:
+        """The model's probabilities for these pool patches, (len(patch_ids), classes), in their order (what
+        value routing weighs; annotations.expert_routing)."""
+        wanted = np.asarray(patch_ids, dtype=np.int64)
+        order = np.argsort(self.patch_ids, kind="stable")
+        at = (
+            order[np.minimum(np.searchsorted(self.patch_ids, wanted, sorter=order), len(order) - 1)]
+            if len(wanted)
+            else wanted
+        )
+        if len(wanted) and not (self.patch_ids[at] == wanted).all():
+            raise ValueError("A chosen patch is not in the round's pool.")
+        return self.proba[at]
+
     def most_uncertain(self, n: int) -> dict[int, float]:
         """Uncertainty of the ``n`` most uncertain pool patches (all of them when the pool is smaller),
         patch id -> score: the candidates for the queue's tail, which takes the most uncertain of them
@@ -289,7 +303,13 @@ def publish(run: RoundRun, result: RoundResult) -> None:
         if result.layout is not None:
             maps.save(project, *result.layout, version)
         queue.publish_round(
-            project, round_id=locked.pk, chosen=result.chosen, rest_priority=rest, round_number=locked.number
+            project,
+            round_id=locked.pk,
+            chosen=result.chosen,
+            rest_priority=rest,
+            round_number=locked.number,
+            proba=model.posteriors_of([pid for pid, _ in result.chosen]) if model is not None else None,
+            class_names=result.class_names,
         )
         result.metrics["selected"] = {"n": len(result.chosen), "arms": dict(Counter(arm for _, arm in result.chosen))}
         locked.state = State.SUCCEEDED

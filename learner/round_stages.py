@@ -23,8 +23,8 @@ import numpy as np
 from django.db import connection
 from psycopg import sql
 
-from annotations import consensus
-from annotations.models import AnnotationTask, Consensus, LabelClass, Patch, Project, Slide
+from annotations import consensus, reliability
+from annotations.models import AnnotationTask, Consensus, ExpertRouting, LabelClass, Patch, Project, Slide
 from learner.core.backbone import Backbone
 from learner.core.classifier import Classifier
 from learner.core.config import TrainConfig
@@ -273,9 +273,13 @@ def _aligned(patch_ids: np.ndarray, ids: np.ndarray, values: np.ndarray) -> np.n
 def snapshot(project: Project, class_names: list[str]) -> Pool:
     """Recompute consensus (iterative methods run here) and take the labels as they are now.
 
-    Votes cast after this point are used by the next round.
+    Votes cast after this point are used by the next round. A project routing by value also refits its
+    crowd's reliabilities here (annotations.reliability), so the batch is routed with every vote counted even
+    when no worker has run the votes' own refresh (the worker's is debounced; this one is warm-started).
     """
     consensus.recompute_project_consensus(project)
+    if project.expert_routing == ExpertRouting.VALUE:
+        reliability.refresh(project)
     rows = _pool_rows(project)
     label_ids, label_index, label_posterior = _final_labels(project, class_names)
     labels = dict(zip(label_ids.tolist(), label_index.tolist(), strict=True))

@@ -4,7 +4,9 @@ Two entry points:
 
 - `consensus_for_item` runs when a vote arrives. It only uses the cheap, closed-form methods
   ("majority", "weighted", "expert_override"); a project configured for an iterative method gets the
-  role-weighted interim result, recorded honestly as method "weighted" until the next batch run.
+  role-weighted interim result, recorded honestly as method "weighted" until the next batch run; unless the
+  caller passes a current Dawid-Skene fit of the crowd (`Reliabilities`, the online consensus of
+  annotations.reliability), when "dawid_skene" is computed per item with the fit's confusions held fixed.
 - `batch_consensus` recomputes every item of a project at once and is where the iterative methods run
   (crowd-kit 1.4.2: `DawidSkene`, `GLAD`, `MACE`).
 
@@ -107,6 +109,39 @@ class ConsensusResult:
     vote_count: int
     agreement: float
     status: str
+
+
+@dataclass(frozen=True)
+class Reliabilities:
+    """A stored Dawid-Skene fit of the crowd (annotations.reliability), for the per-vote consensus.
+
+    ``confusion[annotator]`` is a K x K matrix (rows: truth, columns: answer, in ``labels`` order); ``pooled``
+    stands in for a student the fit has not seen yet; ``priors`` are the class priors.
+    """
+
+    labels: tuple[str, ...]
+    priors: np.ndarray
+    confusion: Mapping[Annotator, np.ndarray]
+    pooled: np.ndarray
+
+
+def reliability_posterior(votes: Sequence[VoteRecord], labels: Sequence[str], fit: Reliabilities) -> dict[str, float]:
+    """One item's Dawid-Skene posterior with the fit's confusion matrices held fixed: the batch method's E-step
+    for this item alone (experts' untied decision clamps it, as gold does in the batch fit; a vote's weight
+    scales its log-likelihood, the "Vote weights" rule)."""
+    experts_label, experts_tied = expert_decision(votes, labels)
+    if experts_label is not None and not experts_tied:
+        return {label: float(label == experts_label) for label in labels}
+    index = {label: j for j, label in enumerate(fit.labels)}
+    log_post = np.log(np.clip(fit.priors, 1e-12, None)).astype(np.float64)
+    for vote in votes:
+        if vote.is_expert:
+            continue
+        matrix = fit.confusion.get(vote.annotator, fit.pooled)
+        log_post = log_post + vote.weight * np.log(np.clip(matrix[:, index[vote.label]], 1e-12, None))
+    post = np.exp(log_post - log_post.max())
+    post /= post.sum()
+    return {label: float(post[index[label]]) for label in labels}
 
 
 @dataclass(frozen=True)
@@ -311,11 +346,15 @@ def consensus_for_item(
     expert_weight: float = 3.0,
     contested_threshold: float = 0.34,
     early_confidence: float | None = None,
+    reliabilities: Reliabilities | None = None,
 ) -> ConsensusResult:
     """Consensus for one item from its active votes; cheap enough to run on every vote.
 
     For the iterative methods this returns the "weighted" result and says so in `method`: their
-    estimates need the whole project and are refreshed by `batch_consensus`.
+    estimates need the whole project and are refreshed by `batch_consensus`. The exception is
+    "dawid_skene" given a current fit of the crowd (``reliabilities``, the online consensus): the item's
+    posterior is then Dawid-Skene's with those confusion matrices held fixed (:func:`reliability_posterior`),
+    so each student counts by their reliability on every vote, and adaptive redundancy settles on it.
     """
     _validate_options(method, votes_required, expert_weight, contested_threshold, early_confidence)
     if not votes:
@@ -324,8 +363,12 @@ def consensus_for_item(
     if len(items) > 1:
         raise ValueError(f"consensus_for_item got votes for several items {sorted(map(str, items))!r}; pass one item.")
     validate_votes(votes, labels)
-    used = method if method in CHEAP_METHODS else "weighted"
-    posterior = _normalise(_cheap_scores(votes, labels, used, expert_weight), labels)
+    if method == "dawid_skene" and reliabilities is not None and list(reliabilities.labels) == list(labels):
+        used = method
+        posterior = reliability_posterior(votes, labels, reliabilities)
+    else:
+        used = method if method in CHEAP_METHODS else "weighted"
+        posterior = _normalise(_cheap_scores(votes, labels, used, expert_weight), labels)
     return _result(
         votes[0].item,
         votes,

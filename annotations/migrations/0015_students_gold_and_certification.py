@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('annotations', '0013_project_training_labels'),
+        ('annotations', '0014_expert_routing_and_reliability_fit'),
     ]
 
     operations = [

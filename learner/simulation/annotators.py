@@ -49,6 +49,8 @@ class Setting:
     # The project's adaptive redundancy: votes_required is then the most a patch is asked (annotations.voting).
     adaptive: bool = False
     redundancy_confidence: float = 0.9
+    # The project's Project.expert_routing: contested (crowd first) or value (annotations.expert_routing).
+    expert_routing: str = "contested"
 
 
 ORACLE = Setting("oracle")

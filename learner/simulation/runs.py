@@ -305,6 +305,7 @@ def start_run(source: SourceSet, split: Split, arm: str, setting: Setting, cfg: 
         gold_rate=setting.gold_rate,
         adaptive_redundancy=setting.adaptive,
         redundancy_confidence=setting.redundancy_confidence,
+        expert_routing=setting.expert_routing,
         expert_cost=cfg.expert_cost,
         crowd_cost=cfg.crowd_cost,
         seed=split.seed,

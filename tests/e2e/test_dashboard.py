@@ -165,3 +165,19 @@ def test_the_dashboard_shows_labelling_speed_per_mode_and_the_weight_of_suggesti
         project.refresh_from_db()
         assert project.suggestion_weight == 0.0
         assert Consensus.objects.get(patch=patches[0]).vote_count == 1
+
+
+def test_an_admin_switches_expert_routing_from_the_dashboard(
+    page: Any, make_project: Any, make_member: Any, committed: Any
+) -> None:
+    project = make_project(queue=False).project
+    make_member(project, Role.ADMIN, username="e2e-routing-admin")
+    login(page, "e2e-routing-admin", next_path=f"/projects/{project.pk}/dashboard/")
+    routing = page.get_by_label("Who gets a round's patches")
+    expect(routing).to_have_value("contested")
+    routing.select_option("value")
+    page.locator("#expert-routing-form").get_by_role("button", name="Save").click()
+    expect(page.locator("#expert-routing-message")).to_contain_text("expected value per cost")
+    with committed():
+        project.refresh_from_db()
+        assert project.expert_routing == "value"

@@ -175,3 +175,18 @@ def test_the_command_refuses_an_unknown_training_labels_value(db: None, tmp_path
     with pytest.raises(CommandError, match="training-labels"):
         call_command("simulate", str(tmp_path / "none.csv"), "--training-labels=fuzzy")
     assert not TrainingRound.objects.exists()
+
+
+def test_value_routing_reaches_the_simulated_projects_and_sends_a_poor_crowd_s_patches_to_the_expert(
+    source: sim.SourceSet, tmp_path: Path
+) -> None:
+    poor = sim.Setting(
+        "noisy-value", students=3, student_accuracy=(0.35, 0.45), votes_required=3, expert_routing="value"
+    )
+    rows = sim.simulate(source, tiny_config(arms=("random",), settings=(poor,), budgets=(9, 18)))
+    project = TrainingRound.objects.get(pk=rows[-1]["round_id"]).project
+    assert project.expert_routing == "value" and project.reliability_fit.n_votes > 0
+    routed = AnnotationTask.objects.filter(project=project, kind="expert", round__isnull=False)
+    assert routed.exists() and all(t.route_reason.startswith("expert: crowd expected right") for t in routed)
+    with pytest.raises(CommandError, match="--routing"):
+        call_command("simulate", str(tmp_path / "none.csv"), "--routing=cheapest", f"--out={tmp_path}")

@@ -43,6 +43,9 @@ const ui = {
   adaptiveGold: document.getElementById("adaptive-gold"),
   certification: document.getElementById("certification-threshold"),
   studentMessage: document.getElementById("student-settings-message"),
+  routingForm: document.getElementById("expert-routing-form"),
+  routingSelect: document.getElementById("expert-routing"),
+  routingMessage: document.getElementById("expert-routing-message"),
 };
 
 // How a vote was made (Vote.Provenance), in words.
@@ -418,8 +421,22 @@ async function loadWeight() {
   try {
     const project = await api(base);
     ui.weightInput.value = project.suggestion_weight;
+    if (ui.routingSelect) ui.routingSelect.value = project.expert_routing;
   } catch (error) {
     message(ui.weightMessage, error.message);
+  }
+}
+
+async function saveRouting(event) {
+  event.preventDefault();
+  ui.routingMessage.classList.remove("error");
+  try {
+    const project = await api(base, { method: "PATCH", body: { expert_routing: ui.routingSelect.value } });
+    ui.routingSelect.value = project.expert_routing;
+    message(ui.routingMessage, `Saved: the next round routes by ${project.expert_routing === "value" ? "expected value per cost" : "crowd first"}.`);
+  } catch (error) {
+    ui.routingMessage.classList.add("error");
+    message(ui.routingMessage, error.message);
   }
 }
 
@@ -544,6 +561,7 @@ function onEvent(event) {
 if (ui.start) ui.start.addEventListener("click", startRound);
 if (ui.weightForm) ui.weightForm.addEventListener("submit", saveWeight);
 if (ui.studentForm) ui.studentForm.addEventListener("submit", saveStudentSettings);
+if (ui.routingForm) ui.routingForm.addEventListener("submit", saveRouting);
 if (ui.cancel) ui.cancel.addEventListener("click", cancelRound);
 window.addEventListener("resize", () => {
   if (state.plot) state.plot.setSize({ width: Math.max(320, ui.curve.clientWidth), height: 260 });

@@ -59,6 +59,14 @@ class Command(BaseCommand):
         parser.add_argument(
             "--redundancy-confidence", type=float, default=0.9, help="Adaptive: consensus confidence that stops."
         )
+        parser.add_argument(
+            "--routing",
+            type=_csv,
+            default=("contested",),
+            help="Expert routing policies to compare (noisy): contested (crowd first, disputes to the expert) "
+            "and/or value (straight to the expert where the crowd is a poor buy), the latter run as setting "
+            "NAME-value (Project.expert_routing).",
+        )
         parser.add_argument("--expert-cost", type=float, default=10.0, help="Relative cost of an expert vote.")
         parser.add_argument("--crowd-cost", type=float, default=1.0, help="Relative cost of a crowd vote.")
         parser.add_argument("--expert-rate", type=float, default=1.0, help="Share of contested patches reviewed.")
@@ -149,12 +157,20 @@ class Command(BaseCommand):
         adaptive = replace(
             noisy, name="noisy-adaptive", adaptive=True, redundancy_confidence=opts["redundancy_confidence"]
         )
+        routings = tuple(opts["routing"])
+        if not routings or set(routings) - {"contested", "value"}:
+            raise ValueError("--routing takes contested and/or value.")
         settings: tuple[sim.Setting, ...] = ()
         for s in opts["labelling"]:
             if s == "oracle":
                 settings += (sim.ORACLE,)
             else:
-                settings += tuple(p for name, p in (("fixed", noisy), ("adaptive", adaptive)) if name in policies)
+                crowds = tuple(p for name, p in (("fixed", noisy), ("adaptive", adaptive)) if name in policies)
+                settings += tuple(
+                    p if r == "contested" else replace(p, name=f"{p.name}-value", expert_routing="value")
+                    for p in crowds
+                    for r in routings
+                )
         budgets = tuple(sorted(int(b) for b in _csv(opts["budgets"])))
         if not budgets or budgets[0] < 1:
             raise ValueError("Budgets must be positive label counts, e.g. 50,100,200.")
