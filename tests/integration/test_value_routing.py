@@ -106,6 +106,29 @@ def test_reliable_students_get_the_whole_batch() -> None:
         assert found is not None and int(found.group(1)) >= 95, task.route_reason
 
 
+def test_students_below_the_certification_threshold_are_not_the_crowd_routing_weighs() -> None:
+    """Their votes would not count in consensus, so routing leaves their reliabilities out: here the only
+    reliable students are uncertified, and the confused (certified) one decides the route."""
+    from annotations import students as students_module
+
+    project = value_project(certification_threshold=0.9)
+    good = [member(project, Role.CROWD) for _ in range(2)]
+    poor = member(project, Role.CROWD)
+    history(project, good, reliable)
+    history(project, [poor], confused)
+    reliability.refresh(project)
+    students_module.refresh_students(project)
+    # Certify the confused student by hand (their counts say so), leave the reliable two below the threshold.
+    project.memberships.filter(user=poor).update(gold_answers=50, gold_correct=50)
+    project.memberships.filter(user__in=good).update(gold_answers=50, gold_correct=0)
+    (pid,) = publish(project, [CARCINOMA_OR_SQUAMOUS])
+    assert the_task(pid).kind == Kind.EXPERT, the_task(pid).route_reason
+    project.certification_threshold = 0.0  # certification off: every student counts, the reliable two dominate
+    project.save(update_fields=["certification_threshold"])
+    (pid,) = publish(project, [CARCINOMA_OR_SQUAMOUS])
+    assert the_task(pid).kind == Kind.CROWD, the_task(pid).route_reason
+
+
 def test_students_who_are_not_available_do_not_count() -> None:
     """Routing weighs the students who can answer: a student removed from the project is left out."""
     project = value_project()
