@@ -32,7 +32,7 @@ CROWD = replace(
     learning_votes=LEARNING_VOTES,
     gold_rate=0.1,
 )
-BUDGETS = (9, 18)
+BUDGETS = (12,)  # one labelling round per policy: the cold start, then the final round
 
 
 @pytest.fixture(autouse=True)
