@@ -157,14 +157,21 @@ def main() -> None:
     parser.add_argument("--budgets", default="50,100,200,400")
     parser.add_argument("--gold-size", type=int, default=150)
     parser.add_argument("--learning-votes", type=int, default=sim.IMPROVING.learning_votes)
+    parser.add_argument(
+        "--new-training-labels", choices=("hard", "soft", "weighted"), default="weighted",
+        help="what the new policy's rounds train on (today's: hard)",
+    )  # fmt: skip
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--json", type=Path, help="also write the figures (and every round's row) to this file")
     args = parser.parse_args()
     crowd = replace(sim.IMPROVING, learning_votes=args.learning_votes)
+    new = sim.policy("new")
+    labels = {**dict(new.fields), "training_labels": args.new_training_labels}
+    new = replace(new, fields=sim.checked_fields(labels.items()))
     cfg = sim.Config(
         arms=tuple(args.arms.split(",")),
         seeds=tuple(range(args.seeds)),
-        settings=(sim.with_policy(crowd, sim.policy("today")), sim.with_policy(crowd, sim.policy("new"))),
+        settings=(sim.with_policy(crowd, sim.policy("today")), sim.with_policy(crowd, new)),
         budgets=tuple(sorted(int(b) for b in args.budgets.split(","))),
         gold_size=args.gold_size,
         expert_cost=10.0,

@@ -21,7 +21,7 @@ from tests.integration.lc25000 import image_path, manifest_rows
 
 pytestmark = pytest.mark.skipif(not (LC25000_DIR / "manifest.csv").is_file(), reason="LC25000 data not present")
 
-LEARNING_VOTES = 8
+LEARNING_VOTES = 5
 # Students who start worse than chance and are perfect after LEARNING_VOTES votes: whether they improved can
 # be read off their votes exactly.
 CROWD = replace(
