@@ -14,9 +14,22 @@ This package's namespace is what ``manage.py simulate`` and the benchmarks use.
 
 from __future__ import annotations
 
-from .annotators import NOISY, ORACLE, SETTINGS, Annotator, Setting, annotators, confusion_matrix
+from .annotators import (
+    IMPROVING,
+    NOISY,
+    ORACLE,
+    SETTINGS,
+    Annotator,
+    ImprovingAnnotator,
+    Setting,
+    annotators,
+    confusion_matrix,
+)
+from .comparison import compare_policies, policy_figures
+from .decoding import decoder_accuracies, student_accuracy_by_vote
 from .errors import SimulationError
 from .items import Item, read_items
+from .policies import NEW, POLICIES, TODAY, Policy, checked_fields, parse_setting, policy, with_policy, with_settings
 from .reports import RoundsCsv, round_row, write_summary
 from .runs import (
     DEFAULT_ARMS,
@@ -37,12 +50,18 @@ from .source import SourceSet, source_embeddings, source_project
 __all__ = [
     "DEFAULT_ARMS",
     "DEFAULT_BUDGETS",
+    "IMPROVING",
+    "NEW",
     "NOISY",
     "ORACLE",
+    "POLICIES",
     "SETTINGS",
+    "TODAY",
     "Annotator",
     "Config",
+    "ImprovingAnnotator",
     "Item",
+    "Policy",
     "RoundsCsv",
     "Run",
     "Setting",
@@ -50,8 +69,14 @@ __all__ = [
     "SourceSet",
     "Split",
     "annotators",
+    "checked_fields",
     "clone_pool",
+    "compare_policies",
     "confusion_matrix",
+    "decoder_accuracies",
+    "parse_setting",
+    "policy",
+    "policy_figures",
     "read_items",
     "round_row",
     "simulate",
@@ -60,7 +85,10 @@ __all__ = [
     "source_project",
     "split_rows",
     "start_run",
+    "student_accuracy_by_vote",
     "train_round",
+    "with_policy",
+    "with_settings",
     "work_queue",
     "write_summary",
 ]

@@ -15,7 +15,7 @@ CSV_FIELDS = (
     "expert_cost", "crowd_cost", "test_accuracy", "test_balanced_accuracy",
     "test_macro_f1", "test_auc", "consensus_accuracy", "label_groups", "val_accuracy", "val_split",
     "acc_supervised_only", "round_seconds", "project", "round_id", "split_warnings",
-    "training_labels",
+    "training_labels", "policy",
 )  # fmt: skip
 # The column the curves, the summary and the plot are drawn from.
 METRIC = "test_accuracy"
@@ -103,7 +103,8 @@ def cost_summary(rows: list[dict[str, Any]]) -> list[str]:
         finals = {s: _mean_points(data[(s, arm)])[-1] for s in settings}
         goal = min(v for _, v in finals.values())
         spend = min(c for c, _ in finals.values())
-        base = settings[0] if "noisy" not in settings else "noisy"
+        # The baseline: today's policy when policies are compared, else the fixed-redundancy noisy crowd.
+        base = next((s for s in settings if s.endswith("-today")), "noisy" if "noisy" in settings else settings[0])
         base_cost = cost_to_reach(data[(base, arm)], goal)
         base_value = value_at_cost(data[(base, arm)], spend)
         lines.append(f"  cost to reach {METRIC} {goal:.3f} / {METRIC} at cost {spend:.0f}:")

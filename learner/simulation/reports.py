@@ -75,6 +75,7 @@ def round_row(
     paid = votes_paid(run)
     row: dict[str, Any] = {
         "setting": run.setting.name,
+        "policy": run.setting.policy,
         "arm": run.arm,
         "training_labels": run.project.training_labels,
         "seed": run.split.seed,

@@ -21,6 +21,7 @@ from learner.models import TrainingRound
 
 from .annotators import NOISY, ORACLE, Annotator, Setting, annotators, simulation_users
 from .errors import SimulationError
+from .policies import checked_fields
 from .reports import round_row
 from .source import Progress, SourceSet, source_embeddings
 
@@ -285,33 +286,49 @@ class Run:
     expert: tuple[Any, Annotator]
     students: list[tuple[Any, Annotator]]
     gold_ids: set[int] = field(default_factory=set)
+    # Each person's votes so far in this run (0: the expert, 1..: the students), and at which of their votes
+    # they answered each patch: an improving student's answer depends on it, and so does the decoder that
+    # knows every vote's true confusion (learner.simulation.decoding).
+    votes_so_far: dict[int, int] = field(default_factory=dict)
+    vote_index: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def answer(self, person: Annotator, index: int, patch_id: int) -> str:
+        """Person ``index``'s answer for the patch as their next vote, counted as cast."""
         row = self.row_of[patch_id]
-        return self.source.class_names[person.answer(self.truth[patch_id], (self.split.seed, index, row))]
+        vote = self.votes_so_far.get(index, 0)
+        self.votes_so_far[index] = vote + 1
+        self.vote_index[(index, patch_id)] = vote
+        return self.source.class_names[person.answer(self.truth[patch_id], (self.split.seed, index, row), vote)]
+
+    def person_of(self) -> dict[int, tuple[int, Annotator]]:
+        """{user id: (person index, annotator)}: 0 is the expert, 1.. the students."""
+        people = {self.expert[0].pk: (0, self.expert[1])}
+        people.update({user.pk: (i, person) for i, (user, person) in enumerate(self.students, 1)})
+        return people
 
 
 def start_run(source: SourceSet, split: Split, arm: str, setting: Setting, cfg: Config) -> Run:
+    # The setting's policy (project field overrides), checked against the model again here, before anything is
+    # made, so a Setting made by hand cannot name a field the model lacks either; it is applied last.
+    overrides = checked_fields(setting.project)
     rows = np.concatenate([split.pool_rows, split.gold_rows])
     name = f"sim {cfg.run_tag} {setting.name} {arm} seed {split.seed}"
-    project, row_of = clone_pool(
-        source,
-        rows,
-        set(split.gold_rows.tolist()),
-        name,
-        query_strategy=arm,
-        random_fraction=1.0 if arm == "random" else cfg.random_fraction,
-        votes_required=setting.votes_required,
-        gold_rate=setting.gold_rate,
-        adaptive_redundancy=setting.adaptive,
-        redundancy_confidence=setting.redundancy_confidence,
-        expert_routing=setting.expert_routing,
-        expert_cost=cfg.expert_cost,
-        crowd_cost=cfg.crowd_cost,
-        seed=split.seed,
-        training_labels=cfg.training_labels,
-        description="Simulated run (learner.simulation).",
-    )
+    fields: dict[str, Any] = {
+        "query_strategy": arm,
+        "random_fraction": 1.0 if arm == "random" else cfg.random_fraction,
+        "votes_required": setting.votes_required,
+        "gold_rate": setting.gold_rate,
+        "adaptive_redundancy": setting.adaptive,
+        "redundancy_confidence": setting.redundancy_confidence,
+        "expert_routing": setting.expert_routing,
+        "expert_cost": cfg.expert_cost,
+        "crowd_cost": cfg.crowd_cost,
+        "seed": split.seed,
+        "training_labels": cfg.training_labels,
+        "description": "Simulated run (learner.simulation).",
+    }
+    fields.update(overrides)
+    project, row_of = clone_pool(source, rows, set(split.gold_rows.tolist()), name, **fields)
     expert_user, student_users = simulation_users(cfg.run_tag, setting)
     expert, students = annotators(setting, len(source.class_names), split.seed)
     Membership.objects.bulk_create(

@@ -14,6 +14,7 @@ from annotations.models import MAX_VOTE_COST, TrainingLabels
 from learner import simulation as sim
 from learner.core.strategies import STRATEGIES
 from learner.simulation import learning_curves
+from learner.simulation.annotators import LEARNING_CURVES
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -41,12 +42,43 @@ class Command(BaseCommand):
             "--labelling",
             type=_csv,
             default=("oracle", "noisy"),
-            help="Who labels: oracle (a perfect expert) and/or noisy (a crowd).",
+            help="Who labels: oracle (a perfect expert), noisy (a crowd) and/or improving (students who get better "
+            "with practice, --student-start to --student-end over --learning-votes votes; five by default).",
+        )
+        parser.add_argument(
+            "--student-start", type=float, nargs=2, default=(0.5, 0.7), metavar=("LOW", "HIGH"),
+            help="Improving: range of each student's per-class accuracy at their first vote.",
+        )  # fmt: skip
+        parser.add_argument(
+            "--student-end", type=float, nargs=2, default=(0.8, 0.9), metavar=("LOW", "HIGH"),
+            help="Improving: range of each student's per-class accuracy once learnt.",
+        )  # fmt: skip
+        parser.add_argument("--learning-votes", type=int, default=300, help="Improving: votes it takes to learn.")
+        parser.add_argument("--learning-curve", choices=LEARNING_CURVES, default="linear")
+        parser.add_argument(
+            "--expert-accuracy", type=float, help="The expert's accuracy (default 1 for noisy, 0.95 for improving)."
+        )
+        parser.add_argument(
+            "--policy",
+            type=_csv,
+            default=(),
+            help=f"Labelling policies to compare on the crowd settings, run as setting-policy: "
+            f"{', '.join(f'{p.name} ({p.description})' for p in sim.POLICIES.values())}.",
+        )
+        parser.add_argument(
+            "--project-setting",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="Set a Project field on every simulated project (repeatable), e.g. votes_required=5; checked "
+            "against the model. Not one a --policy sets.",
         )
         parser.add_argument("--budgets", default="50,100,200,400,750", help="Label counts to train at.")
         parser.add_argument("--test-fraction", type=float, default=0.2, help="Share of groups held out for test.")
         parser.add_argument("--gold-size", type=int, default=150, help="Expert gold/validation patches.")
-        parser.add_argument("--students", type=int, default=3, help="Crowd size in the noisy setting.")
+        parser.add_argument(
+            "--students", type=int, help="Crowd size (default 3 in the noisy setting, 5 in the improving one)."
+        )
         parser.add_argument("--crowd-accuracy", type=float, nargs=2, default=(0.6, 0.85), metavar=("LOW", "HIGH"))
         parser.add_argument("--votes-required", type=int, default=3, help="Crowd votes per patch (noisy).")
         parser.add_argument(
@@ -137,14 +169,38 @@ class Command(BaseCommand):
             raise ValueError(f"Unknown arm(s) {', '.join(sorted(bad_arms))}; choose from {', '.join(STRATEGIES)}.")
         unknown = set(opts["labelling"]) - set(sim.SETTINGS)
         if unknown:
-            raise ValueError(f"Unknown setting(s) {', '.join(sorted(unknown))}; use oracle and/or noisy.")
+            raise ValueError(f"Unknown setting(s) {', '.join(sorted(unknown))}; use {', '.join(sim.SETTINGS)}.")
+        crowd = {
+            "votes_required": opts["votes_required"],
+            "expert_rate": opts["expert_rate"],
+            "gold_rate": opts["gold_rate"],
+        }
+        if opts["expert_accuracy"] is not None:
+            if not 0 < opts["expert_accuracy"] <= 1:
+                raise ValueError("--expert-accuracy must be above 0 and at most 1.")
+            crowd["expert_accuracy"] = opts["expert_accuracy"]
+        if opts["students"] is not None and opts["students"] < 1:
+            raise ValueError("--students must be at least 1.")
         noisy = replace(
             sim.NOISY,
-            students=opts["students"],
+            students=opts["students"] or sim.NOISY.students,
             student_accuracy=tuple(opts["crowd_accuracy"]),
-            votes_required=opts["votes_required"],
-            expert_rate=opts["expert_rate"],
-            gold_rate=opts["gold_rate"],
+            **crowd,
+        )
+        for name in ("student_start", "student_end"):
+            low, high = opts[name]
+            if not 0 <= low <= high <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} takes LOW HIGH with 0 <= LOW <= HIGH <= 1.")
+        if opts["learning_votes"] < 1:
+            raise ValueError("--learning-votes must be at least 1.")
+        improving = replace(
+            sim.IMPROVING,
+            students=opts["students"] or sim.IMPROVING.students,
+            student_start=tuple(opts["student_start"]),
+            student_end=tuple(opts["student_end"]),
+            learning_votes=opts["learning_votes"],
+            learning_curve=opts["learning_curve"],
+            **crowd,
         )
         policies = set(opts["redundancy"])
         if not policies or policies - {"fixed", "adaptive"}:
@@ -160,17 +216,30 @@ class Command(BaseCommand):
         routings = tuple(opts["routing"])
         if not routings or set(routings) - {"contested", "value"}:
             raise ValueError("--routing takes contested and/or value.")
+        if opts["policy"] and policies != {"fixed"}:
+            raise ValueError("--policy sets the redundancy itself; leave out --redundancy.")
+        if opts["policy"] and set(routings) != {"contested"}:
+            raise ValueError("--policy sets the routing itself; leave out --routing.")
+        chosen = [sim.policy(name) for name in opts["policy"]]
+        extra = [sim.parse_setting(text) for text in opts["project_setting"]]
         settings: tuple[sim.Setting, ...] = ()
         for s in opts["labelling"]:
             if s == "oracle":
-                settings += (sim.ORACLE,)
+                crowds: tuple[sim.Setting, ...] = (sim.ORACLE,)
+            elif s == "improving":
+                crowds = (improving,)
             else:
                 crowds = tuple(p for name, p in (("fixed", noisy), ("adaptive", adaptive)) if name in policies)
-                settings += tuple(
+            if s != "oracle":
+                crowds = tuple(
                     p if r == "contested" else replace(p, name=f"{p.name}-value", expert_routing="value")
                     for p in crowds
                     for r in routings
                 )
+            if chosen and s != "oracle":
+                settings += tuple(sim.with_policy(c, p, extra) for c in crowds for p in chosen)
+            else:
+                settings += tuple(sim.with_settings(c, extra) for c in crowds)
         budgets = tuple(sorted(int(b) for b in _csv(opts["budgets"])))
         if not budgets or budgets[0] < 1:
             raise ValueError("Budgets must be positive label counts, e.g. 50,100,200.")
