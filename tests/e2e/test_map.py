@@ -214,6 +214,13 @@ def test_the_gallery_groups_the_models_misfits_and_a_shift_click_leaves_out_thei
     expect(page.locator("#selection-count")).to_contain_text(f"({len(misfits)} patches)")
     page.keyboard.press("3")  # squamous's key
     expect(page.locator("#bulk-message")).to_contain_text(f"Labelled {len(misfits)} patches as squamous")
+    # The recoloured map reuses the points' k-d tree: a new lasso over the same place catches the same points.
+    expect(page.locator("body")).to_have_attribute("data-map-ready", "true", timeout=60_000)
+    page.evaluate("() => { window.histoloopMap.plot.deselect(); window.scrollTo(0, 0); }")
+    positions = np.array(page.evaluate(SCREEN_POSITIONS, list(range(len(first)))))  # the page may have scrolled
+    (x0, y0), (x1, y1) = positions.min(axis=0) - 12, positions.max(axis=0) + 12
+    lasso_box(page, x0, y0, x1, y1)
+    expect(page.locator("#selection-count")).to_contain_text(f"({len(first)} patches", timeout=30_000)
     with committed():
         labels = dict(Consensus.objects.filter(project=project).values_list("patch_id", "label__name"))
         assert {p: labels.get(p) for p in first} == {p: "squamous" if p in misfits else "benign" for p in first}

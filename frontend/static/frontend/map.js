@@ -133,7 +133,11 @@ async function draw() {
   const { data, palette, legend } = points(state.map, state.colourBy);
   const n = state.map.count;
   state.plot.set({ pointColor: palette, colorBy: "valueA", pointSize: n > 200000 ? 2 : n > 20000 ? 3 : 5, opacity: n > 200000 ? 0.6 : 0.9 });
-  await state.plot.draw(data, { preventFilterReset: true, zDataType: "categorical" });
+  // The plot's k-d tree of the points depends on their positions only: a redraw of the same stored layout (new
+  // colours after a label) reuses it instead of building it again (0.3 s at 200,000 points on a busy CPU).
+  const index = state.index && state.index.map === state.map.header.map ? state.index.data : undefined;
+  await state.plot.draw(data, { preventFilterReset: true, zDataType: "categorical", spatialIndex: index });
+  state.index = { map: state.map.header.map, data: state.plot.get("spatialIndex") };
   if (state.selection.length) state.plot.select(state.selection, { preventEvent: true });
   else state.plot.deselect({ preventEvent: true });
   drawLegend(legend);
