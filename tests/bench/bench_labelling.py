@@ -1,7 +1,8 @@
 """Interactions per label: a simulated pathologist labels LC25000 lung patches through the browser, in three modes.
 
     .venv/bin/python tests/bench/bench_labelling.py [--patches 600] [--baseline-labels 100] [--seed-labels 24]
-        [--strip-size 100] [--lasso-points 60] [--modes one,strip,lasso] [--map-method pca] [--keep]
+        [--strip-size 100] [--lasso-points 60] [--round-after 0.3] [--modes one,strip,lasso] [--map-method pca]
+        [--keep]
 
 Everything is real: a scratch database on the server of DATABASE_URL (embedded PostgreSQL when unset) and
 REDIS_URL, the ASGI server (``histoloop.serve``, 2 processes), a Celery worker on the gpu and cpu queues, and
@@ -24,9 +25,12 @@ counted. Label accuracy is the final consensus against the truth.
    divides the point cloud as seen on screen into regions of about ``--lasso-points`` points (k-means on the
    points' screen positions: the map is still grey, so nothing but where the points lie guides it) and lassoes
    each region along its cell's boundary (Shift + drag, one stroke); in the gallery the tiles whose class is
-   not the region's majority are clicked and "Label all but the clicked" labels the rest; the clicked ones
-   stay in the gallery and are labelled the same way (majority, click the others, label). Patches no lasso
-   caught are labelled one at a time in the annotator at the end.
+   not the region's majority are left out (a click for a lone tile, a click and a Shift + click for a run of
+   neighbours in the gallery's order) and the majority class's key labels the rest; the left-out ones stay in
+   the gallery and are labelled the same way (majority, leave out the others, key). Once ``--round-after`` of
+   the regions are labelled, a round is started from the dashboard (counted: the link there, Start round, the
+   link back); its model orders the later galleries by prediction, surest first, so the misfits sit together.
+   Patches no lasso caught are labelled one at a time in the annotator at the end.
 
 The map at 200,000 points (first paint, a lasso of 5,000) is timed by bench_map_browser.py.
 
@@ -546,9 +550,33 @@ def lasso(page: Any, polygon: np.ndarray, counter: Interactions) -> None:
     counter.lassos += 1
 
 
+def runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """The maximal runs (first, last) of consecutive True ``flags``."""
+    out: list[tuple[int, int]] = []
+    for k, flag in enumerate(flags):
+        if flag and out and out[-1][1] == k - 1:
+            out[-1] = (out[-1][0], k)
+        elif flag:
+            out.append((k, k))
+    return out
+
+
+def scroll_gallery_to(page: Any, row: int, rows_per_screen: int) -> None:
+    """Bring the screenful holding ``row`` into view (not counted: the pathologist already scrolls past every
+    screenful once, counted in label_gallery)."""
+    page.evaluate(
+        "(top) => { const g = document.getElementById('gallery'); if (Math.abs(g.scrollTop - top) > 1) "
+        "{ g.scrollTop = top; g.dispatchEvent(new Event('scroll')); } }",
+        (row // rows_per_screen) * rows_per_screen * 92,
+    )
+
+
 def label_gallery(page: Any, pool: Pool, counter: Interactions) -> int:
-    """Work the gallery until its selection is labelled: majority class, click the others, label; the clicked
-    ones stay selected for the next pass. Returns the bulk actions made."""
+    """Work the gallery until its selection is labelled: majority class, leave out the others, label by the
+    class's key; the left-out ones stay selected for the next pass. Leaving out is one click for a lone tile
+    and two for a run of neighbours in the gallery's order (a click on its first, Shift + click on its last:
+    the gallery is ordered by the model's prediction once there is one, so its misfits sit together).
+    Returns the bulk actions made."""
     actions = 0
     while True:
         shown = page.evaluate(GALLERY)
@@ -560,15 +588,13 @@ def label_gallery(page: Any, pool: Pool, counter: Interactions) -> int:
         screens = math.ceil(rows / shown["rows_per_screen"])
         counter.scrolls += screens - 1
         others = [k for k, p in enumerate(ids) if pool.truth[p] != majority]
-        for k in others:
-            row = k // shown["columns"]
-            page.evaluate(
-                "(top) => { const g = document.getElementById('gallery'); if (Math.abs(g.scrollTop - top) > 1) "
-                "{ g.scrollTop = top; g.dispatchEvent(new Event('scroll')); } }",
-                (row // shown["rows_per_screen"]) * shown["rows_per_screen"] * 92,
-            )
-            tile = page.locator(f"#gallery .gallery-tile[data-id='{ids[k]}']")
-            counter.click(tile)
+        for first, last in runs([pool.truth[p] != majority for p in ids]):
+            scroll_gallery_to(page, first // shown["columns"], shown["rows_per_screen"])
+            counter.click(page.locator(f"#gallery .gallery-tile[data-id='{ids[first]}']"))
+            if last > first:
+                scroll_gallery_to(page, last // shown["columns"], shown["rows_per_screen"])
+                page.locator(f"#gallery .gallery-tile[data-id='{ids[last]}']").click(modifiers=["Shift"])
+                counter.clicks += 1
         page.wait_for_function(
             "(n) => document.querySelectorAll('#gallery .gallery-tile.excluded').length >= 0 && "
             "document.getElementById('selection-count').textContent.includes(n ? `${n} left out` : 'patches')",
@@ -576,7 +602,9 @@ def label_gallery(page: Any, pool: Pool, counter: Interactions) -> int:
         )
         before = page.locator("#bulk-message").text_content() or ""
         name = f"Label all but {len(others)} as {majority}" if others else f"Label all as {majority}"
-        counter.click(page.get_by_role("button", name=name, exact=True))
+        page.wait_for_function("(name) => [...document.querySelectorAll('#bulk-actions button')]"
+                               ".some((b) => b.textContent === name && !b.disabled)", arg=name)  # fmt: skip
+        counter.press(page, pool.hotkeys[majority])
         page.wait_for_function(
             "(before) => { const m = document.getElementById('bulk-message');"
             " const e = document.getElementById('bulk-error');"
@@ -590,7 +618,19 @@ def label_gallery(page: Any, pool: Pool, counter: Interactions) -> int:
         page.wait_for_function("(n) => window.histoloopMap.selection.length === n", arg=len(others))
 
 
-def mode_lasso(browser: Browser, pool: Pool, lasso_points: int) -> ModeResult:
+SUBSCRIBE = (
+    "() => { const p = window.histoloopMap.plot; p.subscribe('select', () => { window.benchSelected = true; });"
+    " p.subscribe('deselect', () => { window.benchSelected = false; }); }"
+)
+
+
+def open_map_page(page: Any) -> None:
+    page.wait_for_selector("body[data-map-ready='true']")
+    # Told when the plot reports a lasso's selection (or that it selected nothing).
+    page.evaluate(SUBSCRIBE)
+
+
+def mode_lasso(browser: Browser, pool: Pool, lasso_points: int, round_after: float) -> ModeResult:
     from sklearn.cluster import KMeans
 
     from annotations.models import Vote
@@ -604,12 +644,7 @@ def mode_lasso(browser: Browser, pool: Pool, lasso_points: int) -> ModeResult:
     context = browser.context()
     page = browser.page(context)
     page.goto(f"/projects/{pool.project.pk}/map/")
-    page.wait_for_selector("body[data-map-ready='true']")
-    # Told when the plot reports a lasso's selection (or that it selected nothing).
-    page.evaluate(
-        "() => { const p = window.histoloopMap.plot; p.subscribe('select', () => { window.benchSelected = true; });"
-        " p.subscribe('deselect', () => { window.benchSelected = false; }); }"
-    )
+    open_map_page(page)
     seen = page.evaluate(SCREEN)
     ids = np.array(seen["ids"], dtype=np.int64)
     xy = np.array(seen["xy"], dtype=np.float64)
@@ -621,7 +656,20 @@ def mode_lasso(browser: Browser, pool: Pool, lasso_points: int) -> ModeResult:
     purity = []
     caught: list[tuple[int, int]] = []  # per stroke: points inside it on screen, points the plot selected
     actions = 0
+    round_at = math.ceil(k * round_after) if round_after > 0 else None
+    rounds: list[dict[str, Any]] = []
     for cell in range(k):
+        if cell == round_at:
+            # A model for the rest: to the dashboard, Start round, and back to the map once it is done; the map
+            # then orders each gallery by the model's prediction. The layout stays (the same pool).
+            page.wait_for_selector("body[data-map-ready='true']")
+            counter.click(page.get_by_role("link", name="Dashboard"))
+            rounds.append(run_round(page, pool, counter))
+            counter.click(page.get_by_role("link", name="Map"))
+            open_map_page(page)
+            again = np.array(page.evaluate(SCREEN)["xy"], dtype=np.float64)
+            if np.abs(again - xy).max() > 1:
+                raise RuntimeError("the map's points moved after the round: the regions no longer fit them")
         members = ids[kmeans.labels_ == cell]
         if not len(members):
             continue
@@ -646,7 +694,9 @@ def mode_lasso(browser: Browser, pool: Pool, lasso_points: int) -> ModeResult:
         votes_settled(pool, voted + done)
     context.close()
     labels, correct = final_labels(pool)
-    notes = {"lasso_regions": k, "bulk_actions": actions, "missed_by_lassos": missed,
+    accuracy = [r.get("balanced_accuracy") or r.get("accuracy") for r in rounds]
+    notes = {"lasso_regions": k, "bulk_actions": actions, "missed_by_lassos": missed, "round_after_region": round_at,
+             "round_validation_accuracy": accuracy,
              "region_purity_mean": round(float(np.mean(purity)), 3), "stroke_inside_vs_selected": caught}  # fmt: skip
     return ModeResult("lasso", counter, labels, correct, len(pool.truth), time.monotonic() - started, load(), notes)
 
@@ -661,6 +711,12 @@ def main() -> int:
     parser.add_argument("--seed-labels", type=int, default=24, help="one-at-a-time labels before the first round")
     parser.add_argument("--strip-size", type=int, default=100, help="patches per strip (the page allows 200)")
     parser.add_argument("--lasso-points", type=int, default=60, help="points per lassoed region, about")
+    parser.add_argument(
+        "--round-after",
+        type=float,
+        default=0.3,
+        help="lasso mode: start a round once this share of the regions is labelled (0: never)",
+    )
     parser.add_argument("--modes", default="one,strip,lasso")
     parser.add_argument("--map-method", default="pca", help="the lasso mode's layout: pca (default) or umap")
     parser.add_argument("--seed", type=int, default=0)
@@ -740,7 +796,7 @@ def run(args: argparse.Namespace, modes: list[str], url: str, scratch: Path) -> 
                 elif mode == "strip":
                     result = mode_strip(browser, pool, args.seed_labels, args.strip_size)
                 elif mode == "lasso":
-                    result = mode_lasso(browser, pool, args.lasso_points)
+                    result = mode_lasso(browser, pool, args.lasso_points, args.round_after)
                 else:
                     raise SystemExit(f"unknown mode {mode!r}; use one, strip, lasso")
                 browser.check()

@@ -134,3 +134,93 @@ def test_a_lasso_closed_on_a_point_keeps_what_it_caught(
     selected = page.evaluate("() => window.histoloopMap.selection.length")
     assert selected >= len(first) - 1, f"the lasso kept {selected} of {len(first)} points"
     expect(page.locator("#gallery .gallery-tile").first).to_be_visible()
+
+
+def scored(seeded: Any, committed: Any, squamous: list[int]) -> None:
+    """A model version that calls ``squamous`` squamous (sure) and every other patch benign, less and less
+    sure with the patch id."""
+    from learner import scores
+    from learner.models import ModelVersion, TrainingRound
+
+    ids = np.array([p.pk for p in seeded.patches], dtype=np.int64)
+    top = np.linspace(0.95, 0.55, len(ids))
+    proba = np.c_[top, 1 - top].astype(np.float32)
+    marked = np.isin(ids, squamous)
+    proba[marked] = [0.1, 0.9]
+    with committed():
+        round_ = TrainingRound.objects.create(project=seeded.project, number=1, state="succeeded")
+        version = ModelVersion.objects.create(
+            project=seeded.project, round=round_, backbone="b", train_mode="head", weights_path="unused.pt",
+            class_names=["benign", "squamous"],
+        )  # fmt: skip
+        scores.write(version, ids, np.full(len(ids), seeded.slide.pk), proba)
+
+
+def lasso_box(page: Any, x0: float, y0: float, x1: float, y1: float) -> None:
+    page.keyboard.down("Shift")
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for x, y in ((x1, y0), (x1, y1), (x0, y1), (x0, y0 + 1)):
+        page.mouse.move(x, y, steps=12)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+
+
+def test_the_gallery_groups_the_models_misfits_and_a_shift_click_leaves_out_their_run(
+    page: Any, make_project: Any, make_member: Any, committed: Any
+) -> None:
+    """After a round the gallery is ordered by the model's prediction, so the patches it calls another class sit
+    together at the end: a click and a Shift + click leave them all out, and the labels' keys label the rest and
+    then them."""
+    seeded = make_project(queue=False)
+    project = seeded.project
+    make_member(project, Role.EXPERT, username="e2e-map-orderer")
+    first, _ = two_clusters(seeded, committed)
+    misfits = first[::3]  # spread over the cluster in patch order
+    assert 2 <= len(misfits) < len(first) - 1
+    scored(seeded, committed, misfits)
+
+    page.set_default_timeout(60_000)
+    login(page, "e2e-map-orderer", next_path=f"/projects/{project.pk}/map/")
+    expect(page.locator("body")).to_have_attribute("data-map-ready", "true", timeout=30_000)
+    positions = np.array(page.evaluate(SCREEN_POSITIONS, list(range(len(first)))))
+    (x0, y0), (x1, y1) = positions.min(axis=0) - 12, positions.max(axis=0) + 12
+    lasso_box(page, x0, y0, x1, y1)
+    expect(page.locator("#selection-count")).to_contain_text(f"({len(first)} patches", timeout=30_000)
+
+    shown = page.evaluate("() => window.histoloopMap.selection.map((i) => Number(window.histoloopMap.map.ids[i]))")
+    rest = [p for p in first if p not in misfits]
+    # Benign first, surest (lowest id here) first, then the squamous ones together.
+    assert shown == rest + misfits
+    expect(page.locator("#gallery .gallery-model").first).to_be_attached()
+
+    page.evaluate("() => { const g = document.getElementById('gallery'); g.scrollTop = g.scrollHeight;"
+                  " g.dispatchEvent(new Event('scroll')); }")  # fmt: skip
+    page.locator(f"#gallery .gallery-tile[data-id='{misfits[0]}']").click()
+    page.locator(f"#gallery .gallery-tile[data-id='{misfits[-1]}']").click(modifiers=["Shift"])
+    expect(page.locator("#selection-count")).to_contain_text(f"{len(misfits)} left out")
+    for pid in misfits:
+        expect(page.locator(f"#gallery .gallery-tile[data-id='{pid}']")).to_have_attribute("aria-pressed", "true")
+    # Shift + click from the anchor back over a left-out tile takes the run back to the anchor's state.
+    page.locator(f"#gallery .gallery-tile[data-id='{misfits[-1]}']").click()
+    page.locator(f"#gallery .gallery-tile[data-id='{misfits[-2]}']").click(modifiers=["Shift"])
+    expect(page.locator("#selection-count")).to_contain_text(f"{len(misfits) - 2} left out")
+    page.locator(f"#gallery .gallery-tile[data-id='{misfits[-1]}']").click()
+    page.locator(f"#gallery .gallery-tile[data-id='{misfits[-2]}']").click(modifiers=["Shift"])
+    expect(page.locator("#selection-count")).to_contain_text(f"{len(misfits)} left out")
+
+    page.keyboard.press("2")  # benign's key
+    expect(page.locator("#bulk-message")).to_contain_text(f"Labelled {len(rest)} patches as benign", timeout=60_000)
+    expect(page.locator("#selection-count")).to_contain_text(f"({len(misfits)} patches)")
+    page.keyboard.press("3")  # squamous's key
+    expect(page.locator("#bulk-message")).to_contain_text(f"Labelled {len(misfits)} patches as squamous")
+    # The recoloured map reuses the points' k-d tree: a new lasso over the same place catches the same points.
+    expect(page.locator("body")).to_have_attribute("data-map-ready", "true", timeout=60_000)
+    page.evaluate("() => { window.histoloopMap.plot.deselect(); window.scrollTo(0, 0); }")
+    positions = np.array(page.evaluate(SCREEN_POSITIONS, list(range(len(first)))))  # the page may have scrolled
+    (x0, y0), (x1, y1) = positions.min(axis=0) - 12, positions.max(axis=0) + 12
+    lasso_box(page, x0, y0, x1, y1)
+    expect(page.locator("#selection-count")).to_contain_text(f"({len(first)} patches", timeout=30_000)
+    with committed():
+        labels = dict(Consensus.objects.filter(project=project).values_list("patch_id", "label__name"))
+        assert {p: labels.get(p) for p in first} == {p: "squamous" if p in misfits else "benign" for p in first}

@@ -2,7 +2,17 @@
 // prediction, uncertainty or slide; hover shows the patch; Shift + drag lassoes a region into a
 // virtualised gallery, from which an expert labels all (or all but the clicked) in one bulk action.
 // The points arrive as one binary payload (learner/maps.py documents the format) read into typed arrays.
-import { ApiError, api, el, errorMessage, pageConfig, paintLabelColours } from "./api.js";
+//
+// Once a model has scored the pool, the gallery is ordered by the model's prediction, surest first, so the
+// patches of another class than most of a lasso's sit together (a coloured bar on each tile says which class
+// the model sees); a click leaves one patch out, Shift + click leaves out (or takes back) the whole run from
+// the last clicked tile, and a label's key labels all but the left-out ones.
+//
+// The first paint is on the critical path: the map's request starts with the page (a preload link in
+// map.html, this module only picks it up), in parallel with the scatterplot's scripts and the WebGL set-up.
+import { ApiError, api, el, errorMessage, isTyping, pageConfig, paintLabelColours } from "./api.js";
+
+performance.mark("map:module");
 
 const config = pageConfig();
 const MAP_URL = `${config.api}map/`;
@@ -19,7 +29,16 @@ const UNCERTAINTY_RAMP = [
   "#2c115f", "#3b0f70", "#51127c", "#721f81", "#932b80", "#b73779", "#d8456c", "#f1605d", "#fc8961", "#fcfdbf",
 ];
 
-const state = { map: null, plot: null, selection: [], excluded: new Set(), colourBy: "consensus", lastBatch: null };
+const state = {
+  map: null,
+  plot: null,
+  selection: [],
+  excluded: new Set(),
+  anchor: null, // the gallery position of the last plain click: Shift + click extends from it
+  colourBy: "consensus",
+  order: "prediction",
+  lastBatch: null,
+};
 const $ = (id) => document.getElementById(id);
 
 function status(text, isError = false) {
@@ -45,13 +64,17 @@ export function decodeMap(buffer) {
   return { header, ...arrays, count: header.count };
 }
 
+// No custom headers: the request must match map.html's preload of the same URL to reuse its response (the
+// server answers the binary map whatever the Accept header says; errors come as JSON).
 async function loadMap() {
-  const response = await fetch(MAP_URL, { credentials: "same-origin", headers: { Accept: "application/vnd.histoloop.embedding-map, application/json" } });
+  const response = await fetch(MAP_URL, { credentials: "same-origin" });
   if (!response.ok) {
     const body = await response.json().catch(() => null);
     throw new ApiError(errorMessage(body, response.status), response.status, body);
   }
-  return decodeMap(await response.arrayBuffer());
+  const buffer = await response.arrayBuffer();
+  performance.mark("map:fetched");
+  return decodeMap(buffer);
 }
 
 // --- colours -------------------------------------------------------------------------------------------------------
@@ -110,7 +133,11 @@ async function draw() {
   const { data, palette, legend } = points(state.map, state.colourBy);
   const n = state.map.count;
   state.plot.set({ pointColor: palette, colorBy: "valueA", pointSize: n > 200000 ? 2 : n > 20000 ? 3 : 5, opacity: n > 200000 ? 0.6 : 0.9 });
-  await state.plot.draw(data, { preventFilterReset: true, zDataType: "categorical" });
+  // The plot's k-d tree of the points depends on their positions only: a redraw of the same stored layout (new
+  // colours after a label) reuses it instead of building it again (0.3 s at 200,000 points on a busy CPU).
+  const index = state.index && state.index.map === state.map.header.map ? state.index.data : undefined;
+  await state.plot.draw(data, { preventFilterReset: true, zDataType: "categorical", spatialIndex: index });
+  state.index = { map: state.map.header.map, data: state.plot.get("spatialIndex") };
   if (state.selection.length) state.plot.select(state.selection, { preventEvent: true });
   else state.plot.deselect({ preventEvent: true });
   drawLegend(legend);
@@ -141,6 +168,30 @@ function galleryColumns() {
   return Math.max(1, Math.floor(($("gallery").clientWidth - GAP) / (TILE + GAP)));
 }
 
+// The model's class of a point as a colour and a name (null when the pool is not scored yet).
+function predicted(i) {
+  const h = state.map.header;
+  const code = state.map.prediction[i];
+  if (!code || !h.classes[code - 1]) return null;
+  const name = h.classes[code - 1].name;
+  return { name, colour: labelColour(name) || SLIDE_PALETTE[code % 20], unsure: state.map.uncertainty[i] > 5 };
+}
+
+// The gallery's order: by the model's prediction (class by class, surest first; unscored last), or by patch id.
+function ordered(indices) {
+  const m = state.map;
+  const byId = (a, b) => m.ids[a] - m.ids[b];
+  if (state.order !== "prediction" || !m.header.model_version) return indices.sort(byId);
+  const klass = (i) => (m.prediction[i] ? m.prediction[i] : 256);
+  return indices.sort((a, b) => klass(a) - klass(b) || m.uncertainty[a] - m.uncertainty[b] || byId(a, b));
+}
+
+function paintTile(tile) {
+  const left = state.excluded.has(Number(tile.dataset.id));
+  tile.classList.toggle("excluded", left);
+  tile.setAttribute("aria-pressed", left ? "true" : "false");
+}
+
 function renderGallery() {
   const box = $("gallery");
   const space = $("gallery-space");
@@ -162,12 +213,17 @@ function renderGallery() {
     else wanted.delete(k);
   }
   for (const [k, [r, c]] of wanted) {
-    const id = state.map.ids[state.selection[k]];
+    const i = state.selection[k];
+    const id = state.map.ids[i];
+    const model = predicted(i);
+    const seen = model ? ` (model: ${model.name}${model.unsure ? ", unsure" : ""})` : "";
     const tile = el(
       "button",
-      { type: "button", class: `gallery-tile${state.excluded.has(id) ? " excluded" : ""}`, dataset: { k: String(k), id: String(id) }, "aria-pressed": state.excluded.has(id) ? "true" : "false", title: `patch ${id}: click to leave it out` },
+      { type: "button", class: `gallery-tile${state.excluded.has(id) ? " excluded" : ""}`, dataset: { k: String(k), id: String(id) }, "aria-pressed": state.excluded.has(id) ? "true" : "false", title: `patch ${id}${seen}: click to leave it out, Shift + click to leave out the run from the last clicked` },
       el("img", { src: imageUrl(id), alt: `patch ${id}`, loading: "lazy", width: TILE, height: TILE }),
+      model ? el("span", { class: "gallery-model", "aria-hidden": "true" }) : null,
     );
+    if (model) tile.style.setProperty("--model-colour", model.colour);
     tile.style.transform = `translate(${GAP + c * (TILE + GAP)}px, ${GAP + r * (TILE + GAP)}px)`;
     space.append(tile);
   }
@@ -177,8 +233,26 @@ function toggleExcluded(tile) {
   const id = Number(tile.dataset.id);
   if (state.excluded.has(id)) state.excluded.delete(id);
   else state.excluded.add(id);
-  tile.classList.toggle("excluded", state.excluded.has(id));
-  tile.setAttribute("aria-pressed", state.excluded.has(id) ? "true" : "false");
+  state.anchor = Number(tile.dataset.k);
+  paintTile(tile);
+  updateActions();
+}
+
+// Shift + click: every tile from the anchor (the last plain click) to this one takes the anchor's state, as a
+// file manager extends a selection; without an anchor it is a plain click.
+function extendExcluded(tile) {
+  if (state.anchor === null || state.anchor >= state.selection.length) {
+    toggleExcluded(tile);
+    return;
+  }
+  const to = Number(tile.dataset.k);
+  const leave = state.excluded.has(state.map.ids[state.selection[state.anchor]]);
+  for (let k = Math.min(state.anchor, to); k <= Math.max(state.anchor, to); k += 1) {
+    const id = state.map.ids[state.selection[k]];
+    if (leave) state.excluded.add(id);
+    else state.excluded.delete(id);
+  }
+  for (const node of $("gallery-space").children) paintTile(node);
   updateActions();
 }
 
@@ -196,7 +270,7 @@ function updateActions() {
     ...config.labels.map((label) =>
       el(
         "button",
-        { type: "button", class: "bulk-label", dataset: { label: String(label.id), colour: label.colour }, disabled: !n || tooMany || !chosenCount() },
+        { type: "button", class: "bulk-label", dataset: { label: String(label.id), colour: label.colour }, disabled: !n || tooMany || !chosenCount(), "aria-keyshortcuts": label.hotkey || null, title: label.hotkey ? `Key: ${label.hotkey}` : null },
         state.excluded.size ? `Label all but ${state.excluded.size} as ${label.name}` : `Label all as ${label.name}`,
       ),
     ),
@@ -218,8 +292,9 @@ function showMessage(...children) {
 }
 
 function setSelection(indices) {
-  state.selection = Array.from(indices).sort((a, b) => state.map.ids[a] - state.map.ids[b]);
+  state.selection = ordered(Array.from(indices));
   state.excluded = new Set();
+  state.anchor = null;
   $("gallery").scrollTop = 0;
   $("gallery-space").replaceChildren(); // a tile kept from the old selection would keep its left-out mark
   updateActions();
@@ -232,6 +307,7 @@ async function labelAll(labelId) {
   const patches = state.selection.map((i) => state.map.ids[i]);
   const exclude = [...state.excluded];
   showError("");
+  state.busy = true;
   try {
     const result = await api(BULK_URL, { method: "POST", body: { patches, exclude, label: labelId, source: "map" } });
     state.lastBatch = result.batch;
@@ -243,9 +319,12 @@ async function labelAll(labelId) {
     // but some clicked again) labels it without another lasso.
     const leftOut = new Set(exclude);
     setSelection(state.selection.filter((i) => leftOut.has(state.map.ids[i])));
+    state.busy = false; // the next label may go while the map is recoloured
     await refresh();
   } catch (error) {
     showError(error.message);
+  } finally {
+    state.busy = false;
   }
 }
 
@@ -262,25 +341,61 @@ async function undoBatch(batchId) {
 
 // While the points are redrawn the scatterplot ignores the mouse (a lasso started then is lost): the page says
 // so in data-map-ready ("refreshing", then "true") for scripts, and the status line says it for people.
+// A label cast while the map is being redrawn (a key pressed right after the last) asks for one more redraw
+// once this one is done, rather than a second at the same time (the plot refuses to draw while it draws).
 async function refresh() {
+  if (state.refreshing) {
+    state.refreshAgain = true;
+    return state.refreshing;
+  }
   const status = $("map-status").textContent;
   document.body.dataset.mapReady = "refreshing";
   $("map-status").textContent = "Updating the map's colours…";
-  try {
-    state.map = await loadMap();
-    await draw();
-  } finally {
-    $("map-status").textContent = status;
-    document.body.dataset.mapReady = "true";
-  }
+  state.refreshing = (async () => {
+    try {
+      do {
+        state.refreshAgain = false;
+        state.map = await loadMap();
+        await draw();
+      } while (state.refreshAgain);
+    } finally {
+      $("map-status").textContent = status;
+      document.body.dataset.mapReady = "true";
+      state.refreshing = null;
+    }
+  })();
+  return state.refreshing;
 }
 
 // --- start ---------------------------------------------------------------------------------------------------------
 
 async function start() {
+  // The map's bytes first (already on their way: map.html preloads them), then the WebGL set-up meanwhile.
+  const started = performance.now();
+  const loading = loadMap().then((map) => ({ map }), (error) => ({ error }));
   const canvas = $("map-canvas");
-  const createScatterplot = window.createScatterplot.default;
+  const { default: createScatterplot, createRenderer } = window.createScatterplot;
+  // The plot draws into a renderer's WebGL canvas (a float framebuffer, then a full-canvas pass) and copies
+  // that onto the page's 2-D canvas every frame with drawImage, which reads the WebGL pixels back: without a
+  // GPU (SwiftShader) that copy was most of the first paint (2.4 s of 200,000 points' 7 s, in a CPU profile).
+  // So the renderer's canvas is shown itself, over the plot's canvas (which keeps the pointer events), at the
+  // plot's size (its own renderer is the window's size, 2.5x the pixels at 1920x1080), and the copy is skipped:
+  // render() is handed a stand-in target of the same size whose 2-D context does nothing.
+  const gl = el("canvas", { class: "map-gl", "aria-hidden": "true" });
+  canvas.after(gl);
+  const renderer = createRenderer({ canvas: gl });
+  const fit = () => {
+    const { width, height } = canvas.getBoundingClientRect(); // as the plot sizes its canvas
+    renderer.resize(Math.max(1, width), Math.max(1, height));
+    renderer.refresh();
+  };
+  fit();
+  new ResizeObserver(fit).observe(canvas);
+  const noCopy = { clearRect() {}, drawImage() {} };
+  const render = renderer.render;
+  renderer.render = (draw, target) => render(draw, { width: target.width, height: target.height, getContext: () => noCopy });
   state.plot = createScatterplot({
+    renderer,
     canvas,
     width: "auto",
     height: "auto",
@@ -316,7 +431,35 @@ async function start() {
   $("gallery").addEventListener("scroll", () => requestAnimationFrame(renderGallery));
   $("gallery").addEventListener("click", (event) => {
     const tile = event.target.closest(".gallery-tile");
-    if (tile) toggleExcluded(tile);
+    if (!tile) return;
+    if (event.shiftKey) extendExcluded(tile);
+    else toggleExcluded(tile);
+  });
+  // A label's key labels the selection (all but the left-out ones), as its button does; Escape takes back
+  // every left-out mark.
+  document.addEventListener("keydown", (event) => {
+    if (isTyping(event.target) || event.ctrlKey || event.metaKey || event.altKey || !state.selection.length) return;
+    if (event.key === "Escape" && state.excluded.size) {
+      state.excluded.clear();
+      state.anchor = null;
+      for (const node of $("gallery-space").children) paintTile(node);
+      updateActions();
+      return;
+    }
+    const label = config.labels.find((l) => l.hotkey && l.hotkey === event.key);
+    const button = label && $("bulk-actions").querySelector(`.bulk-label[data-label="${label.id}"]`);
+    if (button && !button.disabled && !state.busy) {
+      event.preventDefault();
+      labelAll(label.id);
+    }
+  });
+  $("gallery-order").addEventListener("change", (event) => {
+    // The same patches in another order; what is left out stays left out.
+    state.order = event.target.value;
+    state.selection = ordered(state.selection.slice());
+    state.anchor = null;
+    $("gallery-space").replaceChildren();
+    renderGallery();
   });
   $("bulk-actions").addEventListener("click", (event) => {
     const button = event.target.closest(".bulk-label");
@@ -335,10 +478,14 @@ async function start() {
     });
   }
   updateActions();
+  performance.mark("map:plot-ready");
   try {
-    const started = performance.now();
-    state.map = await loadMap();
+    const { map, error } = await loading;
+    if (error) throw error;
+    state.map = map;
+    performance.mark("map:decoded");
     await draw();
+    performance.mark("map:drawn");
     const ms = Math.round(performance.now() - started);
     status(`${state.map.count.toLocaleString()} patches (${state.map.header.method} layout), drawn in ${ms} ms.`);
     document.body.dataset.mapReady = "true";
