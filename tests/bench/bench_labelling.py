@@ -45,13 +45,11 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -64,7 +62,7 @@ sys.path.insert(0, str(REPO))
 
 from histoloop import embedded  # noqa: E402
 from tests.e2e.chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
-from tests.servers import asgi_server  # noqa: E402
+from tests.servers import asgi_server, celery_worker  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "lc25000_lung"
 VIEWPORT = {"width": 1920, "height": 1080}  # a pathologist's ordinary monitor
@@ -230,31 +228,6 @@ def votes_settled(pool: Pool, expected: int, timeout: float = 120) -> None:
 
 
 # --- the processes --------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def celery_worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """A real worker on the gpu and cpu queues (as the demo runs one), solo pool."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "histoloop", "worker", "-Q", "gpu,cpu", "--pool", "solo",
-             "--concurrency", "1", "-l", "info", "--without-gossip", "--without-mingle",
-             "-n", f"bench-labelling-{os.getpid()}@%h"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        wait_until(
-            lambda: proc.poll() is not None or "ready." in log.read_text(errors="replace"), 120, "the worker", 0.2
-        )
-        if proc.poll() is not None:
-            raise RuntimeError(f"the Celery worker exited early:\n{log.read_text()}")
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def session_cookie(user: Any) -> dict[str, str]:
@@ -783,7 +756,7 @@ def run(args: argparse.Namespace, modes: list[str], url: str, scratch: Path) -> 
     figures: dict[str, Any] = {"pool": len(source)}
     with (
         asgi_server(env, scratch / "server.log", workers=2, timeout=600) as port,
-        celery_worker(env, scratch / "worker.log"),
+        celery_worker(env, scratch / "worker.log", name=f"bench-labelling-{os.getpid()}@%h"),
         sync_playwright() as playwright,
     ):
         browser = Browser(playwright, f"http://127.0.0.1:{port}", session_cookie(pathologist))
