@@ -10,10 +10,14 @@ path (next-task + vote, README), that switching cost more CPU than the view itse
 
 :class:`OneHopASGIHandler` builds the *synchronous* chain (the one Django's WSGI handler uses: the
 same middleware, in the same order, with the same answers) and runs the whole request, signals
-included, as one call in a fixed pool of threads, the way a WSGI server would; reading the body and
-sending the response stay on the event loop. A streamed response is closed (request_finished) after
-it is sent, in a second hop; any other response is closed in the first hop, since its content is
-already in memory. The rare async view (tiles, thumbnails, regions; the lean tile route in front
+included, as one call in a thread, the way a WSGI server would; reading the body and sending the
+response stay on the event loop. As under Django's handler, each request has a thread of its own for
+all its thread-sensitive work (asgiref's ``ThreadSensitiveContext``), so a streamed download's chunks
+(annotations.zip_stream) and its close run on the thread, and the database connection, its view used;
+but the thread is reused: an idle one (up to ``HTTP_THREADS`` are kept) serves the next request instead
+of a new thread being started and joined every time. A streamed response is closed (request_finished)
+after it is sent, in a second hop; any other response is closed in the first hop, since its content
+is already in memory. The rare async view (tiles, thumbnails, regions; the lean tile route in front
 answers most tiles) is adapted by Django and runs on the event loop while its thread waits.
 
 ``ONE_HOP_ASGI=0`` (settings) serves with Django's stock handler instead, to compare.
@@ -25,7 +29,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.conf import settings
 from django.core import signals
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
@@ -41,17 +45,28 @@ class OneHopASGIHandler(ASGIHandler):
         BaseHandler.__init__(self)
         self.load_middleware(is_async=False)
         self.threads = threads or settings.HTTP_THREADS
-        self.executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="django-http")
+        self._idle: list[ThreadPoolExecutor] = []  # single-thread executors no request is using
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
-        await self.handle(scope, receive, send)
+        thread = self._idle.pop() if self._idle else ThreadPoolExecutor(1, thread_name_prefix="django-http")
+        finished = False
+        try:
+            async with ThreadSensitiveContext(executor=thread):
+                finished = await self.handle(scope, receive, send)
+        finally:
+            # A request cancelled while its view ran may still occupy the thread: that one is let go.
+            if finished and len(self._idle) < self.threads:
+                self._idle.append(thread)
+            else:
+                thread.shutdown(wait=False)
 
-    def _in_thread(self, func: Any, *args: Any) -> Any:
-        # thread_sensitive=False with our executor: asgiref still copies the context in and out and
-        # lets async_to_sync inside (Channels' group_send from a view) come back to this event loop.
-        return sync_to_async(func, thread_sensitive=False, executor=self.executor)(*args)
+    @staticmethod
+    def _in_thread(func: Any, *args: Any) -> Any:
+        # Thread-sensitive: the request's own thread (its ThreadSensitiveContext), like every other
+        # thread-sensitive call the request makes (a streamed download's chunks included).
+        return sync_to_async(func)(*args)
 
     def _respond(self, scope: dict[str, Any], body_file: Any) -> HttpResponseBase:
         """What Django's ASGI handler does between reading the body and sending, synchronously."""
@@ -68,13 +83,14 @@ class OneHopASGIHandler(ASGIHandler):
             response.close()  # request_finished: the database connection goes back to the pool now
         return response
 
-    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> bool:  # type: ignore[override]
+        """Django's ``ASGIHandler.handle`` with the one hop; True unless the view's wait was cancelled."""
         from django.core.exceptions import RequestAborted
 
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
-            return
+            return True
         set_script_prefix(get_script_prefix(scope))
 
         async def process_request() -> HttpResponseBase:
@@ -110,11 +126,12 @@ class OneHopASGIHandler(ASGIHandler):
         try:
             response = tasks[1].result()
         except asyncio.CancelledError:
-            await self._in_thread(signals.request_finished.send, self.__class__)
-        else:
-            if response.streaming:
-                await self._in_thread(response.close)
+            body_file.close()
+            return False  # the thread may still run the view; request_finished comes from its close there
+        if response.streaming:
+            await self._in_thread(response.close)
         body_file.close()
+        return True
 
 
 def get_application() -> Any:

@@ -199,9 +199,9 @@ MAX_REQUEST_BYTES = int(os.environ.get("MAX_REQUEST_BYTES", str(4 * 1024**2)))
 # sends every tile request through the whole Django stack (to compare, or to rule it out).
 LEAN_TILE_ROUTE = env_bool("LEAN_TILE_ROUTE", True)
 # Django's HTTP requests under ASGI (histoloop.asgi_handler): the synchronous middleware chain and
-# view run as one call in a pool of HTTP_THREADS threads per server process (at most the database
-# pool's size, so no thread waits for a connection); ONE_HOP_ASGI=0 serves with Django's stock ASGI
-# handler (a thread hop per middleware), to compare.
+# view run as one call in the request's thread; up to HTTP_THREADS idle threads per server process are
+# kept for the next requests instead of a thread started per request. ONE_HOP_ASGI=0 serves with
+# Django's stock ASGI handler (a thread hop per middleware), to compare.
 ONE_HOP_ASGI = env_bool("ONE_HOP_ASGI", True)
 HTTP_THREADS = int(os.environ.get("HTTP_THREADS", os.environ.get("DATABASE_POOL_SIZE", "16")))
 MAX_UPLOAD_BYTES = int(os.environ.get("MAX_UPLOAD_BYTES", str(4 * 1024**3)))

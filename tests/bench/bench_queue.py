@@ -24,6 +24,10 @@ CPU each pair cost is printed too (server processes and PostgreSQL backends, fro
 saturated window), with the pairs/s those CPU seconds would allow on 2 idle cores, and the load
 average.
 
+``--compare NAME=VALUE[,...]`` first serves each process count with those environment variables (e.g.
+``ONE_HOP_ASGI=0``: Django's stock ASGI handler, main's path) and then with this code, on the same data
+in the same run, and prints each figure of this code over the baseline's.
+
 ``--sizes`` instead measures in-process lease + vote on projects of those many open tasks (rows
 written with SQL, as bench_scale.py does), one crowd user, and prints the lease statement's plan
 (EXPLAIN ANALYZE of the prepared statement, generic plan) at the largest size.

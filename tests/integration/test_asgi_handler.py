@@ -55,6 +55,8 @@ def call(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], b
             content += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        # Let the handler finish (close the response: request_finished gives the connection back).
+        await communicator.wait(30)
         names: dict[str, str] = {}
         for name, value in start["headers"]:
             names[name.decode().lower()] = value.decode("latin-1")
@@ -164,6 +166,9 @@ def test_the_chain_is_synchronous_and_runs_in_the_handlers_threads(world) -> Non
     assert response["status"] == 200
     # Started and finished in one hop, in one of the handler's threads: the connection went back there.
     assert len(seen) == 2 and seen[0] == seen[1] and seen[0].startswith("django-http"), seen
+    # The next request reuses that thread (kept idle) instead of starting one.
+    call(handler, "POST", f"/api/v1/projects/{world.pk}/next-task/", token_headers(member(world)))
+    assert len(handler._idle) == 1
 
 
 def test_the_served_application_uses_it_unless_turned_off(settings) -> None:  # type: ignore[no-untyped-def]
