@@ -3,10 +3,12 @@ route in front of it, annotations.slides.lean), websockets through Channels (ses
 
 import os
 
-from django.core.asgi import get_asgi_application
-
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
-django_asgi_app = get_asgi_application()
+
+from histoloop.asgi_handler import get_application
+
+# Django's synchronous middleware chain with one thread hop per request (histoloop.asgi_handler).
+django_asgi_app = get_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

@@ -2,9 +2,10 @@
 
     python -m histoloop.serve [--host 127.0.0.1] [--port 8000] [--workers N]
 
-Why several processes: under ASGI, Django runs every synchronous view (all of DRF) on one
-thread per process, so one process answers one API request at a time. Worker processes share
-the listening socket; websockets work from any of them because Channels groups live in Redis.
+Why several processes: each process runs Django's synchronous middleware and views in a pool of
+``HTTP_THREADS`` threads (histoloop.asgi_handler), and Python runs one thread's bytecode at a time,
+so one process uses about one core. Worker processes share the listening socket; websockets work
+from any of them because Channels groups live in Redis.
 ``--workers`` defaults to ``WEB_CONCURRENCY``, else the number of CPU cores (at most 8).
 """
 

@@ -198,6 +198,12 @@ MAX_REQUEST_BYTES = int(os.environ.get("MAX_REQUEST_BYTES", str(4 * 1024**2)))
 # Tiles of already-authorised viewers answered in front of Django (annotations.slides.lean); off
 # sends every tile request through the whole Django stack (to compare, or to rule it out).
 LEAN_TILE_ROUTE = env_bool("LEAN_TILE_ROUTE", True)
+# Django's HTTP requests under ASGI (histoloop.asgi_handler): the synchronous middleware chain and
+# view run as one call in the request's thread; up to HTTP_THREADS idle threads per server process are
+# kept for the next requests instead of a thread started per request. ONE_HOP_ASGI=0 serves with
+# Django's stock ASGI handler (a thread hop per middleware), to compare.
+ONE_HOP_ASGI = env_bool("ONE_HOP_ASGI", True)
+HTTP_THREADS = int(os.environ.get("HTTP_THREADS", os.environ.get("DATABASE_POOL_SIZE", "16")))
 MAX_UPLOAD_BYTES = int(os.environ.get("MAX_UPLOAD_BYTES", str(4 * 1024**3)))
 MAX_IMPORT_BYTES = int(os.environ.get("MAX_IMPORT_BYTES", str(50 * 1024**2)))
 FILE_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES

@@ -24,6 +24,10 @@ CPU each pair cost is printed too (server processes and PostgreSQL backends, fro
 saturated window), with the pairs/s those CPU seconds would allow on 2 idle cores, and the load
 average.
 
+``--compare NAME=VALUE[,...]`` first serves each process count with those environment variables (e.g.
+``ONE_HOP_ASGI=0``: Django's stock ASGI handler, main's path) and then with this code, on the same data
+in the same run, and prints each figure of this code over the baseline's.
+
 ``--sizes`` instead measures in-process lease + vote on projects of those many open tasks (rows
 written with SQL, as bench_scale.py does), one crowd user, and prints the lease statement's plan
 (EXPLAIN ANALYZE of the prepared statement, generic plan) at the largest size.
@@ -373,6 +377,12 @@ def main() -> int:
     parser.add_argument("--patches", type=int, default=3000, help="open tasks in the HTTP run's project")
     parser.add_argument("--sizes", default="", help="instead: in-process lease + vote at these pool sizes")
     parser.add_argument("--pairs", type=int, default=300, help="in-process lease + vote pairs per pool size")
+    parser.add_argument(
+        "--compare",
+        default="",
+        help="also serve with these environment variables (NAME=VALUE,...), before each measured server, and"
+        " print this code's figures over theirs: e.g. ONE_HOP_ASGI=0,LEAN_API_ROUTE=0 for Django's stock path",
+    )
     args = parser.parse_args()
 
     # Importing histoloop (its Celery app) already set DJANGO_SETTINGS_MODULE, so also say DEBUG=1 here.
@@ -396,19 +406,26 @@ def main() -> int:
         log = REPO / "var" / "bench-queue-server.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         baseline: dict[str, dict] = {}
-        goals: dict[str, float] = {}
-        for workers in [int(w) for w in args.workers.split(",")]:
-            with asgi_server(dict(os.environ), log, workers=workers) as port:
+        goals_now: dict[str, float] = {}
+        compared: dict[str, float] = {}
+        variants: list[tuple[str, dict[str, str]]] = [("", {})]
+        if args.compare:
+            extra = dict(item.split("=", 1) for item in args.compare.split(","))
+            variants = [("baseline ", extra), ("", {})]
+        for workers, (variant, extra_env) in [(int(w), v) for w in args.workers.split(",") for v in variants]:
+            goals = compared if variant else goals_now
+            with asgi_server({**os.environ, **extra_env}, log, workers=workers, timeout=300) as port:
                 annotate_over_http(port, project.pk, tokens, args.warmup, args.think)
                 for label, think in ((f"paced (think {args.think:g}s)", args.think), ("saturated (no think)", 0.0)):
                     result = annotate_over_http(port, project.pk, tokens, args.seconds, think)
                     print(
-                        f"-- HTTP, {workers} server process(es), {args.annotators} annotators, {label}: "
+                        f"-- {variant}{' '.join(f'{k}={v}' for k, v in extra_env.items())}{' ' if variant else ''}"
+                        f"HTTP, {workers} server process(es), {args.annotators} annotators, {label}: "
                         f"{len(result['errors'])} errors, load average {load_average()}"
                     )
                     lease = describe("  POST next-task", result["lease"], result["wall"])
                     vote = describe("  POST votes", result["vote"], result["wall"])
-                    base = baseline.setdefault(label, {"lease": lease, "vote": vote})
+                    base = baseline.setdefault(variant + label, {"lease": lease, "vote": vote})
                     pairs = len(result["vote"])
                     per_pair = (result["server_cpu"] + result["db_cpu"]) / max(pairs, 1)
                     print(
@@ -442,6 +459,7 @@ def main() -> int:
                         )
                         goals[f"saturated_pairs_per_s_{workers}p"] = rate
                         goals[f"cpu_ms_per_pair_{workers}p"] = per_pair * 1000
+                        goals[f"server_cpu_ms_per_pair_{workers}p"] = result["server_cpu"] / max(pairs, 1) * 1000
                         goals[f"pairs_per_s_on_idle_cores_{workers}p"] = idle
                     if result["errors"]:
                         print("  first errors:", result["errors"][:3])
@@ -452,10 +470,19 @@ def main() -> int:
         project.delete()
         for user in users:
             user.delete()
+    goals = goals_now
+    if compared:
+        # The same figures from the baseline servers (--compare), measured in this run on the same data.
+        print(f"-- this code against the baseline ({args.compare}), same run:")
+        for key, value in goals.items():
+            if compared.get(key):
+                print(f"  {key}: {value:.2f} vs {compared[key]:.2f} = {value / compared[key]:.2f}x")
     summary = {
         "in_process_lease_median_ms": round(base_lease["median_ms"], 2),
         "in_process_vote_median_ms": round(base_vote["median_ms"], 2),
         **{k: round(v, 2) for k, v in goals.items()},
+        **{f"baseline_{k}": round(v, 2) for k, v in compared.items()},
+        **({"baseline": args.compare} if compared else {}),
         "load_average": load_average(),
         "cores": os.cpu_count(),
     }
