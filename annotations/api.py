@@ -20,6 +20,7 @@ from .models import AnnotationTask, Consensus, LabelClass, Membership, Patch, Pr
 from .permissions import project_for, projects_with_roles
 from .serializers import (
     MAX_ID,
+    AdminTaskPageSerializer,
     AdminTaskSerializer,
     ConsensusSerializer,
     CorrectionInputSerializer,
@@ -263,7 +264,7 @@ class TaskListView(ProjectScoped):
             OpenApiParameter("before", int),
             OpenApiParameter("limit", int),
         ],
-        responses=AdminTaskSerializer(many=True),
+        responses=AdminTaskPageSerializer,
     )
     def get(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)

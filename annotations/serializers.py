@@ -196,6 +196,13 @@ class AdminTaskSerializer(serializers.ModelSerializer):
         ]
 
 
+class AdminTaskPageSerializer(serializers.Serializer):
+    """One page of the admins' task list: ``next_before`` is the ``before`` of the next page (null at the end)."""
+
+    results = AdminTaskSerializer(many=True)
+    next_before = serializers.IntegerField(allow_null=True)
+
+
 # The annotator's hot path answers with these two functions: the same dicts as TaskSerializer and
 # VoteSerializer (tests/integration/test_hot_path.py compares them), without building a serializer's
 # fields on every call (about a millisecond per task on these machines). The serializers stay the

@@ -161,7 +161,8 @@ def test_the_command_builds_the_improving_crowd_under_each_policy_and_refuses_un
     assert dict(cfg.settings[1].project)["adaptive_redundancy"] is True
     manifest = tmp_path / "none.csv"
     for bad, message in [
-        ("--project-setting=expert_routing=value", "no field 'expert_routing'"),
+        ("--project-setting=expert_routing_by_magic=value", "no field 'expert_routing_by_magic'"),
+        ("--project-setting=expert_routing=value", "sets expert_routing itself"),
         ("--project-setting=training_labels=fuzzy", "not a valid choice"),
         ("--project-setting=adaptive_redundancy=false", "sets adaptive_redundancy itself"),
         ("--policy=tomorrow", "Unknown policy"),
