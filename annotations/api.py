@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import consensus, queue, stats, students, voting
+from . import consensus, hot_path, queue, stats, students, voting
 from .member_cache import member_project
 from .models import AnnotationTask, Consensus, LabelClass, Membership, Patch, Project, Role, Vote
 from .permissions import project_for, projects_with_roles
@@ -39,8 +39,6 @@ from .serializers import (
     VoteInputSerializer,
     VoteResultSerializer,
     VoteSerializer,
-    task_data,
-    vote_data,
 )
 
 ADMIN_ONLY = (Role.ADMIN,)
@@ -214,10 +212,6 @@ class MemberDetailView(ProjectScoped):
         return Response(status=204)
 
 
-def _truthy(value: Any) -> bool:
-    return str(value).lower() in {"1", "true"}
-
-
 class NextTaskView(ProjectScoped):
     """Lease the next task (GET and POST both lease; a held lease is returned again).
 
@@ -234,13 +228,11 @@ class NextTaskView(ProjectScoped):
     )
     def post(self, request: Request, project_id: int) -> Response:
         project, role = self.load(request, project_id)
-        task = queue.lease_next_task(project, request.user, role)
-        if task is None:
+        body = hot_path.next_task_answer(
+            project, request.user, role, ahead=hot_path.truthy(request.query_params.get("ahead", ""))
+        )
+        if body is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
-        body = task_data(task, role)
-        if _truthy(request.query_params.get("ahead", "")):
-            ahead = queue.lease_ahead(project, request.user, role, task)
-            body["ahead"] = task_data(ahead, role) if ahead else None
         return Response(body)
 
     get = post
@@ -330,35 +322,8 @@ class VoteListView(ProjectScoped):
         project, role = self.load(request, project_id)
         data = VoteInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        try:
-            outcome = voting.cast_vote(
-                project,
-                request.user,
-                role,
-                patch_id=data.validated_data["patch"],
-                label=data.validated_data["label"],
-                task_id=data.validated_data.get("task"),
-                time_spent_ms=data.validated_data["time_spent_ms"],
-            )
-        except queue.QueueError as exc:
-            return _error(exc)
-        body: dict[str, Any] = {"vote": vote_data(outcome.vote)}
-        if role != Role.CROWD:
-            body["consensus"] = ConsensusSerializer(outcome.consensus).data
-        if data.validated_data["next"]:
-            # Saves the annotator a round trip: the next lease comes back with the vote.
-            task = queue.lease_next_task(project, request.user, role)
-            body["next"] = task_data(task, role) if task else None
-        if data.validated_data["ahead"]:
-            # The client already holds the task it shows next: lease one more to load ahead.
-            ahead = queue.lease_next_task(project, request.user, role, fresh=True)
-            body["ahead"] = task_data(ahead, role) if ahead else None
-        if outcome.gold_answer is not None:
-            body["gold"] = {
-                "correct": outcome.gold_answer.pk == outcome.vote.label_id,
-                "expert_label": outcome.gold_answer.name,
-            }
-        return Response(body, status=status.HTTP_201_CREATED)
+        code, body = hot_path.vote_answer(project, request.user, role, data.validated_data)
+        return Response(body, status=code)
 
 
 class VoteCorrectView(ProjectScoped):

@@ -1,5 +1,6 @@
-"""ASGI entry point: HTTP through Django (tiles of already-authorised viewers through the lean
-route in front of it, annotations.slides.lean), websockets through Channels (session-authenticated)."""
+"""ASGI entry point: HTTP through Django (tiles of already-authorised viewers, and the annotator's
+next-task and vote, through the lean routes in front of it: annotations.slides.lean and
+annotations.lean_queue), websockets through Channels (session-authenticated)."""
 
 import os
 
@@ -15,6 +16,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from annotations.lean_queue import LeanQueue  # noqa: E402
 from annotations.routing import websocket_urlpatterns  # noqa: E402
 from annotations.slides.lean import LeanTiles  # noqa: E402
 from histoloop import body_limit  # noqa: E402
@@ -37,12 +39,19 @@ def _warm_up() -> None:
 
 _warm_up()
 
+
+def _lean(app):  # type: ignore[no-untyped-def]
+    inner = LeanTiles(app) if settings.LEAN_TILE_ROUTE else app
+    return LeanQueue(inner, threads=app) if settings.LEAN_QUEUE_ROUTE else inner
+
+
 application = ProtocolTypeRouter(
     {
         # Body limits outside Django: its handler reads the whole body before any middleware runs.
         # Inside them, tiles for credentials Django already authorised are answered before Django
         # (see annotations/slides/lean.py).
-        "http": body_limit.from_settings(LeanTiles(django_asgi_app) if settings.LEAN_TILE_ROUTE else django_asgi_app),
+        # The annotator's next-task and vote likewise (annotations/lean_queue.py).
+        "http": body_limit.from_settings(_lean(django_asgi_app)),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -62,6 +62,23 @@ class OneHopASGIHandler(ASGIHandler):
             else:
                 thread.shutdown(wait=False)
 
+    async def run_in_thread(self, func: Any, *args: Any) -> Any:
+        """``func(*args)`` in one of the handler's request threads: an idle one, or a new one kept after.
+
+        For the lean routes in front of Django (annotations.lean_queue), so that their requests share
+        these threads, and so the database connections the threads hold, with Django's."""
+        thread = self._idle.pop() if self._idle else ThreadPoolExecutor(1, thread_name_prefix="django-http")
+        finished = False
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(thread, func, *args)
+            finished = True
+            return result
+        finally:
+            if finished and len(self._idle) < self.threads:
+                self._idle.append(thread)
+            else:
+                thread.shutdown(wait=False)
+
     @staticmethod
     def _in_thread(func: Any, *args: Any) -> Any:
         # Thread-sensitive: the request's own thread (its ThreadSensitiveContext), like every other

@@ -198,6 +198,9 @@ MAX_REQUEST_BYTES = int(os.environ.get("MAX_REQUEST_BYTES", str(4 * 1024**2)))
 # Tiles of already-authorised viewers answered in front of Django (annotations.slides.lean); off
 # sends every tile request through the whole Django stack (to compare, or to rule it out).
 LEAN_TILE_ROUTE = env_bool("LEAN_TILE_ROUTE", True)
+# The annotator's next-task and vote answered before Django for credentials it already authenticated
+# (annotations/lean_queue.py); 0 sends them through Django's middleware and DRF, to compare.
+LEAN_QUEUE_ROUTE = env_bool("LEAN_QUEUE_ROUTE", True)
 # Django's HTTP requests under ASGI (histoloop.asgi_handler): the synchronous middleware chain and
 # view run as one call in the request's thread; up to HTTP_THREADS idle threads per server process are
 # kept for the next requests instead of a thread started per request. ONE_HOP_ASGI=0 serves with

@@ -31,6 +31,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def call(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> dict[str, Any]:
+    path, _, query = path.partition("?")
+
     async def run() -> dict[str, Any]:
         scope = {
             "type": "http",
@@ -40,7 +42,7 @@ def call(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], b
             "scheme": "http",
             "path": path,
             "raw_path": path.encode(),
-            "query_string": b"",
+            "query_string": query.encode(),
             "root_path": "",
             "headers": [(b"host", b"testserver"), (b"content-length", str(len(body)).encode()), *headers],
             "client": ("127.0.0.1", 5000),
