@@ -204,7 +204,10 @@ class LeanQueue:
 
     def answer(self, scope: Scope, body: bytes, name: str, project_id: int) -> HttpResponseBase | None:
         """The response, or None (having changed nothing) for Django to answer."""
-        request = ASGIRequest(scope, io.BytesIO(body))
+        try:
+            request = ASGIRequest(scope, io.BytesIO(body))
+        except Exception:  # headers Django refuses to read: its own answer
+            return None
         signals.request_started.send(sender=self.__class__, scope=scope)
         try:
             return self._answer(request, body, name, project_id)
@@ -221,7 +224,10 @@ class LeanQueue:
             return None
         if not _accepts_json(request.headers.get("Accept", "")):
             return None
-        user = self._user(request)
+        try:
+            user = self._user(request)
+        except Exception:
+            return None
         if user is None:
             return None
         data: dict[str, Any] = {}
@@ -233,8 +239,8 @@ class LeanQueue:
             data = found_data
         try:
             project, role = member_project(user, project_id, roles=None)
-        except APIException:
-            return None  # not a member (404), or a role refused (403): Django's answer
+        except Exception:  # not a member (Http404), a role refused (403), an id out of range: Django's answer
+            return None
         try:
             if name == "next":
                 found = hot_path.next_task_answer(

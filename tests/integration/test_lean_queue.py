@@ -158,6 +158,8 @@ def test_every_refusal_is_djangos_answer(world, routes) -> None:  # type: ignore
         ("POST", f"{base}/votes/", [token_headers(crowd)[0], (b"content-type", b"text/plain")], b"{}"),
         ("POST", f"{base}/next-task/", [*token_headers(crowd), (b"accept", b"text/html")], b""),
         ("POST", f"/api/v1/projects/{MAX_ID * 10}/next-task/", token_headers(crowd), b""),
+        ("POST", "/api/v1/projects/21885013145569764/next-task/", token_headers(crowd), b""),  # found by the fuzzer
+        ("POST", "/api/v1/projects/21885013145569764/votes/", token_headers(crowd), json.dumps(good).encode()),
         ("POST", f"{base}/votes/", [*token_headers(crowd)[:1], (b"host", b"evil.example")], json.dumps(good).encode()),
     ]
     for method, path, headers, body in requests:
