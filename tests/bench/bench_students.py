@@ -15,18 +15,13 @@ students' table. The machine's load average is printed beside each figure.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from histoloop import embedded  # noqa: E402
-from tests.bench.bench_provenance import build, load, median_ms  # noqa: E402
-from tests.bench.bench_scale import scratch_database  # noqa: E402
+from tests.bench.bench_provenance import median_ms, run_sizes  # noqa: E402
 
 
 def measure(project, repeat: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -63,38 +58,7 @@ def measure(project, repeat: int) -> dict[str, float]:  # type: ignore[no-untype
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="100000,1000000", help="votes per project, comma-separated")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--keep", action="store_true", help="keep the scratch database")
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-
-    embedded.ensure_environment()
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
-    os.environ.setdefault("DEBUG", "0")  # DEBUG keeps every query in memory
-    os.environ.setdefault("SECRET_KEY", "bench-students-" + "x" * 40)
-    with scratch_database(args.keep, prefix="bench_students") as url:
-        os.environ["DATABASE_URL"] = url
-        os.environ["DATABASE_POOL"] = "0"
-        import django
-
-        django.setup()
-        from django.core.management import call_command
-
-        call_command("migrate", verbosity=0)
-        print(f"{os.cpu_count()} cores, {load()}", flush=True)
-        results: dict[int, dict[str, float]] = {}
-        for n in sizes:
-            project = build(n, f"s{n}")
-            figures = measure(project, args.repeat)
-            base = figures["baseline_fixed_coin_ms"]
-            for name, ms in figures.items():
-                ratio = "" if name == "baseline_fixed_coin_ms" else f"  {ms / base:7.1f}x the baseline"
-                print(f"{n:>10,} votes  {name:<26} {ms:9.2f} ms{ratio}  ({load()})", flush=True)
-            results[n] = figures
-        print(json.dumps({"sizes": results, "load": os.getloadavg()}))
-    return 0
+    return run_sizes(__doc__, "bench_students", "s", measure, baseline="baseline_fixed_coin_ms", repeat=5)
 
 
 if __name__ == "__main__":
