@@ -8,9 +8,11 @@ with 1% of the patches (expert-labelled ones) marked gold and a certification th
 
 Measured, median of ``--repeat`` runs, against a baseline from the same run: the fixed-rate coin's query (one
 student's vote count, what every crowd lease sent before). Figures: the adaptive coin (``students.wants_gold``:
-the vote count and the membership's gold counts, one query), one student's learning curve (blocks of 25), the
-refresh of one student's gold counts (after each gold answer) and of every member (a threshold change), and the
-students' table. The machine's load average is printed beside each figure.
+the vote count and the membership's gold counts, one query), one student's learning curve (blocks of 25) computed
+(``learning_curve_ms``: what every request did before the cache), served from the cache and missing it (the first
+request after a change it depends on), the refresh of one student's gold counts (after each gold answer) and of
+every member (a threshold change), and the students' table. The machine's load average is printed beside each
+figure.
 """
 
 from __future__ import annotations
@@ -48,7 +50,23 @@ def measure(project, repeat: int) -> dict[str, float]:  # type: ignore[no-untype
     mine = Vote.objects.filter(project=project, annotator=user)
     figures = {"baseline_fixed_coin_ms": median_ms(mine.count, repeat)}
     figures["adaptive_coin_ms"] = median_ms(lambda: students.wants_gold(project, user, 0), repeat)
-    figures["learning_curve_ms"] = median_ms(lambda: students.learning_curve(project, user.pk, 25), repeat)
+    # The curve as computed before it was cached (every request), a request that finds it cached, and one that
+    # does not (the key's two reads, the computation and the store: the first request after a change).
+    figures["learning_curve_ms"] = median_ms(lambda: students.compute_learning_curve(project, user.pk, 25), repeat)
+    students.learning_curve(project, user.pk, 25)
+    figures["learning_curve_cached_ms"] = median_ms(lambda: students.learning_curve(project, user.pk, 25), repeat)
+
+    def after_a_change() -> None:
+        students.reference_changed(project.pk)  # outside a transaction: at once
+        students.learning_curve(project, user.pk, 25)
+
+    figures["learning_curve_miss_ms"] = median_ms(after_a_change, repeat)
+    print(
+        f"  learning curve: {figures['learning_curve_ms'] / figures['learning_curve_cached_ms']:.0f}x faster cached"
+        f" ({figures['learning_curve_ms']:.1f} -> {figures['learning_curve_cached_ms']:.2f} ms), a miss"
+        f" {figures['learning_curve_miss_ms'] / figures['learning_curve_ms']:.2f}x the uncached curve",
+        flush=True,
+    )
     figures["refresh_one_student_ms"] = median_ms(
         lambda: students.refresh_students(project, user, recompute=False), repeat
     )
