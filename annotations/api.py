@@ -398,6 +398,7 @@ class PatchGoldView(ProjectScoped):
             return Response({"detail": "Only a patch with an expert label can be gold; label it first."}, status=409)
         patch.is_gold = gold
         patch.save(update_fields=["is_gold"])
+        students.reference_changed(project.pk)  # the learning curves' gold answers follow the gold set
         students.refresh_students(project)  # every student's gold counts, and who is certified, follow the gold set
         return Response(PatchSerializer(patch).data)
 

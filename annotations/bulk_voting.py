@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from .consensus import recompute_consensus_many
 from .models import Patch, Project, Role, Vote, VoteBatch
+from .students import reference_changed
 from .voting import VoteConflict, VoteError, _label, _labels
 
 # The most patches one action may label: a lasso over more is refused with this number in the message.
@@ -151,6 +152,7 @@ def cast_bulk_votes(
             raise VoteConflict("One of these patches got another vote of yours meanwhile; try again.") from exc
         batch.n_votes = len(new)
         batch.save(update_fields=["n_votes"])
+        reference_changed(project.pk)  # only experts and admins label in bulk
         recompute_consensus_many(project, [v.patch_id for v in new], labels)
     return BulkOutcome(batch=batch, created=len(new), corrected=len(replaced), unchanged=len(unchanged))
 
@@ -190,5 +192,6 @@ def undo_bulk_votes(project: Project, user: Any, role: str, batch_id: Any) -> Un
         Vote.objects.bulk_create(restored, batch_size=1000)
         batch.undone_at = now
         batch.save(update_fields=["undone_at"])
+        reference_changed(project.pk)
         recompute_consensus_many(project, [v.patch_id for v in votes])
     return UndoOutcome(batch=batch, retracted=len(votes), restored=len(restored), skipped=batch.n_votes - len(votes))

@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from . import prepared, students
@@ -341,7 +341,8 @@ def publish_round(
     With the project's ``expert_routing`` "value", the chosen patches the crowd would be a waste on go to
     the experts' queue instead, at the same priorities (annotations.expert_routing); ``proba`` (the model's
     posterior per chosen patch, rows in ``chosen`` order and columns in ``class_names`` order, None on a cold
-    start) is what that weighs. Every task gets its ``route_reason``.
+    start) is what that weighs. Every task gets its ``route_reason``. A patch sent to the experts leaves the
+    crowd queue in the same transaction (:func:`retire_crowd_tasks`).
 
     ``chosen`` is (patch id, arm) in the strategy's order, best first: its patches rank above every
     earlier round's. With ``rest_priority`` (the new model's uncertainty per patch), the ``tail``
@@ -373,8 +374,37 @@ def publish_round(
         created += enqueue_patches(
             project, experts, kind=Kind.EXPERT, round_id=round_id, arms=arms, reasons=split.expert
         )
+        retire_crowd_tasks(project, list(split.expert))
     crowd = {pid: priorities[pid] for pid in split.crowd}
     return created + enqueue_patches(project, crowd, round_id=round_id, arms=arms, reasons=split.crowd)
+
+
+def retire_crowd_tasks(project: Project, patch_ids: list[int]) -> int:
+    """These patches now go to the experts: take their live crowd tasks out of the students' queue.
+
+    An open task, or one whose lease expired, is cancelled (no longer wanted; nothing reopens a cancelled
+    task, unlike a closed one under adaptive redundancy). A lease still running is left to its holder: they
+    may be looking at the patch right now, and cancelling it would throw their vote away ("your lease has
+    expired") for a patch whose votes still count in its consensus. Its ``votes_needed`` drops to the next
+    vote, so that vote closes the task instead of reopening it for the next student (a skip or a lapsed
+    lease lets at most one more student vote on it). Returns the number cancelled.
+
+    Two set-based UPDATEs over at most ``len(patch_ids)`` rows, in the caller's transaction: the publish
+    stays O(batch), and leasing meanwhile skips these locked rows (SKIP LOCKED) rather than waiting. Each
+    statement re-checks its condition on a row a concurrent lease or vote has just changed, so a task
+    leased in between is capped, not cancelled.
+    """
+    if not patch_ids:
+        return 0
+    now = timezone.now()
+    crowd = AnnotationTask.objects.filter(project=project, kind=Kind.CROWD, patch_id__in=patch_ids)
+    cancelled = crowd.filter(AnnotationTask.available(now)).update(
+        state=State.CANCELLED, lease_owner=None, lease_expires_at=None, updated_at=now
+    )
+    crowd.filter(state=State.LEASED, lease_expires_at__gte=now, votes_needed__gt=F("votes_received") + 1).update(
+        votes_needed=F("votes_received") + 1, updated_at=now
+    )
+    return cancelled
 
 
 def _uncertain_tail(

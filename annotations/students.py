@@ -37,11 +37,13 @@ round asks for them again.
 from __future__ import annotations
 
 import random
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import connection
+from django.core.cache import cache
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from scipy.special import betainc
@@ -282,7 +284,53 @@ GROUP BY 1, 2, 3, 4
 """
 
 
+# A learning curve is cached (shared by every server process) under a key that moves with everything it is
+# computed from, so a cached curve is never stale for a change made through the platform:
+# - the member's own votes: their latest vote (id and time, one index lookup), since their answers only grow;
+# - the experts' labels and the gold set: a per-project stamp, replaced (after commit) whenever an expert's or
+#   admin's vote is cast, corrected, undone or bulk-made, and when a patch is marked or unmarked gold. A vote's
+#   role is recorded with it, and the certification threshold is no part of a curve. A random stamp, not a
+#   counter: one the cache evicted is replaced by a new one, never reset to a value an old entry was stored under.
+# Writes that bypass these paths (SQL imports, the Django admin) show after CURVE_CACHE_SECONDS at the latest.
+CURVE_CACHE_SECONDS = 300
+_LABELS_STAMP = "histoloop:curve-labels:{}"
+_LATEST_VOTE_SQL = """
+SELECT v.id, v.created_at FROM annotations_vote v WHERE v.project_id = %(project)s AND v.annotator_id = %(user)s
+ORDER BY v.created_at DESC, v.id DESC LIMIT 1
+"""
+
+
+def reference_changed(project_id: int) -> None:
+    """The students' reference changed in this project (an expert's or admin's vote, or the gold set): once the
+    transaction commits, no cached learning curve of the project is used again."""
+    transaction.on_commit(lambda: cache.set(_LABELS_STAMP.format(project_id), uuid.uuid4().hex, timeout=None))
+
+
+def _labels_stamp(project_id: int) -> str:
+    key = _LABELS_STAMP.format(project_id)
+    stamp = cache.get(key)
+    if stamp is None:
+        cache.add(key, uuid.uuid4().hex, timeout=None)
+        stamp = cache.get(key)
+    return str(stamp)
+
+
 def learning_curve(project: Project, user_id: int, block: int = DEFAULT_BLOCK) -> dict[str, Any]:
+    """:func:`compute_learning_curve`, from the cache while nothing it is computed from has changed."""
+    # Both parts of the key are read before the curve is computed: a change committed meanwhile moves the key,
+    # so a curve stored under the old one is never read again.
+    stamp = _labels_stamp(project.pk)
+    latest = prepared.rows(_LATEST_VOTE_SQL, {"project": project.pk, "user": user_id})
+    mine = f"{latest[0][0]}:{latest[0][1].timestamp():.6f}" if latest else "none"
+    key = f"histoloop:curve:{project.pk}:{project.created_at.timestamp():.6f}:{user_id}:{block}:{mine}:{stamp}"
+    body = cache.get(key)
+    if body is None:
+        body = compute_learning_curve(project, user_id, block)
+        cache.set(key, body, CURVE_CACHE_SECONDS)
+    return body
+
+
+def compute_learning_curve(project: Project, user_id: int, block: int = DEFAULT_BLOCK) -> dict[str, Any]:
     """A member's gold accuracy and Cohen's kappa against the experts, block by block of ``block`` answers.
 
     An answer is the member's first vote on a patch; the experts' label is the one the active expert and admin

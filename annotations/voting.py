@@ -19,7 +19,7 @@ from . import prepared
 from .consensus import recompute_consensus
 from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Role, Vote
 from .queue import QueueError
-from .students import refresh_students
+from .students import reference_changed, refresh_students
 
 Kind = AnnotationTask.Kind
 
@@ -155,6 +155,8 @@ def cast_vote(
             created_at=now,
         )
         vote._state.adding = False
+        if role != Role.CROWD:
+            reference_changed(project.pk)  # the reference of the students' learning curves
         consensus = recompute_consensus(project, pid, labels)
         if task is not None and task.kind == Kind.CROWD and task.state == AnnotationTask.State.OPEN:
             if project.adaptive_redundancy and consensus.status != Consensus.Status.PENDING:
@@ -225,6 +227,8 @@ def correct_vote(
             supersedes=old,
             provenance=provenance,
         )
+        if Role.CROWD not in (role, old.role):
+            reference_changed(project.pk)
         consensus = recompute_consensus(project, old.patch_id, labels)
     return VoteOutcome(vote=vote, task=old.task, consensus=consensus, gold_answer=None)
 
@@ -279,6 +283,8 @@ def undo_last_vote(project: Project, user: Any) -> AnnotationTask | None:
         vote.is_active = False
         vote.retracted_at = now
         vote.save(update_fields=["is_active", "retracted_at"])
+        if vote.role != Role.CROWD:
+            reference_changed(project.pk)
         task = _give_back(project, user, vote, now) if vote.task_id is not None else None
         recompute_consensus(project, vote.patch_id)
     return task

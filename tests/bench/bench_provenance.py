@@ -157,10 +157,23 @@ def measure(project: Any, repeat: int) -> dict[str, float]:
     return figures
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_sizes(
+    doc: str,
+    name: str,
+    tag: str,
+    measure: Callable[[Any, int], dict[str, float]],
+    *,
+    baseline: str,
+    versus: str = "the baseline",
+    repeat: int = 3,
+) -> int:
+    """A benchmark's command line over projects of ``--sizes`` votes (:func:`build`, project names starting with
+    ``tag``), each in a scratch database of its own (``<name>_<pid>``): ``measure(project, repeat)`` returns
+    figures in ms, printed with their ratio to the ``baseline`` figure ("Nx ``versus``") and the load average,
+    then how each grew from the smallest size to the largest, then all of them as one JSON line."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000", help="votes per project, comma-separated")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=repeat)
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -168,8 +181,8 @@ def main() -> int:
     embedded.ensure_environment()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
     os.environ.setdefault("DEBUG", "0")  # DEBUG keeps every query in memory
-    os.environ.setdefault("SECRET_KEY", "bench-provenance-" + "x" * 40)
-    with scratch_database(args.keep, prefix="bench_provenance") as url:
+    os.environ.setdefault("SECRET_KEY", name.replace("_", "-") + "-" + "x" * 40)
+    with scratch_database(args.keep, prefix=name) as url:
         os.environ["DATABASE_URL"] = url
         os.environ["DATABASE_POOL"] = "0"
         import django
@@ -181,12 +194,12 @@ def main() -> int:
         print(f"{os.cpu_count()} cores, {load()}", flush=True)
         results: dict[int, dict[str, float]] = {}
         for n in sizes:
-            project = build(n, f"v{n}")
+            project = build(n, f"{tag}{n}")
             figures = measure(project, args.repeat)
-            base = figures["baseline_count_ms"]
-            for name, ms in figures.items():
-                ratio = "" if name == "baseline_count_ms" else f"  {ms / base:6.1f}x the count"
-                print(f"{n:>10,} votes  {name:<26} {ms:9.1f} ms{ratio}  ({load()})", flush=True)
+            base = figures[baseline]
+            for figure, ms in figures.items():
+                ratio = "" if figure == baseline else f"  {ms / base:7.1f}x {versus}"
+                print(f"{n:>10,} votes  {figure:<26} {ms:9.2f} ms{ratio}  ({load()})", flush=True)
             results[n] = figures
         if len(sizes) > 1:
             small, big = sizes[0], sizes[-1]
@@ -194,6 +207,10 @@ def main() -> int:
             print(f"growth {small:,} -> {big:,} votes ({big / small:.0f}x): " + json.dumps(growth))
         print(json.dumps({"sizes": results, "load": os.getloadavg()}))
     return 0
+
+
+def main() -> int:
+    return run_sizes(__doc__, "bench_provenance", "v", measure, baseline="baseline_count_ms", versus="the count")
 
 
 if __name__ == "__main__":

@@ -8,25 +8,22 @@ with 1% of the patches (expert-labelled ones) marked gold and a certification th
 
 Measured, median of ``--repeat`` runs, against a baseline from the same run: the fixed-rate coin's query (one
 student's vote count, what every crowd lease sent before). Figures: the adaptive coin (``students.wants_gold``:
-the vote count and the membership's gold counts, one query), one student's learning curve (blocks of 25), the
-refresh of one student's gold counts (after each gold answer) and of every member (a threshold change), and the
-students' table. The machine's load average is printed beside each figure.
+the vote count and the membership's gold counts, one query), one student's learning curve (blocks of 25) computed
+(``learning_curve_ms``: what every request did before the cache), served from the cache and missing it (the first
+request after a change it depends on), the refresh of one student's gold counts (after each gold answer) and of
+every member (a threshold change), and the students' table. The machine's load average is printed beside each
+figure.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from histoloop import embedded  # noqa: E402
-from tests.bench.bench_provenance import build, load, median_ms  # noqa: E402
-from tests.bench.bench_scale import scratch_database  # noqa: E402
+from tests.bench.bench_provenance import median_ms, run_sizes  # noqa: E402
 
 
 def measure(project, repeat: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -53,7 +50,23 @@ def measure(project, repeat: int) -> dict[str, float]:  # type: ignore[no-untype
     mine = Vote.objects.filter(project=project, annotator=user)
     figures = {"baseline_fixed_coin_ms": median_ms(mine.count, repeat)}
     figures["adaptive_coin_ms"] = median_ms(lambda: students.wants_gold(project, user, 0), repeat)
-    figures["learning_curve_ms"] = median_ms(lambda: students.learning_curve(project, user.pk, 25), repeat)
+    # The curve as computed before it was cached (every request), a request that finds it cached, and one that
+    # does not (the key's two reads, the computation and the store: the first request after a change).
+    figures["learning_curve_ms"] = median_ms(lambda: students.compute_learning_curve(project, user.pk, 25), repeat)
+    students.learning_curve(project, user.pk, 25)
+    figures["learning_curve_cached_ms"] = median_ms(lambda: students.learning_curve(project, user.pk, 25), repeat)
+
+    def after_a_change() -> None:
+        students.reference_changed(project.pk)  # outside a transaction: at once
+        students.learning_curve(project, user.pk, 25)
+
+    figures["learning_curve_miss_ms"] = median_ms(after_a_change, repeat)
+    print(
+        f"  learning curve: {figures['learning_curve_ms'] / figures['learning_curve_cached_ms']:.0f}x faster cached"
+        f" ({figures['learning_curve_ms']:.1f} -> {figures['learning_curve_cached_ms']:.2f} ms), a miss"
+        f" {figures['learning_curve_miss_ms'] / figures['learning_curve_ms']:.2f}x the uncached curve",
+        flush=True,
+    )
     figures["refresh_one_student_ms"] = median_ms(
         lambda: students.refresh_students(project, user, recompute=False), repeat
     )
@@ -63,38 +76,7 @@ def measure(project, repeat: int) -> dict[str, float]:  # type: ignore[no-untype
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="100000,1000000", help="votes per project, comma-separated")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--keep", action="store_true", help="keep the scratch database")
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-
-    embedded.ensure_environment()
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "histoloop.settings")
-    os.environ.setdefault("DEBUG", "0")  # DEBUG keeps every query in memory
-    os.environ.setdefault("SECRET_KEY", "bench-students-" + "x" * 40)
-    with scratch_database(args.keep, prefix="bench_students") as url:
-        os.environ["DATABASE_URL"] = url
-        os.environ["DATABASE_POOL"] = "0"
-        import django
-
-        django.setup()
-        from django.core.management import call_command
-
-        call_command("migrate", verbosity=0)
-        print(f"{os.cpu_count()} cores, {load()}", flush=True)
-        results: dict[int, dict[str, float]] = {}
-        for n in sizes:
-            project = build(n, f"s{n}")
-            figures = measure(project, args.repeat)
-            base = figures["baseline_fixed_coin_ms"]
-            for name, ms in figures.items():
-                ratio = "" if name == "baseline_fixed_coin_ms" else f"  {ms / base:7.1f}x the baseline"
-                print(f"{n:>10,} votes  {name:<26} {ms:9.2f} ms{ratio}  ({load()})", flush=True)
-            results[n] = figures
-        print(json.dumps({"sizes": results, "load": os.getloadavg()}))
-    return 0
+    return run_sizes(__doc__, "bench_students", "s", measure, baseline="baseline_fixed_coin_ms", repeat=5)
 
 
 if __name__ == "__main__":

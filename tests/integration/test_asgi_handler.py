@@ -15,56 +15,25 @@ import threading
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync, iscoroutinefunction
-from asgiref.testing import ApplicationCommunicator
+from asgiref.sync import iscoroutinefunction
 from django.conf import settings
 from django.core.asgi import get_asgi_application
-from django.test import Client
 from rest_framework.authtoken.models import Token
 
 from annotations import member_cache
 from annotations.models import Role, Vote
 from histoloop.asgi_handler import OneHopASGIHandler, get_application
+from tests.asgi_client import asgi_request, session_cookie
 from tests.factories import PatchFactory, ProjectFactory, SlideFactory, member, queue_every_patch
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def call(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> dict[str, Any]:
-    path, _, query = path.partition("?")
-
-    async def run() -> dict[str, Any]:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": query.encode(),
-            "root_path": "",
-            "headers": [(b"host", b"testserver"), (b"content-length", str(len(body)).encode()), *headers],
-            "client": ("127.0.0.1", 5000),
-            "server": ("testserver", 80),
-        }
-        communicator = ApplicationCommunicator(app, scope)
-        await communicator.send_input({"type": "http.request", "body": body, "more_body": False})
-        start = await communicator.receive_output(30)
-        content = b""
-        while True:
-            message = await communicator.receive_output(30)
-            content += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        # Let the handler finish (close the response: request_finished gives the connection back).
-        await communicator.wait(30)
-        names: dict[str, str] = {}
-        for name, value in start["headers"]:
-            names[name.decode().lower()] = value.decode("latin-1")
-        return {"status": start["status"], "headers": names, "body": content}
-
-    return async_to_sync(run)()
+    length = [(b"content-length", str(len(body)).encode())]
+    status, sent, content = asgi_request(app, method, path, [*length, *headers], body)
+    names = {name.decode().lower(): value.decode("latin-1") for name, value in sent}
+    return {"status": status, "headers": names, "body": content}
 
 
 def comparable(response: dict[str, Any]) -> dict[str, Any]:
@@ -93,10 +62,7 @@ def token_headers(user: Any) -> list[tuple[bytes, bytes]]:
 
 
 def session_headers(user: Any, csrf: bool) -> list[tuple[bytes, bytes]]:
-    client = Client()
-    client.force_login(user)
-    session = client.cookies[settings.SESSION_COOKIE_NAME].value
-    cookie = f"{settings.SESSION_COOKIE_NAME}={session}"
+    cookie = session_cookie(user)
     headers = [(b"content-type", b"application/json")]
     if csrf:
         secret = "a" * 32

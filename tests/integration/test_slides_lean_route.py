@@ -12,15 +12,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync
-from asgiref.testing import ApplicationCommunicator
-from django.conf import settings
 from django.core.asgi import get_asgi_application
-from django.test import Client
 from rest_framework.authtoken.models import Token
 
 from annotations.models import Membership, Role
 from annotations.slides import access, lean, tiles
+from tests.asgi_client import asgi_request, session_cookie
 from tests.factories import ProjectFactory, UserFactory, member
 
 from .test_slides_support import FAST_HASHERS, TCGA, ingest_file, shared_slide
@@ -61,41 +58,13 @@ def route() -> tuple[lean.LeanTiles, Counting]:
 def asgi_get(
     app: Any, path: str, headers: list[tuple[bytes, bytes]], method: str = "GET", host: bytes = b"testserver"
 ) -> dict[str, Any]:
-    async def run() -> dict[str, Any]:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"host", host), *headers],
-            "client": ("127.0.0.1", 5000),
-            "server": ("testserver", 80),
-        }
-        communicator = ApplicationCommunicator(app, scope)
-        await communicator.send_input({"type": "http.request", "body": b"", "more_body": False})
-        start = await communicator.receive_output(30)
-        body = b""
-        while True:
-            message = await communicator.receive_output(30)
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        names = {name.lower(): value for name, value in start["headers"]}  # names are case-insensitive
-        return {"status": start["status"], "headers": names, "body": body}
-
-    return async_to_sync(run)()
+    status, sent, body = asgi_request(app, method, path, headers, host=host)
+    names = {name.lower(): value for name, value in sent}  # names are case-insensitive
+    return {"status": status, "headers": names, "body": body}
 
 
 def session_of(user: Any) -> list[tuple[bytes, bytes]]:
-    client = Client()
-    client.force_login(user)
-    value = client.cookies[settings.SESSION_COOKIE_NAME].value
-    return [(b"cookie", f"other=1; {settings.SESSION_COOKIE_NAME}={value}".encode())]
+    return [(b"cookie", f"other=1; {session_cookie(user)}".encode())]
 
 
 def tile_url(world: SimpleNamespace, tile: str = "5/3/3") -> str:

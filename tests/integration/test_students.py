@@ -200,6 +200,74 @@ def test_the_learning_curve_has_the_blocks_of_a_crafted_history() -> None:
     assert [b["n_answers"] for b in whole.json()["blocks"]] == [12]
 
 
+def test_the_learning_curve_is_cached_until_what_it_is_computed_from_changes(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """Served from the cache (shared by every server process) until the student votes, an expert's label on their
+    patches changes (a vote, an undo, a bulk label) or the gold set does: each of those is seen at once."""
+    from annotations import bulk_voting
+
+    project, expert, student, history = crafted_history()
+    admin = member(project, Role.ADMIN)
+    answered = list(
+        Vote.objects.filter(annotator=student).order_by("created_at", "id").values_list("patch_id", flat=True)
+    )
+    unjudged = answered[next(i for i, (_, ref, _) in enumerate(history) if ref is None)]  # no expert label yet
+
+    def curve() -> tuple[dict[str, Any], int]:
+        """The served curve and how many times the curve's own query ran for it."""
+        with CaptureQueriesContext(connection) as queries:
+            body = students.learning_curve(project, student.pk, 5)
+        computed = sum("WITH answers AS" in q["sql"] for q in queries.captured_queries)
+        assert body == students.compute_learning_curve(project, student.pk, 5)  # never stale
+        return body, computed
+
+    def committed(write: Any) -> Any:
+        """A write as a request makes it: its on-commit callbacks (the curves' stamp) run."""
+        with django_capture_on_commit_callbacks(execute=True):
+            return write()
+
+    def blocks(body: dict[str, Any]) -> list[tuple[int, int, int]]:
+        return [(b["n_answers"], b["n_expert_pairs"], b["gold_answers"]) for b in body["blocks"]]
+
+    first, computed = curve()
+    assert computed == 1
+    assert curve() == (first, 0)  # the cache answers
+    # Another student's vote changes nothing this curve reads: still cached.
+    classmate = member(project, Role.CROWD)
+    committed(
+        lambda: voting.cast_vote(
+            project, classmate, Role.CROWD, patch_id=unjudged, label="benign", crowd_without_task=True
+        )
+    )
+    assert curve() == (first, 0)
+    # An expert labels a patch the student answered: one more expert pair in the block it is in.
+    committed(lambda: voting.cast_vote(project, expert, Role.EXPERT, patch_id=unjudged, label="squamous"))
+    judged, computed = curve()
+    assert computed == 1 and sum(b[1] for b in blocks(judged)) == sum(b[1] for b in blocks(first)) + 1
+    committed(lambda: voting.undo_last_vote(project, expert))
+    assert curve() == (first, 1)
+    # Marked gold by an admin (it needs its expert label first, given in bulk): one more gold answer.
+    committed(
+        lambda: bulk_voting.cast_bulk_votes(project, admin, Role.ADMIN, patch_ids=[unjudged], label="adenocarcinoma")
+    )
+    labelled, computed = curve()
+    assert computed == 1 and sum(b[2] for b in blocks(labelled)) == sum(b[2] for b in blocks(first))
+    url = f"/api/v1/projects/{project.pk}/patches/{unjudged}/gold/"
+    marked = committed(lambda: api_client(admin).post(url, {"gold": True}))
+    assert marked.status_code == 200, marked.content
+    gold, computed = curve()
+    assert computed == 1 and sum(b[2] for b in blocks(gold)) == sum(b[2] for b in blocks(first)) + 1
+    # The student's own next answer: a thirteenth answer in the last block.
+    new = PatchFactory(slide=SlideFactory(project=project)).pk
+    committed(
+        lambda: voting.cast_vote(project, student, Role.CROWD, patch_id=new, label="benign", crowd_without_task=True)
+    )
+    mine, computed = curve()
+    assert computed == 1 and [b[0] for b in blocks(mine)] == [5, 5, 3]
+    assert curve() == (mine, 0)
+
+
 def test_a_student_sees_only_their_own_curve_and_only_in_training_mode() -> None:
     project, _, student, _ = crafted_history()
     other = member(project, Role.CROWD, username="classmate")

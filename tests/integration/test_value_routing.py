@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 from unittest import mock
 
 import numpy as np
 import pytest
+from django.utils import timezone
 
 from annotations import consensus, expert_routing, queue, reliability, tasks, voting
 from annotations.models import AnnotationTask, Consensus, Patch, Project, ReliabilityFit, Role, Vote
@@ -314,3 +316,55 @@ def test_adaptive_redundancy_weighs_each_vote_by_the_students_current_reliabilit
     assert (row.status != "pending") is settled
     assert (the_task(pid).state == "done") is settled
     assert (row.posterior[SQUAMOUS] >= 0.9) is settled
+
+
+def test_a_patch_a_round_sends_to_experts_leaves_the_crowd_queue() -> None:
+    """A patch already in the crowd queue that a round routes straight to experts: its open task and its task
+    whose lease expired are cancelled in the publish (the students stop voting on it); a lease still running
+    is left to its holder, whose vote counts and then closes the task instead of reopening it."""
+    project = value_project()
+    students = [member(project, Role.CROWD) for _ in range(3)]
+    history(project, students, confused)
+    reliability.refresh(project)
+    slide = SlideFactory(project=project)
+    still_open, expired, running, stays = (PatchFactory(slide=slide).pk for _ in range(4))
+    queue.enqueue_patches(project, {still_open: 0.4, expired: 0.3, running: 0.2, stays: 0.1})
+    early, holder, other = students
+    now = timezone.now()
+    crowd = AnnotationTask.objects.filter(kind=Kind.CROWD)
+    crowd.filter(patch_id=expired).update(
+        state="leased", lease_owner=early, lease_expires_at=now - timedelta(minutes=1)
+    )
+    crowd.filter(patch_id=running).update(
+        state="leased", lease_owner=holder, lease_expires_at=now + timedelta(minutes=10)
+    )
+
+    queue.publish_round(
+        project,
+        round_id=None,  # type: ignore[arg-type]
+        chosen=[(pid, "margin") for pid in (still_open, expired, running)],
+        round_number=1,
+        proba=np.array([CARCINOMA_OR_SQUAMOUS] * 3),
+        class_names=[ADENO, BENIGN, SQUAMOUS],
+    )
+
+    def crowd_task(pid: int) -> AnnotationTask:
+        (task,) = AnnotationTask.objects.filter(patch_id=pid, kind=Kind.CROWD)
+        return task
+
+    for pid in (still_open, expired, running):
+        assert AnnotationTask.objects.get(patch_id=pid, kind=Kind.EXPERT).route_reason.startswith("expert:")
+    for pid in (still_open, expired):
+        task = crowd_task(pid)
+        assert (task.state, task.lease_owner_id, task.lease_expires_at) == ("cancelled", None, None)
+    kept = crowd_task(running)
+    assert (kept.state, kept.lease_owner_id, kept.votes_needed) == ("leased", holder.pk, kept.votes_received + 1)
+    assert crowd_task(stays).state == "open"  # not in the batch: untouched
+    # The other students are offered only the patch the round did not route to experts.
+    task = queue.lease_next_task(project, other, Role.CROWD)
+    assert task is not None and task.patch_id == stays
+    assert queue.lease_next_task(project, other, Role.CROWD, fresh=True) is None
+    # The holder's vote counts, and closes the task: no further student is asked.
+    voting.cast_vote(project, holder, Role.CROWD, patch_id=running, label=BENIGN, task_id=kept.pk)
+    assert crowd_task(running).state == "done"
+    assert Vote.objects.filter(patch_id=running, annotator=holder, is_active=True).exists()

@@ -1,4 +1,5 @@
 // The learning curve: labels used vs balanced accuracy / ROC AUC, strategy arm and random arm (uPlot).
+import { chartLine } from "./chart-line.js";
 
 const COLOURS = { strategy: "#7b2d6b", random: "#7a7a86" };
 
@@ -31,15 +32,7 @@ export function drawLearningCurve(node, rounds, previous) {
   const tables = [strategy];
   if (random[0].length) tables.push(random);
   const data = tables.length > 1 ? uPlot.join(tables) : strategy;
-  const line = (label, colour, dash) => ({
-    label,
-    stroke: colour,
-    width: 2,
-    dash,
-    spanGaps: true,
-    points: { show: true, size: 6 },
-    value: (u, v) => (v === null || v === undefined ? "–" : v.toFixed(3)),
-  });
+  const line = (label, colour, dash) => chartLine(label, colour, { dash, digits: 3 });
   const series = [
     { label: "Labels" },
     line("Strategy: balanced accuracy", COLOURS.strategy),

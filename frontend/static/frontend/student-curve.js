@@ -2,6 +2,7 @@
 // per block of their answers (uPlot). Used by the dashboard (any student, experts and admins) and by the
 // annotator in training mode ("My progress": the student's own curve only).
 import { el } from "./api.js";
+import { chartLine } from "./chart-line.js";
 
 const COLOURS = { gold: "#1b7f3b", kappa: "#7b2d6b" };
 
@@ -25,21 +26,16 @@ export function drawStudentCurve(node, body, previous) {
     return null;
   }
   const uPlot = window.uPlot;
-  const line = (label, colour, dash) => ({
-    label,
-    stroke: colour,
-    width: 2,
-    dash,
-    spanGaps: true,
-    points: { show: true, size: 6 },
-    value: (u, v) => (v === null || v === undefined ? "–" : v.toFixed(2)),
-  });
   const low = Math.min(0, ...data[2].filter((v) => v !== null));
   return new uPlot(
     {
       width: Math.max(220, node.clientWidth || 420),
       height: 220,
-      series: [{ label: "Answers" }, line("Gold accuracy", COLOURS.gold), line("κ vs experts", COLOURS.kappa, [6, 4])],
+      series: [
+        { label: "Answers" },
+        chartLine("Gold accuracy", COLOURS.gold),
+        chartLine("κ vs experts", COLOURS.kappa, { dash: [6, 4] }),
+      ],
       scales: { x: { time: false }, y: { range: [low, 1] } },
       axes: [{ label: `Answers (blocks of ${body.block_size})` }, { label: "Score", values: (u, ticks) => ticks.map((t) => t.toFixed(1)) }],
       legend: { live: true },
