@@ -205,3 +205,11 @@ def test_a_middleware_it_does_not_know_turns_it_off(world, settings) -> None:  #
     auth = token_headers(member(world, Role.CROWD))
     for _ in range(2):
         handed_over(counted, lean, "POST", f"/api/v1/projects/{world.pk}/next-task/", auth)
+
+
+def test_the_served_application_mounts_it_with_the_handlers_threads() -> None:
+    from histoloop import asgi
+
+    route = asgi.application.application_mapping["http"].app  # inside the body limits
+    assert isinstance(route, LeanQueue) and route.middleware is not None
+    assert route.run_in_thread == asgi.django_asgi_app.run_in_thread  # the one-hop handler's threads

@@ -175,9 +175,12 @@ def test_the_served_application_mounts_the_lean_route() -> None:
     from histoloop import asgi
 
     http = asgi.application.application_mapping["http"]
-    # Inside the body limits (histoloop.body_limit), which wrap everything HTTP.
-    inner = getattr(http, "app", http)
-    assert isinstance(inner, lean.LeanTiles)
+    # Inside the body limits (histoloop.body_limit), which wrap everything HTTP, and the lean queue route.
+    chain = [http]
+    while hasattr(chain[-1], "app"):
+        chain.append(chain[-1].app)
+    assert [type(app).__name__ for app in chain[:3]] == ["RequestBodyLimit", "LeanQueue", "LeanTiles"]
+    assert isinstance(chain[2], lean.LeanTiles)
 
 
 def test_the_lean_route_answers_from_the_shared_cache(world, route):  # type: ignore[no-untyped-def]
