@@ -6,11 +6,12 @@
 A project of ``--points`` patches in a scratch database (``bench_scale.build_project``'s bulk rows) with a
 stored synthetic layout (eight Gaussian clusters; the layout's cost is bench_map.py's subject), served by the
 real ASGI server (``histoloop.serve``, 2 processes) as the binary map payload (learner/maps.py) to the map page
-(regl-scatterplot), driven by Playwright in Debian's Chromium. Each run is a fresh browser context (cold
-cache), logged in as an expert:
+(static/frontend/scatter.js, plain WebGL), driven by Playwright in Debian's Chromium. Each run is a fresh
+browser context (cold cache), logged in as an expert:
 
 - first paint: navigation start to the frame after the page says the points are drawn (the payload fetched,
-  decoded into typed arrays, the spatial index built, the points drawn);
+  decoded into typed arrays, sent to the GPU and drawn: the page sets data-map-ready once the frame that draws
+  them has been rendered);
 - lasso: one Shift + drag circle holding about ``--lasso`` points (the nearest to the middle of one cluster),
   from the mouse-up to the frame after the gallery shows the selection.
 
