@@ -18,7 +18,8 @@ browser context (cold cache), logged in as an expert:
 Baseline, same run: the map of ``--baseline-points`` (default 5,000 points, PatchSorter's default cap on its
 plot), first paint only, so the ratio says what 40x the points cost.
 Goal (issue 14): < 1 s each at 200,000 points. WebGL runs on the CPU here (SwiftShader: Chromium with
---disable-gpu, as the e2e tests run it), so these are a GPU-less machine's times.
+--disable-gpu, as the e2e tests run it), so the page draws the points into a 2-D canvas itself (scatter.js's
+CPU painter; ``?renderer=webgl`` would force WebGL): these are a GPU-less machine's times.
 The last line is one JSON object with every figure.
 """
 
