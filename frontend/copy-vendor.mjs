@@ -11,11 +11,6 @@ const files = [
   ["openseadragon/build/openseadragon/images", "openseadragon-images"],
   ["uplot/dist/uPlot.iife.min.js", "uPlot.iife.min.js"],
   ["uplot/dist/uPlot.min.css", "uPlot.min.css"],
-  // The embedding map: regl-scatterplot's UMD build reads its two dependencies from globals
-  // (createREGL from regl's UMD build; createPubSub set by static/frontend/map-globals.js).
-  ["regl/dist/regl.min.js", "regl.min.js"],
-  ["pub-sub-es/dist/index.js", "pub-sub-es.js"],
-  ["regl-scatterplot/dist/regl-scatterplot.min.js", "regl-scatterplot.min.js"],
 ];
 for (const [from, to] of files) {
   cpSync(new URL(`./node_modules/${from}`, import.meta.url), new URL(to, out), { recursive: true });

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from csp.constants import UNSAFE_EVAL
-from csp.decorators import csp_update
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
@@ -98,9 +96,6 @@ def viewer(request: HttpRequest, project_id: int, slide_id: int | None = None) -
     return render(request, "frontend/viewer.html", context)
 
 
-# regl (under regl-scatterplot) compiles its WebGL draw calls into JavaScript functions at run time
-# (``new Function``), so this page alone allows 'unsafe-eval'; its scripts still come only from this origin.
-@csp_update({"script-src": [UNSAFE_EVAL]})
 @login_required
 def embedding_map(request: HttpRequest, project_id: int) -> HttpResponse:
     """The embedding map (static/frontend/map.js): experts and admins only, as its colours show consensus and

@@ -6,18 +6,20 @@
 A project of ``--points`` patches in a scratch database (``bench_scale.build_project``'s bulk rows) with a
 stored synthetic layout (eight Gaussian clusters; the layout's cost is bench_map.py's subject), served by the
 real ASGI server (``histoloop.serve``, 2 processes) as the binary map payload (learner/maps.py) to the map page
-(regl-scatterplot), driven by Playwright in Debian's Chromium. Each run is a fresh browser context (cold
-cache), logged in as an expert:
+(static/frontend/scatter.js, plain WebGL), driven by Playwright in Debian's Chromium. Each run is a fresh
+browser context (cold cache), logged in as an expert:
 
 - first paint: navigation start to the frame after the page says the points are drawn (the payload fetched,
-  decoded into typed arrays, the spatial index built, the points drawn);
+  decoded into typed arrays, sent to the GPU and drawn: the page sets data-map-ready once the frame that draws
+  them has been rendered);
 - lasso: one Shift + drag circle holding about ``--lasso`` points (the nearest to the middle of one cluster),
   from the mouse-up to the frame after the gallery shows the selection.
 
 Baseline, same run: the map of ``--baseline-points`` (default 5,000 points, PatchSorter's default cap on its
 plot), first paint only, so the ratio says what 40x the points cost.
 Goal (issue 14): < 1 s each at 200,000 points. WebGL runs on the CPU here (SwiftShader: Chromium with
---disable-gpu, as the e2e tests run it), so these are a GPU-less machine's times.
+--disable-gpu, as the e2e tests run it), so the page draws the points into a 2-D canvas itself (scatter.js's
+CPU painter; ``?renderer=webgl`` would force WebGL): these are a GPU-less machine's times.
 The last line is one JSON object with every figure.
 """
 

@@ -3,6 +3,7 @@ canvas), leaves one patch out in the gallery, labels the rest in one action, and
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,25 @@ SCREEN_POSITIONS = """(indices) => {
         return [box.left + x, box.top + y];
     });
 }"""
+
+
+def cluster_box(page: Any, count: int) -> tuple[float, float, float, float]:
+    """The screen box (x0, y0, x1, y1, page coordinates) around the points 0..count-1, with a 12 px margin."""
+    positions = np.array(page.evaluate(SCREEN_POSITIONS, list(range(count))))
+    (x0, y0), (x1, y1) = positions.min(axis=0) - 12, positions.max(axis=0) + 12
+    return float(x0), float(y0), float(x1), float(y1)
+
+
+def lasso_box(page: Any, box: tuple[float, float, float, float]) -> None:
+    """A Shift + drag of the mouse around the box, ending one pixel short of where it began."""
+    x0, y0, x1, y1 = box
+    page.keyboard.down("Shift")
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for x, y in ((x1, y0), (x1, y1), (x0, y1), (x0, y0 + 1)):
+        page.mouse.move(x, y, steps=12)
+    page.mouse.up()
+    page.keyboard.up("Shift")
 
 
 def two_clusters(seeded: Any, committed: Any) -> tuple[list[int], list[int]]:
@@ -54,20 +74,13 @@ def test_an_expert_lassoes_a_cluster_labels_all_but_one_and_undoes_it(
     login(page, "e2e-map-expert", next_path=f"/projects/{project.pk}/map/")
     expect(page.locator("body")).to_have_attribute("data-map-ready", "true", timeout=30_000)
     expect(page.locator("#map-status")).to_contain_text(f"{len(first) + len(second)} patches")
-    positions = np.array(page.evaluate(SCREEN_POSITIONS, list(range(len(first)))))
-    (x0, y0), (x1, y1) = positions.min(axis=0) - 12, positions.max(axis=0) + 12
+    box = x0, y0, x1, y1 = cluster_box(page, len(first))
     others = np.array(page.evaluate(SCREEN_POSITIONS, list(range(len(first), len(first) + len(second)))))
     inside = (others[:, 0] > x0) & (others[:, 0] < x1) & (others[:, 1] > y0) & (others[:, 1] < y1)
     assert not inside.any(), "the clusters overlap on screen"
 
     # The lasso: Shift + drag around the first cluster's bounding box.
-    page.keyboard.down("Shift")
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    for x, y in ((x1, y0), (x1, y1), (x0, y1), (x0, y0 + 1)):
-        page.mouse.move(x, y, steps=12)
-    page.mouse.up()
-    page.keyboard.up("Shift")
+    lasso_box(page, box)
     expect(page.locator("#selection-count")).to_contain_text(f"({len(first)} patches", timeout=30_000)
     tiles = page.locator("#gallery .gallery-tile")
     expect(tiles.first).to_be_visible()
@@ -104,6 +117,32 @@ def test_an_expert_lassoes_a_cluster_labels_all_but_one_and_undoes_it(
     with committed():
         assert not Vote.objects.filter(project=project, is_active=True).exists()
         assert set(Consensus.objects.filter(project=project).values_list("status", flat=True)) == {"pending"}
+
+
+@pytest.mark.parametrize("renderer", ["cpu", "webgl"])
+def test_both_renderers_draw_the_points_where_the_lasso_finds_them(
+    page: Any, make_project: Any, make_member: Any, committed: Any, renderer: str
+) -> None:
+    """The plot draws with WebGL, or into a 2-D canvas's pixels where WebGL runs on the CPU (as here, so the
+    WebGL path is asked for by name): either way each point is painted where getScreenPosition says, and a lasso
+    there catches it."""
+    from PIL import Image
+
+    seeded = make_project(queue=False)
+    make_member(seeded.project, Role.EXPERT, username=f"e2e-map-{renderer}")
+    first, second = two_clusters(seeded, committed)
+    page.set_default_timeout(60_000)
+    login(page, f"e2e-map-{renderer}", next_path=f"/projects/{seeded.project.pk}/map/?renderer={renderer}")
+    expect(page.locator("body")).to_have_attribute("data-map-ready", "true", timeout=30_000)
+    expect(page.locator("#map-canvas")).to_have_attribute("data-renderer", renderer)
+    shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+    positions = page.evaluate(SCREEN_POSITIONS, list(range(len(first) + len(second))))
+    painted = [shot.getpixel((round(x), round(y))) != (255, 255, 255) for x, y in positions]
+    assert all(painted), f"{painted.count(False)} of {len(painted)} points are not drawn where they should be"
+    box = cluster_box(page, len(first))
+    assert shot.getpixel((round(box[0]) + 2, round(box[1]) + 2)) == (255, 255, 255), "the background is not white"
+    lasso_box(page, box)
+    expect(page.locator("#selection-count")).to_contain_text(f"({len(first)} patches", timeout=30_000)
 
 
 def test_a_lasso_closed_on_a_point_keeps_what_it_caught(
@@ -156,16 +195,6 @@ def scored(seeded: Any, committed: Any, squamous: list[int]) -> None:
         scores.write(version, ids, np.full(len(ids), seeded.slide.pk), proba)
 
 
-def lasso_box(page: Any, x0: float, y0: float, x1: float, y1: float) -> None:
-    page.keyboard.down("Shift")
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    for x, y in ((x1, y0), (x1, y1), (x0, y1), (x0, y0 + 1)):
-        page.mouse.move(x, y, steps=12)
-    page.mouse.up()
-    page.keyboard.up("Shift")
-
-
 def test_the_gallery_groups_the_models_misfits_and_a_shift_click_leaves_out_their_run(
     page: Any, make_project: Any, make_member: Any, committed: Any
 ) -> None:
@@ -183,9 +212,7 @@ def test_the_gallery_groups_the_models_misfits_and_a_shift_click_leaves_out_thei
     page.set_default_timeout(60_000)
     login(page, "e2e-map-orderer", next_path=f"/projects/{project.pk}/map/")
     expect(page.locator("body")).to_have_attribute("data-map-ready", "true", timeout=30_000)
-    positions = np.array(page.evaluate(SCREEN_POSITIONS, list(range(len(first)))))
-    (x0, y0), (x1, y1) = positions.min(axis=0) - 12, positions.max(axis=0) + 12
-    lasso_box(page, x0, y0, x1, y1)
+    lasso_box(page, cluster_box(page, len(first)))
     expect(page.locator("#selection-count")).to_contain_text(f"({len(first)} patches", timeout=30_000)
 
     shown = page.evaluate("() => window.histoloopMap.selection.map((i) => Number(window.histoloopMap.map.ids[i]))")
@@ -217,9 +244,7 @@ def test_the_gallery_groups_the_models_misfits_and_a_shift_click_leaves_out_thei
     # The recoloured map reuses the points' k-d tree: a new lasso over the same place catches the same points.
     expect(page.locator("body")).to_have_attribute("data-map-ready", "true", timeout=60_000)
     page.evaluate("() => { window.histoloopMap.plot.deselect(); window.scrollTo(0, 0); }")
-    positions = np.array(page.evaluate(SCREEN_POSITIONS, list(range(len(first)))))  # the page may have scrolled
-    (x0, y0), (x1, y1) = positions.min(axis=0) - 12, positions.max(axis=0) + 12
-    lasso_box(page, x0, y0, x1, y1)
+    lasso_box(page, cluster_box(page, len(first)))  # the box again: the page may have scrolled
     expect(page.locator("#selection-count")).to_contain_text(f"({len(first)} patches", timeout=30_000)
     with committed():
         labels = dict(Consensus.objects.filter(project=project).values_list("patch_id", "label__name"))

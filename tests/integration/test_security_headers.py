@@ -83,6 +83,19 @@ def test_pages_get_a_policy_without_inline_script_or_style() -> None:
 
 
 @pytest.mark.django_db
+def test_the_map_page_runs_without_unsafe_eval() -> None:
+    """The map draws with plain WebGL (static/frontend/scatter.js): no script compiled at run time."""
+    project = ProjectFactory()
+    expert = UserFactory()
+    MembershipFactory(project=project, user=expert, role=Role.EXPERT)
+    client = Client()
+    client.force_login(expert)
+    response = client.get(f"/projects/{project.pk}/map/")
+    assert response.status_code == 200
+    assert policy(response)["script-src"] == ["'self'"]
+
+
+@pytest.mark.django_db
 def test_no_template_has_an_inline_script_or_style_without_the_nonce() -> None:
     """Inline <script>/<style> blocks need the response's nonce, style="" attributes are refused
     outright, so the templates must have neither unnonced blocks nor style attributes."""

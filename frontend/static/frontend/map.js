@@ -1,4 +1,4 @@
-// The embedding map: the project's patches as points (WebGL, regl-scatterplot), coloured by consensus,
+// The embedding map: the project's patches as points (WebGL, scatter.js), coloured by consensus,
 // prediction, uncertainty or slide; hover shows the patch; Shift + drag lassoes a region into a
 // virtualised gallery, from which an expert labels all (or all but the clicked) in one bulk action.
 // The points arrive as one binary payload (learner/maps.py documents the format) read into typed arrays.
@@ -9,8 +9,10 @@
 // the last clicked tile, and a label's key labels all but the left-out ones.
 //
 // The first paint is on the critical path: the map's request starts with the page (a preload link in
-// map.html, this module only picks it up), in parallel with the scatterplot's scripts and the WebGL set-up.
+// map.html, this module only picks it up), in parallel with the page's two small modules and the WebGL set-up;
+// the payload's float32 positions go to the GPU as they came, the colours as one RGBA byte per channel.
 import { ApiError, api, el, errorMessage, isTyping, pageConfig, paintLabelColours } from "./api.js";
+import { createScatter } from "./scatter.js";
 
 performance.mark("map:module");
 
@@ -115,32 +117,37 @@ function drawLegend(legend) {
   paintLabelColours(list);
 }
 
-function points(map, by) {
+// One RGBA byte quadruple per point: the channel's code through a table of its palette (256 entries at most).
+function hexRgba(hex, alpha) {
+  const v = Number.parseInt(hex.slice(1), 16);
+  return [(v >> 16) & 255, (v >> 8) & 255, v & 255, Math.round(alpha * 255)];
+}
+
+function colours(map, by, alpha) {
   const c = channel(map, by);
-  const n = map.count;
-  const x = new Float32Array(n);
-  const y = new Float32Array(n);
-  const z = new Float32Array(n);
-  for (let i = 0; i < n; i += 1) {
-    x[i] = map.xy[2 * i];
-    y[i] = map.xy[2 * i + 1];
-    z[i] = c.index(c.values[i]);
+  const table = new Uint32Array(256);
+  const bytes = new Uint8Array(table.buffer);
+  for (let code = 0; code < 256; code += 1) {
+    bytes.set(hexRgba(c.palette[c.index(code)] || GREY, alpha), 4 * code);
   }
-  return { data: { x, y, z }, palette: c.palette, legend: c.legend };
+  const out = new Uint32Array(map.count); // little-endian words: r, g, b, a in byte order, as the table
+  const values = c.values;
+  for (let i = 0; i < map.count; i += 1) out[i] = table[values[i]];
+  return { rgba: new Uint8Array(out.buffer), legend: c.legend };
 }
 
 async function draw() {
-  const { data, palette, legend } = points(state.map, state.colourBy);
   const n = state.map.count;
-  state.plot.set({ pointColor: palette, colorBy: "valueA", pointSize: n > 200000 ? 2 : n > 20000 ? 3 : 5, opacity: n > 200000 ? 0.6 : 0.9 });
-  // The plot's k-d tree of the points depends on their positions only: a redraw of the same stored layout (new
-  // colours after a label) reuses it instead of building it again (0.3 s at 200,000 points on a busy CPU).
-  const index = state.index && state.index.map === state.map.header.map ? state.index.data : undefined;
-  await state.plot.draw(data, { preventFilterReset: true, zDataType: "categorical", spatialIndex: index });
-  state.index = { map: state.map.header.map, data: state.plot.get("spatialIndex") };
+  const { rgba, legend } = colours(state.map, state.colourBy, n > 200000 ? 0.6 : 0.9);
+  // The same stored layout again (new colours after a label) keeps the positions on the GPU and the picking grid.
+  const same = state.drawn && state.drawn.header.map === state.map.header.map && state.drawn.count === n;
+  if (same) state.map.xy = state.drawn.xy;
+  const painted = state.plot.draw({ xy: state.map.xy, colours: rgba, size: n > 200000 ? 2 : n > 20000 ? 3 : 5 });
+  state.drawn = state.map;
   if (state.selection.length) state.plot.select(state.selection, { preventEvent: true });
   else state.plot.deselect({ preventEvent: true });
   drawLegend(legend);
+  await painted;
 }
 
 // --- hover ---------------------------------------------------------------------------------------------------------
@@ -339,10 +346,9 @@ async function undoBatch(batchId) {
   }
 }
 
-// While the points are redrawn the scatterplot ignores the mouse (a lasso started then is lost): the page says
-// so in data-map-ready ("refreshing", then "true") for scripts, and the status line says it for people.
-// A label cast while the map is being redrawn (a key pressed right after the last) asks for one more redraw
-// once this one is done, rather than a second at the same time (the plot refuses to draw while it draws).
+// While the map is fetched and recoloured after a label the page says so in data-map-ready ("refreshing", then
+// "true") for scripts, and the status line says it for people. A label cast meanwhile (a key pressed right after
+// the last) asks for one more redraw once this one is done, rather than a second fetch at the same time.
 async function refresh() {
   if (state.refreshing) {
     state.refreshAgain = true;
@@ -373,52 +379,15 @@ async function start() {
   // The map's bytes first (already on their way: map.html preloads them), then the WebGL set-up meanwhile.
   const started = performance.now();
   const loading = loadMap().then((map) => ({ map }), (error) => ({ error }));
-  const canvas = $("map-canvas");
-  const { default: createScatterplot, createRenderer } = window.createScatterplot;
-  // The plot draws into a renderer's WebGL canvas (a float framebuffer, then a full-canvas pass) and copies
-  // that onto the page's 2-D canvas every frame with drawImage, which reads the WebGL pixels back: without a
-  // GPU (SwiftShader) that copy was most of the first paint (2.4 s of 200,000 points' 7 s, in a CPU profile).
-  // So the renderer's canvas is shown itself, over the plot's canvas (which keeps the pointer events), at the
-  // plot's size (its own renderer is the window's size, 2.5x the pixels at 1920x1080), and the copy is skipped:
-  // render() is handed a stand-in target of the same size whose 2-D context does nothing.
-  const gl = el("canvas", { class: "map-gl", "aria-hidden": "true" });
-  canvas.after(gl);
-  const renderer = createRenderer({ canvas: gl });
-  const fit = () => {
-    const { width, height } = canvas.getBoundingClientRect(); // as the plot sizes its canvas
-    renderer.resize(Math.max(1, width), Math.max(1, height));
-    renderer.refresh();
-  };
-  fit();
-  new ResizeObserver(fit).observe(canvas);
-  const noCopy = { clearRect() {}, drawImage() {} };
-  const render = renderer.render;
-  renderer.render = (draw, target) => render(draw, { width: target.width, height: target.height, getContext: () => noCopy });
-  state.plot = createScatterplot({
-    renderer,
-    canvas,
-    width: "auto",
-    height: "auto",
-    pointSize: 4,
-    lassoColor: [0.48, 0.18, 0.42, 1],
-    pointColorActive: "#000000",
-    // The spatial index is built in this page, not in a blob: worker the Content-Security-Policy refuses.
-    spatialIndexUseWorker: false,
-  });
-  // A lasso closed where it began ends in a click there (the pointer went down and up at the same place),
-  // which the plot takes for picking the point under it: that pick must not replace what the lasso caught.
-  state.plot.subscribe("lassoEnd", () => {
-    state.lassoEnd = { at: performance.now(), points: state.selection.slice() };
-  });
-  state.plot.subscribe("select", ({ points: selected }) => {
-    const lasso = state.lassoEnd;
-    state.lassoEnd = null;
-    if (lasso && lasso.points.length && selected.length === 1 && performance.now() - lasso.at < 500) {
-      state.plot.select(lasso.points, { preventEvent: true });
-      return;
-    }
-    setSelection(selected);
-  });
+  try {
+    const renderer = new URLSearchParams(window.location.search).get("renderer") || "auto";
+    state.plot = createScatter({ canvas: $("map-canvas"), glCanvas: $("map-gl"), renderer });
+  } catch (error) {
+    status(error.message, true);
+    document.body.dataset.mapReady = "error";
+    return;
+  }
+  state.plot.subscribe("select", ({ points: selected }) => setSelection(selected));
   state.plot.subscribe("deselect", () => setSelection([]));
   state.plot.subscribe("pointover", (i) => showHover(i));
   state.plot.subscribe("pointout", () => {
@@ -488,6 +457,7 @@ async function start() {
     performance.mark("map:drawn");
     const ms = Math.round(performance.now() - started);
     status(`${state.map.count.toLocaleString()} patches (${state.map.header.method} layout), drawn in ${ms} ms.`);
+    $("map-canvas").dataset.renderer = state.plot.renderer;
     document.body.dataset.mapReady = "true";
   } catch (error) {
     status(error.message, true);
