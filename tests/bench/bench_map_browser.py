@@ -148,7 +148,7 @@ def say_hot_functions(profile: dict[str, Any], top: int = 20) -> None:
         say(f"    {ms:8.0f}  {key}")
 
 
-def open_map(browser: Browser, project: Any, profile: bool = False) -> tuple[Any, Any, float]:
+def open_map(browser: Browser, project: Any, profile: bool = False, renderer: str = "") -> tuple[Any, Any, float]:
     context = browser.context()
     page = browser.page(context)
     page.add_init_script(f"({FIRST_PAINT})();")  # a script, not a function: call it
@@ -158,7 +158,7 @@ def open_map(browser: Browser, project: Any, profile: bool = False) -> tuple[Any
         cdp.send("Profiler.enable")
         cdp.send("Profiler.setSamplingInterval", {"interval": 1000})
         cdp.send("Profiler.start")
-    page.goto(f"/projects/{project.pk}/map/")
+    page.goto(f"/projects/{project.pk}/map/" + (f"?renderer={renderer}" if renderer else ""))
     page.wait_for_function("() => window.benchFirstPaint !== undefined", timeout=300_000)
     painted = page.evaluate("window.benchFirstPaint")
     if painted["ready"] != "true":
@@ -171,12 +171,12 @@ def open_map(browser: Browser, project: Any, profile: bool = False) -> tuple[Any
     return context, page, float(painted["ms"])
 
 
-def time_map(browser: Browser, project: Any, runs: int, lasso_points: int | None) -> dict[str, Any]:
+def time_map(browser: Browser, project: Any, runs: int, lasso_points: int | None, renderer: str = "") -> dict[str, Any]:
     paints: list[float] = []
     lassos: list[float] = []
     caught: list[int] = []
     for _ in range(runs):
-        context, page, ms = open_map(browser, project)
+        context, page, ms = open_map(browser, project, renderer=renderer)
         paints.append(ms)
         if lasso_points:
             disc = page.evaluate(LASSO_AROUND, lasso_points)
@@ -211,6 +211,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="fresh browser contexts per size (median reported)")
     parser.add_argument("--lasso", type=int, default=5_000, help="points the lasso holds, about")
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
+    parser.add_argument(
+        "--renderer",
+        choices=["", "webgl", "cpu"],
+        default="",
+        help="force the plot's renderer (scatter.js: ?renderer=); by default the page picks (CPU without a GPU)",
+    )
     parser.add_argument("--profile", action="store_true", help="first print one timeline of each size's first paint")
     args = parser.parse_args()
     if not Path(CHROMIUM).exists():
@@ -267,8 +273,8 @@ def run(args: argparse.Namespace, url: str, scratch: Path) -> dict[str, Any]:
                 for project in (small, large):
                     context, _, _ = open_map(browser, project, profile=True)
                     context.close()
-            figures["baseline"] = time_map(browser, small, args.runs, None)
-            figures["large"] = time_map(browser, large, args.runs, args.lasso)
+            figures["baseline"] = time_map(browser, small, args.runs, None, args.renderer)
+            figures["large"] = time_map(browser, large, args.runs, args.lasso, args.renderer)
             browser.check()
         finally:
             browser.close()

@@ -59,6 +59,7 @@ def test_fifty_concurrent_annotators_never_share_a_lease_nor_lose_or_duplicate_a
                     # stops only once no unfinished task is left that they have not voted on.
                     if not unfinished_without_my_vote(user):
                         break
+                    connection.close()  # back to the pool while waiting (the test client keeps it otherwise)
                     time.sleep(0.02)
                     continue
                 task = response.json()
