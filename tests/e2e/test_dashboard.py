@@ -174,6 +174,9 @@ def test_an_admin_switches_expert_routing_from_the_dashboard(
     make_member(project, Role.ADMIN, username="e2e-routing-admin")
     login(page, "e2e-routing-admin", next_path=f"/projects/{project.pk}/dashboard/")
     routing = page.get_by_label("Who gets a round's patches")
+    # Enabled once the page has read the project's setting (before, the page's default would be shown and a
+    # choice made then overwritten by the loaded value).
+    expect(routing).to_be_enabled()
     expect(routing).to_have_value("contested")
     routing.select_option("value")
     page.locator("#expert-routing-form").get_by_role("button", name="Save").click()

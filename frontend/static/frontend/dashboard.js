@@ -422,6 +422,11 @@ async function loadWeight() {
     const project = await api(base);
     ui.weightInput.value = project.suggestion_weight;
     if (ui.routingSelect) ui.routingSelect.value = project.expert_routing;
+    // The current values are shown: the forms may be used now (they are disabled until then).
+    for (const form of [ui.weightForm, ui.routingForm]) {
+      const fieldset = form && form.querySelector("fieldset");
+      if (fieldset) fieldset.disabled = false;
+    }
   } catch (error) {
     message(ui.weightMessage, error.message);
   }
