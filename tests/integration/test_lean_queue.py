@@ -12,15 +12,17 @@ from typing import Any
 
 import pytest
 
-from annotations import member_cache
 from annotations.lean_queue import LeanQueue
 from annotations.models import AnnotationTask, Consensus, LabelClass, Role, Vote
 from annotations.serializers import MAX_ID
 from histoloop.asgi_handler import OneHopASGIHandler
-from tests.factories import PatchFactory, ProjectFactory, SlideFactory, member, queue_every_patch
+from tests.factories import ProjectFactory, member
+from tests.integration import test_asgi_handler
 from tests.integration.test_asgi_handler import call, comparable, session_headers, token_headers
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+world = test_asgi_handler.world  # the same project (a fixture) as the handler's parity tests
 
 
 class Counting:
@@ -35,17 +37,6 @@ class Counting:
 
     def __getattr__(self, name: str) -> Any:  # run_in_thread: the handler's threads
         return getattr(self.app, name)
-
-
-@pytest.fixture
-def world():  # type: ignore[no-untyped-def]
-    member_cache.entries.clear()
-    project = ProjectFactory(votes_required=3, gold_rate=0.0)
-    slide = SlideFactory(project=project, name="case-1.svs")
-    PatchFactory.create_batch(8, slide=slide)
-    queue_every_patch(project)
-    yield project
-    member_cache.entries.clear()
 
 
 @pytest.fixture
