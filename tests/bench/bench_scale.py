@@ -15,7 +15,8 @@ the patches (three students each) and those tasks done. No pixels are read.
 Measured, in-process (the platform's own functions, one database connection per thread):
 - for each size in ``--sizes`` and ``--patches``: lease + vote by one crowd member (median, p95,
   max over ``--pairs``) and ``queue.queue_stats`` (the dashboard's counts, uncached) and
-  ``stats.queue_counts`` (what the dashboard reads: cached);
+  ``stats.queue_counts`` (what the dashboard reads: cached); at ``--patches``, the lease statement's
+  ``EXPLAIN (ANALYZE, BUFFERS)`` (its generic prepared plan, rolled back: the partial index at work);
 - unless ``--no-round``: one head-mode round (``pipeline.run_round``, the Celery task's body) on
   the largest project with synthetic cached embeddings, while ``--annotators`` threads lease and
   vote the whole time, spread over ``--annotator-processes`` spawned processes (0: threads in the
@@ -229,7 +230,7 @@ def lease_and_vote(project: Any, user: Any) -> tuple[float, bool]:
     return time.perf_counter() - started, True
 
 
-def queue_figures(project: Any, pairs: int) -> dict[str, Any]:
+def queue_figures(project: Any, pairs: int, *, plan: bool = False) -> dict[str, Any]:
     from django.contrib.auth import get_user_model
 
     from annotations import queue, stats
@@ -247,6 +248,11 @@ def queue_figures(project: Any, pairs: int) -> dict[str, Any]:
         started = time.perf_counter()
         stats.queue_counts(project)
         cached.append(time.perf_counter() - started)
+    if plan:
+        from tests.bench.bench_queue import lease_plan
+
+        print("  the lease statement, EXPLAIN (ANALYZE, BUFFERS) of its generic prepared plan:")
+        print("\n".join(f"    {line}" for line in lease_plan(project, user).splitlines()))
     return {
         "lease_vote": show("lease + vote, one crowd member", times),
         "queue_stats": show("queue_stats (uncached)", raw),
@@ -585,7 +591,7 @@ def run(args: argparse.Namespace) -> int:
         for size in sizes:
             project = build_project(size, min(args.slides, max(1, size // 1000)), f"p{size}")
             print(f"-- {size:,} patches")
-            figures[size] = queue_figures(project, args.pairs)
+            figures[size] = queue_figures(project, args.pairs, plan=size == args.patches)
             largest = project
         base = figures[sizes[0]]["lease_vote"]["p95_ms"]
         top = figures[args.patches]["lease_vote"]["p95_ms"]
