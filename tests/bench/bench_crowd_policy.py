@@ -1,7 +1,7 @@
 """Today's labelling policy against the new one on LC25000 lung, with students who improve (issue 15).
 
     .venv/bin/python tests/bench/bench_crowd_policy.py [--per-group 3] [--seeds 3] [--arms margin] \
-        [--budgets 50,100,200,400] [--json out.json]
+        [--budgets 50,100,200,400] [--new-setting NAME=VALUE ...] [--json out.json]
 
 The crowd is learner.simulation's ``improving`` setting: 5 students whose per-class accuracy rises from
 U(0.5, 0.7) at their first vote to U(0.8, 0.9) over their first 300 votes, and an expert right 95% of the
@@ -161,12 +161,17 @@ def main() -> None:
         "--new-training-labels", choices=("hard", "soft", "weighted"), default="weighted",
         help="what the new policy's rounds train on (today's: hard)",
     )  # fmt: skip
+    parser.add_argument(
+        "--new-setting", action="append", default=[], metavar="NAME=VALUE",
+        help="a project setting of the new policy replaced for this run (repeatable), e.g. expert_routing=contested",
+    )  # fmt: skip
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--json", type=Path, help="also write the figures (and every round's row) to this file")
     args = parser.parse_args()
     crowd = replace(sim.IMPROVING, learning_votes=args.learning_votes)
     new = sim.policy("new")
     labels = {**dict(new.fields), "training_labels": args.new_training_labels}
+    labels.update(sim.parse_setting(text) for text in args.new_setting)
     new = replace(new, fields=sim.checked_fields(labels.items()))
     cfg = sim.Config(
         arms=tuple(args.arms.split(",")),
