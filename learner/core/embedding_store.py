@@ -102,7 +102,7 @@ class SlideRows:
         order = np.lexsort((row, seg))
         bounds = np.flatnonzero(np.diff(seg[order])) + 1
         for part in np.split(order, bounds):
-            vectors = np.load(self.files[int(seg[part[0]])], mmap_mode="r")
+            vectors = _open_vectors(self.files[int(seg[part[0]])])
             rows = row[part]
             if np.all(np.diff(rows) == 1):  # a run of consecutive rows (a whole slide, in a chunked pass): a slice
                 out[part] = vectors[rows[0] : rows[-1] + 1]
@@ -124,6 +124,37 @@ class SlideRows:
 
     def in_memory(self) -> ArrayRows:
         return ArrayRows(self.take(np.arange(len(self.seg))))
+
+
+# A slide file up to this size is read whole rather than memory-mapped: a project of many small slides (one
+# patch each, as the LC25000 simulation's) pays a map and an unmap per slide otherwise, which cost more than
+# reading a few kilobytes.
+SMALL_FILE_BYTES = 1 << 20
+
+
+def _open_vectors(path: Path) -> np.ndarray:
+    """A slide's vectors: read whole when small, else memory-mapped (rows read on access)."""
+    if os.path.getsize(path) <= SMALL_FILE_BYTES:
+        return np.load(path)
+    return np.load(path, mmap_mode="r")
+
+
+def _array_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a ``.npy`` file declares, from its header alone (nothing mapped, no data read)."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        header_end = fh.tell()
+    # A file cut short of its data is damage, as np.load's map would have said.
+    expected = header_end + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if os.path.getsize(path) < expected:
+        raise ValueError("truncated .npy file")
+    return shape, dtype
 
 
 def xy_keys(xy: np.ndarray) -> np.ndarray:
@@ -172,15 +203,15 @@ class EmbeddingStore:
         """The slide's recorded positions, or None when it has no complete, consistent file."""
         try:
             xy = np.load(self._xy_path(slide_key))
-            vectors = np.load(self.vectors_path(slide_key), mmap_mode="r")
+            shape, dtype = _array_header(self.vectors_path(slide_key))
         except (FileNotFoundError, ValueError, EOFError, OSError):
             return None
         # The vectors are replaced before the positions and rows only grow, so a vectors file longer than the
         # positions is a writer between its two replaces (or one killed there): its first rows are the
         # positions'. Shorter is damage, and another width another embedding size: a miss, never a wrong hit.
-        if vectors.ndim != 2 or vectors.shape[0] < len(xy) or vectors.shape[1] != self.dim:
+        if len(shape) != 2 or shape[0] < len(xy) or shape[1] != self.dim:
             return None
-        if vectors.dtype != np.float32:
+        if dtype != np.float32:
             return None
         return np.asarray(xy, dtype=np.int64).reshape(-1, 2)
 

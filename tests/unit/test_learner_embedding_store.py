@@ -77,6 +77,42 @@ def test_a_slide_whose_files_disagree_reads_as_missing(tmp_path: Path) -> None:
     assert EmbeddingStore(tmp_path, "model-a", DIM + 1).lookup("abc", np.array([[0, 0]])).tolist() == [-1]
 
 
+def test_a_vectors_file_cut_short_or_of_another_dtype_reads_as_missing(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.put_slide("abc", np.array([[0, 0], [1, 0]]), vectors(2))
+    path = s.vectors_path("abc")
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-4])  # the header is intact, the last float is gone (a disk that filled up)
+    assert s.lookup("abc", np.array([[0, 0], [1, 0]])).tolist() == [-1, -1]
+    np.save(path, vectors(2).astype(np.float64))
+    assert s.lookup("abc", np.array([[0, 0]])).tolist() == [-1]
+    path.write_bytes(whole)
+    assert s.lookup("abc", np.array([[0, 0], [1, 0]])).tolist() == [0, 1]
+
+
+def test_small_slide_files_are_read_whole_and_large_ones_mapped_with_the_same_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from learner.core import embedding_store
+
+    pool, expected = two_slide_pool(tmp_path)
+    idx = np.array([6, 0, 3, 3, 5])
+    opened: list[bool] = []
+    real_load = np.load
+
+    def spy(path, mmap_mode=None):  # type: ignore[no-untyped-def]
+        opened.append(mmap_mode is not None)
+        return real_load(path, mmap_mode=mmap_mode)
+
+    monkeypatch.setattr(embedding_store.np, "load", spy)
+    np.testing.assert_array_equal(pool.take(idx), expected[idx])
+    assert opened == [False, False]  # a few bytes each: read, not mapped
+    monkeypatch.setattr(embedding_store, "SMALL_FILE_BYTES", 0)
+    opened.clear()
+    np.testing.assert_array_equal(pool.take(idx), expected[idx])
+    assert opened == [True, True]
+
+
 def test_it_refuses_vectors_that_do_not_match_the_positions(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Expected 2 vectors of 4 features"):
         store(tmp_path).put_slide("abc", np.array([[0, 0], [1, 0]]), vectors(3))
