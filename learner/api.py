@@ -73,6 +73,8 @@ class RoundListView(ProjectScoped):
             round_ = services.start_round(project, request.user)
         except services.RoundConflict as exc:
             return Response({"detail": str(exc), "active_round": exc.active.pk}, status=status.HTTP_409_CONFLICT)
+        except services.RoundError as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
         return Response(RoundSerializer(round_).data, status=status.HTTP_201_CREATED)
 
 

@@ -69,26 +69,37 @@ def start_round(project: Project, user: Any = None, *, launch: bool = True) -> T
     from .tasks import run_training_round
 
     fail_stale_rounds(project)
-    try:
-        with transaction.atomic():
-            number = (TrainingRound.objects.filter(project=project).aggregate(n=Max("number"))["n"] or 0) + 1
-            round_ = TrainingRound.objects.create(
-                project=project,
-                requested_by=user if getattr(user, "is_authenticated", False) else None,
-                number=number,
-                strategy=project.query_strategy,
-                train_mode=project.train_mode,
-                stage="queued",
-            )
-            if launch:
-                transaction.on_commit(partial(_launch, round_.pk, run_training_round))
-    except IntegrityError as exc:
-        active = TrainingRound.objects.filter(project=project, state__in=TrainingRound.ACTIVE_STATES).first()
-        if active is None:
-            raise RoundError("Could not start a round; try again.") from exc
-        raise RoundConflict(active) from exc
-    broadcast(project.pk, round_payload(round_))
-    return round_
+    for _ in range(START_ATTEMPTS):
+        try:
+            with transaction.atomic():
+                round_ = TrainingRound.objects.create(
+                    project=project,
+                    requested_by=user if getattr(user, "is_authenticated", False) else None,
+                    number=_next_number(project),
+                    strategy=project.query_strategy,
+                    train_mode=project.train_mode,
+                    stage="queued",
+                )
+                if launch:
+                    transaction.on_commit(partial(_launch, round_.pk, run_training_round))
+        except IntegrityError as exc:
+            active = TrainingRound.objects.filter(project=project, state__in=TrainingRound.ACTIVE_STATES).first()
+            if active is not None:
+                raise RoundConflict(active) from exc
+            # Another request took this round number, and its round has ended already (a round that fails at
+            # once, e.g. with no broker): the next number is free, so try again.
+            continue
+        broadcast(project.pk, round_payload(round_))
+        return round_
+    raise RoundError("Could not start a round: other rounds kept taking its number; try again.")
+
+
+# How often start_round takes the next round number again when a concurrent request took it first.
+START_ATTEMPTS = 3
+
+
+def _next_number(project: Project) -> int:
+    return (TrainingRound.objects.filter(project=project).aggregate(n=Max("number"))["n"] or 0) + 1
 
 
 def _launch(round_id: int, task: Any) -> None:
