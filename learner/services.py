@@ -60,6 +60,10 @@ def mark_failed(round_: TrainingRound, error: str) -> int:
     return updated
 
 
+# How often start_round tries again when a concurrent request's round, ended since, was in the way.
+START_ATTEMPTS = 3
+
+
 def start_round(project: Project, user: Any = None, *, launch: bool = True) -> TrainingRound:
     """Queue a round on the ``gpu`` queue. Raises RoundConflict when one is active.
 
@@ -86,16 +90,12 @@ def start_round(project: Project, user: Any = None, *, launch: bool = True) -> T
             active = TrainingRound.objects.filter(project=project, state__in=TrainingRound.ACTIVE_STATES).first()
             if active is not None:
                 raise RoundConflict(active) from exc
-            # Another request took this round number, and its round has ended already (a round that fails at
-            # once, e.g. with no broker): the next number is free, so try again.
+            # Another request's round took this number or the one active slot, and has ended already (a round
+            # that fails at once, e.g. with no broker): the slot and the next number are free, so try again.
             continue
         broadcast(project.pk, round_payload(round_))
         return round_
     raise RoundError("Could not start a round: other rounds kept taking its number; try again.")
-
-
-# How often start_round takes the next round number again when a concurrent request took it first.
-START_ATTEMPTS = 3
 
 
 def _next_number(project: Project) -> int:

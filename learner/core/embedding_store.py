@@ -149,11 +149,10 @@ def _array_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
             shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
         else:
             raise ValueError(f"unsupported .npy version {version}")
-        header_end = fh.tell()
-    # A file cut short of its data is damage, as np.load's map would have said.
-    expected = header_end + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if os.path.getsize(path) < expected:
-        raise ValueError("truncated .npy file")
+        # A file cut short of its data is damage, as np.load's map would have said.
+        expected = fh.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if os.fstat(fh.fileno()).st_size < expected:
+            raise ValueError("truncated .npy file")
     return shape, dtype
 
 
