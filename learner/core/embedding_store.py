@@ -15,7 +15,10 @@ resident memory stays bounded whatever the pool size.
 
 from __future__ import annotations
 
+import functools
+import io
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -134,25 +137,84 @@ SMALL_FILE_BYTES = 1 << 20
 
 def _open_vectors(path: Path) -> np.ndarray:
     """A slide's vectors: read whole when small, else memory-mapped (rows read on access)."""
-    if os.path.getsize(path) <= SMALL_FILE_BYTES:
-        return np.load(path)
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size <= SMALL_FILE_BYTES:
+            return _parse_npy(fh.read(), path)
     return np.load(path, mmap_mode="r")
+
+
+def _load_small(path: Path) -> np.ndarray:
+    """A ``.npy`` file read whole: for the positions files, a few bytes per row."""
+    with open(path, "rb") as fh:
+        return _parse_npy(fh.read(), path)
+
+
+# The header np.save writes for a C-ordered array of a plain dtype, e.g.
+# {'descr': '<f4', 'fortran_order': False, 'shape': (1, 1904), } padded with spaces to end in a newline.
+_PLAIN_HEADER = re.compile(
+    rb"\{'descr': '([<>|][fiub][0-9]{1,2})', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \} *\n"
+)
+
+# Bytes read for a header alone: np.save pads its header to a multiple of 64 bytes, 128 for a 2-d shape.
+_HEAD_BYTES = 512
+
+
+def _header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """Shape, dtype and data offset of a ``.npy`` image with the plain header np.save writes for the store's
+    arrays, parsed without ``np.lib.format`` (its literal evaluation of the header is most of the read time
+    of a small file); None for any other header, which the caller hands to numpy."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 12:
+        return None
+    if data[6] == 1:
+        length, start = int.from_bytes(data[8:10], "little"), 10
+    elif data[6] in (2, 3):
+        length, start = int.from_bytes(data[8:12], "little"), 12
+    else:
+        return None
+    match = _PLAIN_HEADER.fullmatch(data, start, start + length)
+    if match is None:
+        return None
+    shape = tuple(int(d) for d in match.group(2).replace(b" ", b"").split(b",") if d)
+    return shape, _dtype(match.group(1)), start + length
+
+
+@functools.lru_cache(maxsize=32)
+def _dtype(descr: bytes) -> np.dtype:
+    return np.dtype(descr.decode("ascii"))
+
+
+def _parse_npy(data: bytes, path: Path) -> np.ndarray:
+    """The array in a whole ``.npy`` file's bytes (read-only); a short file raises ValueError, as np.load does."""
+    parsed = _header(data)
+    if parsed is None:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    shape, dtype, offset = parsed
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f"{path.name}: truncated .npy file")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 def _array_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """The shape and dtype a ``.npy`` file declares, from its header alone (nothing mapped, no data read)."""
     with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        size = os.fstat(fh.fileno()).st_size
+        parsed = _header(fh.read(_HEAD_BYTES))
+        if parsed is not None:
+            shape, dtype, offset = parsed
         else:
-            raise ValueError(f"unsupported .npy version {version}")
-        # A file cut short of its data is damage, as np.load's map would have said.
-        expected = fh.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if os.fstat(fh.fileno()).st_size < expected:
-            raise ValueError("truncated .npy file")
+            fh.seek(0)
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+            offset = fh.tell()
+    # A file cut short of its data is damage, as np.load's map would have said.
+    if size < offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise ValueError("truncated .npy file")
     return shape, dtype
 
 
@@ -201,7 +263,7 @@ class EmbeddingStore:
     def _read_xy(self, slide_key: str) -> np.ndarray | None:
         """The slide's recorded positions, or None when it has no complete, consistent file."""
         try:
-            xy = np.load(self._xy_path(slide_key))
+            xy = _load_small(self._xy_path(slide_key))
             shape, dtype = _array_header(self.vectors_path(slide_key))
         except (FileNotFoundError, ValueError, EOFError, OSError):
             return None

@@ -106,11 +106,52 @@ def test_small_slide_files_are_read_whole_and_large_ones_mapped_with_the_same_ro
 
     monkeypatch.setattr(embedding_store.np, "load", spy)
     np.testing.assert_array_equal(pool.take(idx), expected[idx])
-    assert opened == [False, False]  # a few bytes each: read, not mapped
+    assert opened == []  # a few bytes each: read whole and parsed here, neither mapped nor handed to np.load
     monkeypatch.setattr(embedding_store, "SMALL_FILE_BYTES", 0)
     opened.clear()
     np.testing.assert_array_equal(pool.take(idx), expected[idx])
     assert opened == [True, True]
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(6, dtype=np.float32).reshape(2, 3),
+        np.zeros((0, 4), dtype=np.float32),
+        np.array([[1, 2], [3, -4]], dtype=np.int64),
+        np.arange(5, dtype=">f4"),  # another byte order
+        np.arange(24, dtype=np.int32).reshape(2, 3, 4),
+        np.array(3.5, dtype=np.float64),  # no dimensions at all
+        np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),  # a header numpy must read
+        np.array(["a", "bc"]),  # a dtype the fast path does not parse
+    ],
+)
+def test_a_file_read_whole_is_the_array_numpy_saved(tmp_path: Path, array: np.ndarray) -> None:
+    from learner.core.embedding_store import _array_header, _parse_npy
+
+    path = tmp_path / "a.npy"
+    np.save(path, array)
+    got = _parse_npy(path.read_bytes(), path)
+    assert got.dtype == array.dtype and got.shape == array.shape
+    np.testing.assert_array_equal(got, array)
+    assert _array_header(path) == (array.shape, array.dtype)
+
+
+def test_a_file_with_more_rows_declared_than_it_holds_is_refused_read_whole_or_by_header(tmp_path: Path) -> None:
+    from learner.core.embedding_store import _array_header, _parse_npy
+
+    path = tmp_path / "a.npy"
+    np.save(path, vectors(3))
+    whole = path.read_bytes()
+    for cut in (whole[:-1], whole.replace(b"(3, 4)", b"(4, 4)")):
+        path.write_bytes(cut)
+        with pytest.raises(ValueError, match="truncated"):
+            _parse_npy(cut, path)
+        with pytest.raises(ValueError, match="truncated"):
+            _array_header(path)
+    path.write_bytes(b"not an array at all")
+    with pytest.raises(ValueError):
+        _parse_npy(path.read_bytes(), path)
 
 
 def test_it_refuses_vectors_that_do_not_match_the_positions(tmp_path: Path) -> None:
