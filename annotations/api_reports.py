@@ -82,12 +82,25 @@ class OverlayView(ProjectScoped):
 
 
 class AgreementView(ProjectScoped):
+    """The agreement report (annotations.agreement.cached_report): 200 with the report, or 202 while the
+    first report of a large project is being computed on the worker (ask again in a few seconds)."""
+
     roles = EXPERTS
 
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, 202: OpenApiTypes.OBJECT})
     def get(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
-        return Response(agreement.agreement_report(project))
+        report = agreement.cached_report(project)
+        if report is None:
+            return Response(
+                {
+                    "detail": "The agreement report of this project is being computed on the worker; "
+                    "ask again in a few seconds.",
+                    "refreshing": True,
+                },
+                status=202,
+            )
+        return Response(report)
 
 
 def _block(request: Request) -> int | None:

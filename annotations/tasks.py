@@ -37,3 +37,17 @@ def refresh_reliabilities_task(project_id: int) -> int:
         _schedule(project_id)  # the running one may have read its votes before the latest ones
         return -1
     return fit.n_votes
+
+
+@shared_task(name="annotations.tasks.refresh_agreement", acks_late=True, soft_time_limit=1700, time_limit=1800)
+def refresh_agreement_task(project_id: int) -> bool:
+    """Compute a large project's agreement report and keep it for the dashboard (annotations.agreement).
+    Returns False for a deleted project."""
+    from .agreement import refresh_report
+    from .models import Project
+
+    project = Project.objects.filter(pk=project_id).first()
+    if project is None:
+        return False
+    refresh_report(project)
+    return True

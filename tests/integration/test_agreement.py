@@ -25,3 +25,98 @@ def test_crowd_members_cannot_read_agreement_or_exports(labelled) -> None:  # ty
     crowd = api_client(Vote.objects.filter(project=project, role=Role.CROWD).first().annotator)
     assert crowd.get(f"/api/v1/projects/{project.pk}/agreement/").status_code == 403
     assert crowd.get(f"/api/v1/projects/{project.pk}/export/?format=csv&kind=votes").status_code == 403
+
+
+def _crowd_votes(body: dict) -> int:  # type: ignore[type-arg]
+    return sum(a["n_votes"] for a in body["annotators"] if a["role"] == Role.CROWD)
+
+
+def test_a_small_projects_report_is_computed_afresh_on_every_request(labelled) -> None:  # type: ignore[no-untyped-def]
+    project, patches, *_ = labelled
+    client = api_client(member(project, Role.EXPERT))
+    url = f"/api/v1/projects/{project.pk}/agreement/"
+    first = client.get(url).json()
+    assert first["refreshing"] is False and first["computed_at"] and first["compute_seconds"] < 1.0
+    newcomer = member(project, Role.CROWD, username="newcomer")
+    Vote.objects.create(
+        project=project, patch=patches[0], annotator=newcomer, label=project.label_classes.first(), role=Role.CROWD
+    )
+    second = client.get(url).json()
+    assert _crowd_votes(second) == _crowd_votes(first) + 1
+    assert "newcomer" in {a["username"] for a in second["annotators"]}
+
+
+def test_a_large_projects_first_report_is_asked_of_the_worker_once(labelled, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from annotations import agreement, tasks
+
+    project, *_ = labelled
+    queued: list[int] = []
+    monkeypatch.setattr(agreement, "INLINE_VOTES", 0)
+    monkeypatch.setattr(tasks.refresh_agreement_task, "delay", queued.append)
+    client = api_client(member(project, Role.EXPERT))
+    url = f"/api/v1/projects/{project.pk}/agreement/"
+    answers = [client.get(url) for _ in range(3)]
+    assert [r.status_code for r in answers] == [202, 202, 202]
+    assert answers[0].json()["refreshing"] is True and "worker" in answers[0].json()["detail"]
+    assert queued == [project.pk]  # one refresh for three requests
+    agreement.refresh_report(project)  # what the worker runs
+    body = client.get(url).json()
+    assert body["refreshing"] is False and {a["username"] for a in body["annotators"]} >= {"ann", "lazy"}
+
+
+def test_a_broker_that_cannot_take_the_refresh_is_asked_again_next_time(labelled, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from annotations import agreement, tasks
+
+    project, *_ = labelled
+    calls: list[int] = []
+
+    def down(project_id: int) -> None:
+        calls.append(project_id)
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(agreement, "INLINE_VOTES", 0)
+    monkeypatch.setattr(tasks.refresh_agreement_task, "delay", down)
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            agreement.cached_report(project)
+    assert calls == [project.pk, project.pk]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slow_report_is_served_from_the_cache_and_refreshed_on_the_worker(celery_worker_process, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from annotations import agreement
+    from tests.factories import PatchFactory, ProjectFactory, SlideFactory
+    from tests.integration.conftest import wait_for
+
+    project = ProjectFactory(votes_required=3)
+    patches = PatchFactory.create_batch(4, slide=SlideFactory(project=project))
+    students = [member(project, Role.CROWD, username=f"student-{i}-{project.pk}") for i in range(2)]
+    benign = project.label_classes.get(name="benign")
+    for patch in patches:
+        Vote.objects.create(project=project, patch=patch, annotator=students[0], label=benign, role=Role.CROWD)
+    monkeypatch.setattr(agreement, "INLINE_VOTES", 0)  # "large": the first report comes from the worker
+    monkeypatch.setattr(agreement, "INLINE_SECONDS", -1.0)  # and every later one too
+    client = api_client(member(project, Role.EXPERT))
+    url = f"/api/v1/projects/{project.pk}/agreement/"
+    assert client.get(url).status_code == 202
+    first = wait_for(
+        lambda: (r := client.get(url)).status_code == 200 and not r.json()["refreshing"] and r.json(),
+        timeout=60,
+        message="the worker's first report",
+    )
+    assert _crowd_votes(first) == 4
+    for patch in patches:
+        Vote.objects.create(project=project, patch=patch, annotator=students[1], label=benign, role=Role.CROWD)
+    # Within REPORT_MAX_AGE_S the last report is served as it was, with when it was computed.
+    cached = client.get(url).json()
+    assert _crowd_votes(cached) == 4 and cached["computed_at"] == first["computed_at"]
+    monkeypatch.setattr(agreement, "REPORT_MAX_AGE_S", 0)
+    stale = client.get(url).json()
+    assert _crowd_votes(stale) == 4  # served at once while the worker computes the next
+    fresh = wait_for(
+        lambda: _crowd_votes(body := client.get(url).json()) == 8 and body,
+        timeout=60,
+        message="the worker's refreshed report",
+    )
+    assert fresh["computed_at"] > first["computed_at"]
+    assert "refresh_agreement" in celery_worker_process.log_path.read_text()

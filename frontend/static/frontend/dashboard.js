@@ -60,7 +60,7 @@ const MODES = {
 const modeName = (mode) => MODES[mode] || mode;
 const percent = (share) => (share === null || share === undefined ? "–" : `${Math.round(share * 100)}%`);
 
-const state = { rounds: [], roundsAvailable: true, plot: null, live: null, pollTimer: null, slidesTimer: null, studentPlot: null, student: null };
+const state = { rounds: [], roundsAvailable: true, plot: null, live: null, pollTimer: null, slidesTimer: null, agreementTimer: null, studentPlot: null, student: null };
 window.histoloopDashboard = state;
 
 const fmt = (value, digits = 3) => (value === null || value === undefined || Number.isNaN(value) ? "–" : Number(value).toFixed(digits));
@@ -302,9 +302,19 @@ async function loadAgreement() {
     placeholder(ui.agreementBody, 5, error.status === 404 ? "Agreement reports are not available on this server yet." : error.message, "error");
     return;
   }
+  clearTimeout(state.agreementTimer);
+  if (!report.labels) {
+    // 202: a large project's first report is being computed on the worker. Look again in a while.
+    placeholder(ui.agreementBody, 5, report.detail || "The agreement report is being computed.");
+    state.agreementTimer = setTimeout(loadAgreement, 5000);
+    return;
+  }
+  // A large project's report is the last one the worker computed: say when, and look again once a newer is on its way.
+  if (report.refreshing) state.agreementTimer = setTimeout(loadAgreement, 10000);
   ui.agreementFigures.replaceChildren(
     figure("Fleiss' κ (crowd)", fmt(report.fleiss_kappa)),
     figure("Krippendorff's α", fmt(report.krippendorff_alpha)),
+    figure("Computed", `${when(report.computed_at)}${report.refreshing ? " (refreshing)" : ""}`),
   );
   renderProvenance(report.provenance || []);
   const annotators = report.annotators || [];
