@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from django.conf import settings
+from django.db import connection
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -25,6 +26,22 @@ from .serializers import (
     RegionImportResultSerializer,
 )
 from .zip_stream import streaming_response
+
+# The slide's patches in id order, each with its consensus label and status where the caller may see one
+# (a crowd member: only on the patches they have an active vote on). One pass over the slide's patches, the
+# consensus joined by its unique patch id; rows come back as tuples and are turned into columns in one go.
+_OVERLAY_SQL = f"""
+SELECT p.id, p.x, p.y, p.size, p.is_gold, c.label_id, c.status
+FROM {Patch._meta.db_table} p
+LEFT JOIN {Consensus._meta.db_table} c
+  ON c.patch_id = p.id AND c.project_id = p.project_id AND c.label_id IS NOT NULL
+  AND (NOT %(crowd)s OR EXISTS (
+    SELECT 1 FROM {Vote._meta.db_table} v
+    WHERE v.patch_id = p.id AND v.annotator_id = %(user)s AND v.is_active
+  ))
+WHERE p.project_id = %(project)s AND p.slide_id = %(slide)s
+ORDER BY p.id
+"""
 
 
 class OverlayView(ProjectScoped):
@@ -46,29 +63,27 @@ class OverlayView(ProjectScoped):
         slide_id = query_id(request, "slide")
         if slide_id is None:
             return Response({"detail": "Give the slide id as ?slide=<id>."}, status=400)
-        consensus = Consensus.objects.filter(project=project, patch__slide_id=slide_id, label__isnull=False)
-        if role == Role.CROWD:
-            voted = Vote.objects.filter(project=project, annotator=request.user, is_active=True)
-            consensus = consensus.filter(patch_id__in=voted.values("patch_id"))
         label_rows = list(project.label_classes.order_by("order").values_list("pk", "name", "colour"))
         label_index = {pk: i for i, (pk, _, _) in enumerate(label_rows)}
         statuses = list(Consensus.Status.values)
         status_index = {status: i for i, status in enumerate(statuses)}
-        shown = {
-            pid: (label_index[label_id], status_index[status])
-            for pid, label_id, status in consensus.values_list("patch_id", "label_id", "status")
+        crowd = role == Role.CROWD
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _OVERLAY_SQL, {"project": project.pk, "slide": slide_id, "crowd": crowd, "user": request.user.pk}
+            )
+            rows = cursor.fetchall()
+        ids, xs, ys, sizes, golds, label_ids, shown_statuses = zip(*rows, strict=True) if rows else ((),) * 7
+        labels = [label_index.get(pk) for pk in label_ids]
+        columns: dict[str, list[Any]] = {
+            "id": list(ids),
+            "x": list(xs),
+            "y": list(ys),
+            "size": list(sizes),
+            "label": labels,
+            "status": [None if i is None else status_index[s] for i, s in zip(labels, shown_statuses, strict=True)],
+            "is_gold": [False] * len(rows) if crowd else list(golds),
         }
-        columns: dict[str, list[Any]] = {key: [] for key in ("id", "x", "y", "size", "label", "status", "is_gold")}
-        rows = Patch.objects.filter(project=project, slide_id=slide_id).order_by("pk")
-        for pid, x, y, size, gold in rows.values_list("pk", "x", "y", "size", "is_gold").iterator(chunk_size=10_000):
-            label, status = shown.get(pid, (None, None))
-            columns["id"].append(pid)
-            columns["x"].append(x)
-            columns["y"].append(y)
-            columns["size"].append(size)
-            columns["label"].append(label)
-            columns["status"].append(status)
-            columns["is_gold"].append(bool(gold) and role != Role.CROWD)
         return Response(
             {
                 "slide": slide_id,

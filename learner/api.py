@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from django.db import connection
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -121,8 +122,13 @@ class HeatmapView(ProjectScoped):
             return Response({"detail": f"Unknown label {label!r}; the model knows {', '.join(names)}."}, status=400)
         k = names.index(label)
         ids, probs = scores.for_slide(version, int(slide))
-        geometry = Patch.objects.filter(project=project, slide_id=int(slide)).order_by("id")
-        rows = np.array(list(geometry.values_list("id", "x", "y", "size")), dtype=np.int64).reshape(-1, 4)
+        with connection.cursor() as cursor:  # tuples straight from the driver: 50,000 rows without a model layer
+            cursor.execute(
+                f"SELECT id, x, y, size FROM {Patch._meta.db_table}"
+                " WHERE project_id = %s AND slide_id = %s ORDER BY id",
+                [project.pk, int(slide)],
+            )
+            rows = np.array(cursor.fetchall(), dtype=np.int64).reshape(-1, 4)
         if len(ids) and len(rows):
             at = np.minimum(np.searchsorted(ids, rows[:, 0]), len(ids) - 1)
             scored = ids[at] == rows[:, 0]
