@@ -24,7 +24,7 @@ Baselines in the same run: the project's detail page (``GET projects/<id>/``: th
 one row); for the overlay, one ``values_list`` read of the slide's patch rows (the floor any form of
 the overlay has to read) and the same patches as one JSON object each, rendered by DRF's
 ``JSONRenderer`` (the form the scale issue warns against). Also printed: the ``EXPLAIN (ANALYZE,
-BUFFERS)`` of the overlay's consensus query and of the task list's rare filter at this size.
+BUFFERS)`` of the overlay's query and of the task list's rare filter at this size.
 
 The last line is one JSON object of the figures.
 """
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         from django.test import Client
         from rest_framework.renderers import JSONRenderer
 
-        from annotations import agreement
+        from annotations import agreement, api_reports
         from annotations.consensus import recompute_project_consensus
         from annotations.models import AnnotationTask, Consensus, Membership, Patch, Vote
 
@@ -203,12 +203,10 @@ def run(args: argparse.Namespace) -> int:
         )
         with connection.cursor() as cursor:
             cursor.execute(
-                "EXPLAIN (ANALYZE, BUFFERS) SELECT c.patch_id, c.label_id, c.status FROM annotations_consensus c"
-                " JOIN annotations_patch p ON p.id = c.patch_id"
-                " WHERE c.project_id = %s AND p.slide_id = %s AND c.label_id IS NOT NULL",
-                [project.pk, slide_id],
+                "EXPLAIN (ANALYZE, BUFFERS) " + api_reports._OVERLAY_SQL,
+                {"project": project.pk, "slide": slide_id, "crowd": False, "user": admin.pk},
             )
-            print("overlay's consensus query:\n  " + "\n  ".join(r[0] for r in cursor.fetchall()))
+            print("the overlay's query, as an admin:\n  " + "\n  ".join(r[0] for r in cursor.fetchall()))
             query, params = (
                 AnnotationTask.objects.filter(project=project, kind="expert")
                 .order_by("-id")[:100]

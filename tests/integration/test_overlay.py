@@ -83,3 +83,20 @@ def test_another_projects_slide_gives_an_empty_overlay_not_its_patches() -> None
     PatchFactory.create_batch(3, slide=theirs)
     body = overlay(member(project, Role.ADMIN), project, theirs)
     assert body["count"] == 0 and body["patches"]["id"] == []
+
+
+def test_the_columns_come_in_id_order_even_when_the_database_aggregates_them_in_another(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from annotations import api_reports
+
+    project = ProjectFactory()
+    slide = SlideFactory(project=project)
+    patches = PatchFactory.create_batch(5, slide=slide)
+    first = project.label_classes.order_by("order").first()
+    Consensus.objects.create(project=project, patch=patches[1], label=first, status="agreed", method="majority")
+    admin = member(project, Role.ADMIN)
+    expected = overlay(admin, project, slide)
+    reversed_sql = api_reports._OVERLAY_SQL.replace("ORDER BY p.id", "ORDER BY p.id DESC")
+    assert reversed_sql != api_reports._OVERLAY_SQL
+    monkeypatch.setattr(api_reports, "_OVERLAY_SQL", reversed_sql)
+    assert overlay(admin, project, slide) == expected
+    assert expected["patches"]["label"] == [None, 0, None, None, None]
