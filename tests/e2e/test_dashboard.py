@@ -184,3 +184,37 @@ def test_an_admin_switches_expert_routing_from_the_dashboard(
     with committed():
         project.refresh_from_db()
         assert project.expert_routing == "value"
+
+
+def test_the_dashboard_waits_for_a_large_projects_first_agreement_report_and_says_when_it_was_computed(
+    page: Any, make_project: Any, make_member: Any, committed: Any
+) -> None:
+    # A large project's first report comes from the worker: the server answers 202 until it is there
+    # (tests/integration/test_agreement.py). Here the first answer is that 202, the next ones the server's.
+    import json
+
+    seeded = make_project(queue=True, gold_rate=0.0)
+    project = seeded.project
+    make_member(project, Role.ADMIN, username="e2e-agreement-admin")
+    expert = make_member(project, Role.EXPERT)
+    with committed():
+        labels = list(project.label_classes.all())
+        for i, patch in enumerate(seeded.patches[:4]):
+            Vote.objects.create(project=project, patch=patch, annotator=expert, label=labels[i % 2], role=Role.EXPERT)
+    computing: list[str] = []
+
+    def first_answer_computing(route: Any) -> None:
+        if computing:
+            route.continue_()
+            return
+        computing.append(route.request.url)
+        body = {"detail": "The agreement report of this project is being computed on the worker.", "refreshing": True}
+        route.fulfill(status=202, content_type="application/json", body=json.dumps(body))
+
+    page.route(re.compile(r".*/agreement/$"), first_answer_computing)
+    login(page, "e2e-agreement-admin", next_path=f"/projects/{project.pk}/dashboard/")
+    table = page.locator("#agreement-table")
+    expect(table).to_contain_text("being computed on the worker")
+    expect(table).to_contain_text(expert.username, timeout=15_000)  # it looked again by itself
+    expect(page.locator("#agreement-figures")).to_contain_text("Computed")
+    assert len(computing) == 1
