@@ -10,6 +10,7 @@ worker, never in the request.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import asdict
@@ -23,6 +24,8 @@ from django.db import connection
 from .consensus import gold_labels, label_names, vote_records
 from .domain.agreement import annotator_reliability, pair_agreement, project_agreement
 from .models import Consensus, Project, Role, Vote
+
+logger = logging.getLogger(__name__)
 
 INLINE_SECONDS = 1.0  # a report that took at most this long is computed again on every request
 INLINE_VOTES = 5_000  # with no report yet: computed in the request up to this many active votes (about 0.6 s)
@@ -60,38 +63,48 @@ def refresh_report(project: Project) -> None:
         cache.delete(refreshing)
 
 
+class ReportUnavailable(Exception):
+    """A large project has no report yet and the worker's queue cannot take the job of computing one."""
+
+
 def _ask_worker(project: Project) -> bool:
-    """One refresh at a time per project (a cache ``add``); True when this call queued it."""
+    """Queue one refresh (one at a time per project: a cache ``add``). True when a refresh is queued or already
+    on its way, False when the broker could not take it (the next request asks again)."""
     from .tasks import refresh_agreement_task
 
     _, refreshing = _keys(project)
     if not cache.add(refreshing, datetime.now(UTC).isoformat(), REFRESH_LIMIT_S):
-        return False
-    project_id = project.pk
+        return True
     try:
-        refresh_agreement_task.delay(project_id)
+        refresh_agreement_task.delay(project.pk)
     except Exception:
-        cache.delete(refreshing)  # the broker is down: the next request asks again
-        raise
+        logger.warning("Could not queue the agreement report of project %s", project.pk, exc_info=True)
+        cache.delete(refreshing)
+        return False
     return True
 
 
 def cached_report(project: Project) -> dict[str, Any] | None:
     """The report as the dashboard reads it, with ``computed_at`` (ISO time) and ``refreshing`` (a newer one
-    is being computed on the worker); None while the first report of a large project is being computed."""
+    is being computed on the worker); None while the first report of a large project is being computed.
+    Raises :class:`ReportUnavailable` when that first report cannot even be queued."""
     from . import stats
 
     key, refreshing = _keys(project)
     entry = cache.get(key)
     if entry is None:
         if stats.label_counts(project)["votes"] > INLINE_VOTES:
-            _ask_worker(project)
+            if not _ask_worker(project):
+                raise ReportUnavailable(
+                    "The worker's queue cannot be reached, so this project's agreement report cannot be computed "
+                    "now. Try again in a few minutes."
+                )
             return None
         entry = store_report(project)
     elif entry["seconds"] <= INLINE_SECONDS:
         entry = store_report(project)
     elif time.time() - entry["at"] > REPORT_MAX_AGE_S:
-        _ask_worker(project)
+        _ask_worker(project)  # if the broker is down, the last report is served as it is, marked by its time
     return {
         **entry["report"],
         "computed_at": entry["computed_at"],

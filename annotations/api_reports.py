@@ -107,15 +107,19 @@ class OverlayView(ProjectScoped):
 
 
 class AgreementView(ProjectScoped):
-    """The agreement report (annotations.agreement.cached_report): 200 with the report, or 202 while the
-    first report of a large project is being computed on the worker (ask again in a few seconds)."""
+    """The agreement report (annotations.agreement.cached_report): 200 with the report, 202 while the first
+    report of a large project is being computed on the worker (ask again in a few seconds), 503 when that
+    first report cannot be queued (the broker is down)."""
 
     roles = EXPERTS
 
-    @extend_schema(responses={200: OpenApiTypes.OBJECT, 202: OpenApiTypes.OBJECT})
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, 202: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT})
     def get(self, request: Request, project_id: int) -> Response:
         project, _ = self.load(request, project_id)
-        report = agreement.cached_report(project)
+        try:
+            report = agreement.cached_report(project)
+        except agreement.ReportUnavailable as exc:
+            return Response({"detail": str(exc)}, status=503)
         if report is None:
             return Response(
                 {

@@ -64,7 +64,7 @@ def test_a_large_projects_first_report_is_asked_of_the_worker_once(labelled, mon
     assert body["refreshing"] is False and {a["username"] for a in body["annotators"]} >= {"ann", "lazy"}
 
 
-def test_a_broker_that_cannot_take_the_refresh_is_asked_again_next_time(labelled, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_broker_that_cannot_take_the_refresh_gets_a_clear_answer_and_is_asked_again(labelled, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from annotations import agreement, tasks
 
     project, *_ = labelled
@@ -76,10 +76,18 @@ def test_a_broker_that_cannot_take_the_refresh_is_asked_again_next_time(labelled
 
     monkeypatch.setattr(agreement, "INLINE_VOTES", 0)
     monkeypatch.setattr(tasks.refresh_agreement_task, "delay", down)
+    client = api_client(member(project, Role.EXPERT))
+    url = f"/api/v1/projects/{project.pk}/agreement/"
     for _ in range(2):
-        with pytest.raises(ConnectionError):
-            agreement.cached_report(project)
-    assert calls == [project.pk, project.pk]
+        response = client.get(url)
+        assert response.status_code == 503 and "queue cannot be reached" in response.json()["detail"]
+    assert calls == [project.pk, project.pk]  # the failed attempt left no flag behind
+    # With a report already kept, a refresh the broker refuses leaves the last report served, marked by its time.
+    kept = agreement.store_report(project)
+    monkeypatch.setattr(agreement, "INLINE_SECONDS", -1.0)
+    monkeypatch.setattr(agreement, "REPORT_MAX_AGE_S", 0)
+    body = client.get(url).json()
+    assert body["computed_at"] == kept["computed_at"] and body["refreshing"] is False and len(calls) == 3
 
 
 @pytest.mark.django_db(transaction=True)
