@@ -150,7 +150,7 @@ def lookup_groups(
 def group_rows(store: EmbeddingStore, groups: list[Group], n: int, cfg: LearnerSettings) -> Rows:
     """The pool's embeddings once every group's rows are known: read from the slide files (in memory when
     small enough)."""
-    files = [store.vectors_path(key) for key, _, _, _ in groups]
+    files = [store.vectors_file(key) for key, _, _, _ in groups]
     seg = np.empty(n, dtype=np.int32)
     row = np.empty(n, dtype=np.int64)
     for g, (_, idx, _, rows) in enumerate(groups):

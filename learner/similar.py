@@ -88,7 +88,7 @@ def pool_for_index(project: Project, model_id: str, dim: int) -> tuple[np.ndarra
         .values_list("id", "slide_id", "x", "y", "size"),
         dtype=np.int64,
     ).reshape(-1, 5)
-    files: list[Path] = []
+    files: list[str] = []
     keys: list[str] = []
     seg = np.full(len(rows), -1, dtype=np.int32)
     row = np.full(len(rows), -1, dtype=np.int64)
@@ -102,7 +102,7 @@ def pool_for_index(project: Project, model_id: str, dim: int) -> tuple[np.ndarra
         key = slide_key(slides.get(sid, ""), sid, psize, project.patch_size)
         found = store.lookup(key, rows[part, 2:4])
         seg[part], row[part] = len(files), found
-        files.append(store.vectors_path(key))
+        files.append(store.vectors_file(key))
         keys.append(key)
     have = row >= 0
     ids = rows[have, 0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import re
 import tempfile
@@ -88,7 +89,7 @@ def as_rows(x: np.ndarray | Rows) -> Rows:
 class SlideRows:
     """A pool's embeddings in slide files: pool index i is row ``row[i]`` of ``files[seg[i]]``."""
 
-    files: Sequence[Path]
+    files: Sequence[str | Path]
     seg: np.ndarray  # int32 per pool index
     row: np.ndarray  # int64 per pool index
     dim: int
@@ -107,7 +108,9 @@ class SlideRows:
         for part in np.split(order, bounds):
             vectors = _open_vectors(self.files[int(seg[part[0]])])
             rows = row[part]
-            if np.all(np.diff(rows) == 1):  # a run of consecutive rows (a whole slide, in a chunked pass): a slice
+            if len(rows) == 1:  # a one-patch slide (the LC25000 pools): no run to look for
+                out[part[0]] = vectors[rows[0]]
+            elif np.all(np.diff(rows) == 1):  # a run of consecutive rows (a whole slide, in a chunked pass): a slice
                 out[part] = vectors[rows[0] : rows[-1] + 1]
             else:
                 out[part] = vectors[rows]
@@ -135,18 +138,36 @@ class SlideRows:
 SMALL_FILE_BYTES = 1 << 20
 
 
-def _open_vectors(path: Path) -> np.ndarray:
+def _read_up_to(path: str | Path, limit: int | None) -> tuple[bytes | None, int]:
+    """(the file's bytes, its size), or (None, size) when it is larger than ``limit``. Plain ``os`` calls: a
+    pool of one-patch slides opens tens of thousands of tiny files, and a buffered file object costs more to
+    make and close than reading a few kilobytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if limit is not None and size > limit:
+            return None, size
+        parts = []
+        while chunk := os.read(fd, max(size, 1 << 16)):
+            parts.append(chunk)
+        return b"".join(parts), size
+    finally:
+        os.close(fd)
+
+
+def _open_vectors(path: str | Path) -> np.ndarray:
     """A slide's vectors: read whole when small, else memory-mapped (rows read on access)."""
-    with open(path, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size <= SMALL_FILE_BYTES:
-            return _parse_npy(fh.read(), path)
+    data, _ = _read_up_to(path, SMALL_FILE_BYTES)
+    if data is not None:
+        return _parse_npy(data, path)
     return np.load(path, mmap_mode="r")
 
 
-def _load_small(path: Path) -> np.ndarray:
+def _load_small(path: str | Path) -> np.ndarray:
     """A ``.npy`` file read whole: for the positions files, a few bytes per row."""
-    with open(path, "rb") as fh:
-        return _parse_npy(fh.read(), path)
+    data, _ = _read_up_to(path, None)
+    assert data is not None  # no limit
+    return _parse_npy(data, path)
 
 
 # The header np.save writes for a C-ordered array of a plain dtype, e.g.
@@ -183,27 +204,30 @@ def _dtype(descr: bytes) -> np.dtype:
     return np.dtype(descr.decode("ascii"))
 
 
-def _parse_npy(data: bytes, path: Path) -> np.ndarray:
+def _parse_npy(data: bytes, path: str | Path) -> np.ndarray:
     """The array in a whole ``.npy`` file's bytes (read-only); a short file raises ValueError, as np.load does."""
     parsed = _header(data)
     if parsed is None:
         return np.load(io.BytesIO(data), allow_pickle=False)
     shape, dtype, offset = parsed
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if len(data) - offset < count * dtype.itemsize:
-        raise ValueError(f"{path.name}: truncated .npy file")
+        raise ValueError(f"{os.path.basename(path)}: truncated .npy file")
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
-def _array_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+def _array_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype]:
     """The shape and dtype a ``.npy`` file declares, from its header alone (nothing mapped, no data read)."""
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        parsed = _header(fh.read(_HEAD_BYTES))
-        if parsed is not None:
-            shape, dtype, offset = parsed
-        else:
-            fh.seek(0)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        parsed = _header(os.read(fd, _HEAD_BYTES))
+    finally:
+        os.close(fd)
+    if parsed is not None:
+        shape, dtype, offset = parsed
+    else:
+        with open(path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
             if version == (1, 0):
                 shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
@@ -213,7 +237,7 @@ def _array_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
                 raise ValueError(f"unsupported .npy version {version}")
             offset = fh.tell()
     # A file cut short of its data is damage, as np.load's map would have said.
-    if size < offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+    if size < offset + math.prod(shape) * dtype.itemsize:
         raise ValueError("truncated .npy file")
     return shape, dtype
 
@@ -254,17 +278,26 @@ class EmbeddingStore:
     dim: int
     write_lock: Callable[[str], AbstractContextManager[object]] = _no_lock
 
-    def vectors_path(self, slide_key: str) -> Path:
-        return self.root / self.model_id / slide_key[:2] / f"{slide_key}.npy"
+    @functools.cached_property
+    def _dir(self) -> str:
+        return os.path.join(self.root, self.model_id)
 
-    def _xy_path(self, slide_key: str) -> Path:
-        return self.root / self.model_id / slide_key[:2] / f"{slide_key}.xy.npy"
+    def vectors_path(self, slide_key: str) -> Path:
+        return Path(self.vectors_file(slide_key))
+
+    def vectors_file(self, slide_key: str) -> str:
+        """``vectors_path`` as a string: a pool of many small slides names tens of thousands of these, and a
+        string costs a fraction of a ``Path``'s three joins."""
+        return f"{self._dir}/{slide_key[:2]}/{slide_key}.npy"
+
+    def _xy_path(self, slide_key: str) -> str:
+        return f"{self._dir}/{slide_key[:2]}/{slide_key}.xy.npy"
 
     def _read_xy(self, slide_key: str) -> np.ndarray | None:
         """The slide's recorded positions, or None when it has no complete, consistent file."""
         try:
             xy = _load_small(self._xy_path(slide_key))
-            shape, dtype = _array_header(self.vectors_path(slide_key))
+            shape, dtype = _array_header(self.vectors_file(slide_key))
         except (FileNotFoundError, ValueError, EOFError, OSError):
             return None
         # The vectors are replaced before the positions and rows only grow, so a vectors file longer than the
@@ -284,6 +317,8 @@ class EmbeddingStore:
         if stored is None or not len(stored) or not len(wanted):
             return rows
         keys = xy_keys(stored)
+        if len(keys) == len(wanted) and np.array_equal(keys, wanted):  # the file's positions, in its order
+            return np.arange(len(keys), dtype=np.int64)
         sorter = np.argsort(keys, kind="stable")
         at = np.minimum(np.searchsorted(keys[sorter], wanted), len(keys) - 1)
         hit = keys[sorter][at] == wanted
@@ -324,5 +359,5 @@ class EmbeddingStore:
             target = self.vectors_path(slide_key)
             target.parent.mkdir(parents=True, exist_ok=True)
             _save_atomic(target, np.ascontiguousarray(vectors))
-            _save_atomic(self._xy_path(slide_key), xy)
+            _save_atomic(Path(self._xy_path(slide_key)), xy)
         return added

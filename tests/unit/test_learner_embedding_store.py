@@ -229,3 +229,26 @@ def test_self_training_caps_its_pseudo_labels_and_reads_a_slide_pool_like_an_arr
     assert capped.extra["pseudo_labels"] == 50 and capped.extra["n_train"] == 20
     again = self_train_head(x, labels, on_disk, names, toy_backbone(), config, **kwargs)  # type: ignore[arg-type]
     np.testing.assert_array_equal(again.predict_proba(x), capped.predict_proba(x))  # the sample is seeded
+
+
+def test_a_slide_asked_for_in_its_file_order_or_another_finds_the_same_rows(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    xy = np.array([[0, 0], [224, 0], [0, 224], [224, 224]])
+    s.put_slide("abc", xy, vectors(4))
+    assert s.lookup("abc", xy).tolist() == [0, 1, 2, 3]
+    assert s.lookup("abc", xy[::-1]).tolist() == [3, 2, 1, 0]
+    assert s.lookup("abc", xy[:3]).tolist() == [0, 1, 2]
+    assert s.lookup("abc", np.array([[0, 0], [224, 0], [0, 224], [9, 9]])).tolist() == [0, 1, 2, -1]
+
+
+def test_a_pool_of_one_patch_slides_named_by_string_reads_each_slides_row(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    keys = [f"slide-{i}" for i in range(5)]
+    for i, key in enumerate(keys):
+        s.put_slide(key, np.array([[i, 0]]), vectors(1, offset=100 * i))
+        assert s.lookup(key, np.array([[i, 0]])).tolist() == [0]
+    assert str(s.vectors_path(keys[0])) == s.vectors_file(keys[0])
+    pool = SlideRows([s.vectors_file(k) for k in keys], np.arange(5, dtype=np.int32), np.zeros(5, dtype=np.int64), DIM)
+    idx = np.array([4, 0, 2, 2])
+    expected = np.concatenate([vectors(1, offset=100 * int(i)) for i in idx])
+    np.testing.assert_array_equal(pool.take(idx), expected)
