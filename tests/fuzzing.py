@@ -458,19 +458,3 @@ def failure_report(report: RoleReport) -> str:
         f"{report.schema_mismatches} did not match the schema; requests digest {report.digest.hexdigest()[:12]}):"
     )
     return "\n".join([head, *(f"- {p}" for p in problems)])
-
-
-def purge_task_queues() -> int:
-    """Drops the Celery messages the fuzzer's requests sent (rounds, ingests): no worker is meant
-    to run them, and one started later on the same broker must not pick them up."""
-    from histoloop.celery import app
-
-    purged = 0
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        for queue_name in ("gpu", "cpu"):
-            try:
-                purged += channel.queue_purge(queue_name) or 0
-            except Exception:  # noqa: S112 - a queue that was never declared has nothing to purge
-                continue
-    return purged

@@ -146,3 +146,22 @@ def live_processes_in_group(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(stat.parent.name))
     return members
+
+
+def purge_task_queues() -> int:
+    """Drop the Celery messages waiting on the broker's gpu and cpu queues; returns how many there were.
+
+    A test that is not meant to have a worker (the fuzzer's rounds and ingests, the tasks of tests whose
+    data was rolled back, a run stopped half-way on the same broker) leaves its messages there, and a
+    worker started later would run them against another test's data."""
+    from histoloop.celery import app
+
+    purged = 0
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue_name in ("gpu", "cpu"):
+            try:
+                purged += channel.queue_purge(queue_name) or 0
+            except Exception:  # noqa: S112 - a queue that was never declared has nothing to purge
+                continue
+    return purged

@@ -56,7 +56,7 @@ def main() -> int:
     from django.test.utils import setup_databases, teardown_databases
 
     from tests import fuzzing
-    from tests.servers import asgi_server, server_env
+    from tests.servers import asgi_server, purge_task_queues, server_env
 
     unknown = sorted(set(roles) - set(fuzzing.ROLES))
     if unknown:
@@ -82,7 +82,7 @@ def main() -> int:
                     examples=args.examples,
                     seed_value=args.seed if args.seed is not None else fuzzing.SEED,
                 )
-                fuzzing.purge_task_queues()
+                purge_task_queues()
                 reports.append(report)
                 print(f"{role}: {report.requests} requests in {report.seconds:.0f} s", flush=True)
     finally:

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from django.conf import settings
 
-from tests.servers import REPO_ROOT, celery_worker
+from tests.servers import REPO_ROOT, celery_worker, purge_task_queues
 
 __all__ = ["REPO_ROOT", "celery_worker_process", "test_database_url", "wait_for"]
 
@@ -28,8 +28,12 @@ def celery_worker_process(
 ) -> Iterator[subprocess.Popen]:
     """A real `celery worker` process consuming the gpu and cpu queues against the test database.
 
-    Tests that use it must commit their data (``transactional_db``) so the worker sees it.
+    Tests that use it must commit their data (``transactional_db``) so the worker sees it. The messages
+    already on the broker's queues are dropped first: they were sent by tests whose data is gone (rolled
+    back, or flushed) or by an earlier run on the same broker, and this worker must run only what the
+    tests that use it send.
     """
+    purge_task_queues()
     log = tmp_path_factory.mktemp("celery") / "worker.log"
     env = dict(os.environ)
     env["DATABASE_URL"] = test_database_url()

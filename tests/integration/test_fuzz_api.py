@@ -21,7 +21,7 @@ from django.test import override_settings
 from tests import fuzzing
 from tests.conftest import SLIDES_DIR
 from tests.integration import conftest as integration
-from tests.servers import asgi_server, server_env
+from tests.servers import asgi_server, purge_task_queues, server_env
 
 # Per operation and role, at most this many positive and as many negative requests, besides the
 # dictionary pass (3 roles x 37 operations: about 3,000 requests, two minutes on a 2-core machine).
@@ -62,7 +62,7 @@ def test_no_request_from_a_member_crashes_the_server_or_strays_from_the_schema(
     try:
         report = fuzzing.fuzz_role(api_schema, fuzz_server, target, examples=EXAMPLES)
     finally:
-        fuzzing.purge_task_queues()
+        purge_task_queues()
     operations = {result.ok().label for result in api_schema.get_all_operations()}
     # A fuzzer that sent nothing proves nothing: every operation must have been exercised.
     assert report.operations == operations, f"operations never requested: {sorted(operations - report.operations)}"
