@@ -1,7 +1,7 @@
 """The queue and a round at real size: a million patches over a hundred slides.
 
     .venv/bin/python tests/bench/bench_scale.py [--patches 1000000] [--slides 100] [--sizes 10000,100000]
-        [--annotators 20] [--annotator-processes 2] [--pace 2.0] [--pairs 300] [--no-round] [--keep]
+        [--annotators 20] [--annotator-processes 2] [--pace 2.0] [--pairs 300] [--no-round] [--no-routing] [--keep]
         [--profile FILE]
 
 Uses the PostgreSQL server of DATABASE_URL (embedded when unset) but a database of its own,
@@ -23,6 +23,10 @@ Measured, in-process (the platform's own functions, one database connection per 
   round's own process, where they compete with it for the GIL): every stage's time, the round's
   peak RSS, rows written per table, and the annotators' lease latency and empty answers before,
   during and after the round.
+- unless ``--no-routing``, on the largest project afterwards: the crowd policy's per-project passes, gold
+  on a fifth of the voted patches and a certification threshold about half the students fall below, then
+  every member's gold counts refreshed and the consensus of the patches of the students who changed side
+  recomputed; the crowd's Dawid-Skene fit and routing by value of a round-sized batch (``split_batch``).
 
 The last line is one JSON object with the figures the scale issue asks for.
 """
@@ -513,6 +517,96 @@ def round_under_load(
     }
 
 
+GOLD_SHARE = 0.2  # of the voted patches: gold, with an expert's label (the truth the build voted around)
+CERTIFICATION = 0.85  # the build's students are right 85% of the time: about half fall below
+
+
+def routing_and_certification(project: Any, batch: int) -> dict[str, Any]:
+    """The two per-project passes of the crowd policy at this size, timed on the built project:
+
+    - certification: gold on a share of the voted patches (an expert's vote each), a certification
+      threshold the students straddle, then ``students.refresh_students`` (every member's gold counts in one
+      statement) and the consensus of every patch whose students changed side
+      (``recompute_students_patches``);
+    - routing by value: the crowd's Dawid-Skene fit (``reliability.refresh``), then ``expert_routing.split_batch``
+      on a round-sized batch of open patches with a model posterior for each.
+    """
+    import numpy as np
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+
+    from annotations import expert_routing, reliability, students
+    from annotations.models import AnnotationTask, LabelClass, Membership
+
+    expert = get_user_model().objects.create(username=f"scale-expert-{project.pk}")
+    Membership.objects.create(user=expert, project=project, role="expert")
+    label_ids = list(LabelClass.objects.filter(project=project).order_by("order").values_list("pk", flat=True))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            WITH voted AS (SELECT DISTINCT patch_id FROM annotations_vote WHERE project_id = %(p)s),
+            gold AS (
+                UPDATE annotations_patch p SET is_gold = true FROM voted
+                WHERE p.id = voted.patch_id AND (abs(hashint8(p.id + 7)) %% 1000) < %(share)s * 1000
+                RETURNING p.id
+            )
+            INSERT INTO annotations_vote
+                (project_id, patch_id, annotator_id, label_id, role, time_spent_ms, is_active, created_at)
+            SELECT %(p)s, gold.id, %(expert)s, (%(labels)s::bigint[])[1 + gold.id %% 3], 'expert', 2000, true, now()
+            FROM gold
+            """,
+            {"p": project.pk, "share": GOLD_SHARE, "expert": expert.pk, "labels": label_ids},
+        )
+        n_gold = cursor.rowcount
+        cursor.execute("ANALYZE annotations_patch, annotations_vote")
+    project.certification_threshold = CERTIFICATION
+    project.save(update_fields=["certification_threshold"])
+    started = time.perf_counter()
+    changed = students.refresh_students(project, recompute=False)
+    refresh_s = time.perf_counter() - started
+    started = time.perf_counter()
+    recomputed = students.recompute_students_patches(project, changed)
+    recompute_s = time.perf_counter() - started
+    print(
+        f"certification at {CERTIFICATION}: {n_gold:,} gold patches; gold counts of every member in {refresh_s:.2f} s, "
+        f"{len(changed)} students changed side, consensus of their {recomputed:,} patches in {recompute_s:.2f} s",
+        flush=True,
+    )
+    started = time.perf_counter()
+    fit = reliability.refresh(project)
+    fit_s = time.perf_counter() - started
+    project.expert_routing = "value"
+    project.save(update_fields=["expert_routing"])
+    ids = list(
+        AnnotationTask.objects.filter(project=project, kind="crowd", state="open")
+        .order_by("-priority")
+        .values_list("patch_id", flat=True)[:batch]
+    )
+    proba = np.random.default_rng(0).dirichlet(np.full(len(label_ids), 0.5), size=len(ids))
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        split = expert_routing.split_batch(project, ids, proba)
+        times.append(time.perf_counter() - started)
+    print(
+        f"routing by value: the crowd's fit ({fit.n_votes if fit else 0:,} votes) in {fit_s:.2f} s; "
+        f"a batch of {len(ids):,}: {len(split.expert):,} to experts, {len(split.crowd):,} to the crowd",
+        flush=True,
+    )
+    routing = show(f"split_batch, {len(ids):,} patches", times)
+    return {
+        "gold_patches": n_gold,
+        "certification_refresh_s": round(refresh_s, 3),
+        "certification_changed_students": len(changed),
+        "certification_recomputed_patches": recomputed,
+        "certification_recompute_s": round(recompute_s, 3),
+        "reliability_fit_s": round(fit_s, 3),
+        "routing_batch": len(ids),
+        "routing_to_experts": len(split.expert),
+        "routing_split_median_ms": routing["median_ms"],
+    }
+
+
 def seed_embeddings(project: Any) -> None:
     """Synthetic vectors in the round's embedding store (one file per slide), clustered by label, so the
     round finds every embedding cached and reads no pixels."""
@@ -552,6 +646,9 @@ def main() -> int:
     parser.add_argument("--profile", default="", help="cProfile the round into this file (and print its top)")
     parser.add_argument("--pairs", type=int, default=300)
     parser.add_argument("--no-round", action="store_true")
+    parser.add_argument(
+        "--no-routing", action="store_true", help="skip the certification refresh and routing-by-value timings"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
     args = parser.parse_args()
 
@@ -631,6 +728,8 @@ def run(args: argparse.Namespace) -> int:
                 annotator_pace_s=args.pace,
                 load_average=list(os.getloadavg()),
             )
+        if not args.no_routing and largest is not None:
+            result.update(routing_and_certification(largest, largest.batch_size))
         print(json.dumps(result))
     return 0
 
