@@ -1,8 +1,8 @@
 """The queue and a round at real size: a million patches over a hundred slides.
 
     .venv/bin/python tests/bench/bench_scale.py [--patches 1000000] [--slides 100] [--sizes 10000,100000]
-        [--annotators 20] [--annotator-processes 2] [--pace 2.0] [--pairs 300] [--no-round] [--no-routing] [--keep]
-        [--profile FILE]
+        [--annotators 20] [--annotator-processes 2] [--pace 2.0] [--pairs 300] [--vote-share 0.01] [--no-round]
+        [--no-routing] [--keep] [--profile FILE]
 
 Uses the PostgreSQL server of DATABASE_URL (embedded when unset) but a database of its own,
 ``bench_scale_<pid>``, created, migrated and dropped at the end (``--keep`` leaves it), so nothing
@@ -10,7 +10,7 @@ touches your data and a million rows are removed in one ``DROP DATABASE``.
 
 Rows are real rows of the platform's tables, written with set-based SQL (``INSERT ... SELECT
 generate_series``) for speed: slides, patches, one open crowd task per patch, crowd votes on 1% of
-the patches (three students each) and those tasks done. No pixels are read.
+the patches (``--vote-share``; three students each) and those tasks done. No pixels are read.
 
 Measured, in-process (the platform's own functions, one database connection per thread):
 - for each size in ``--sizes`` and ``--patches``: lease + vote by one crowd member (median, p95,
@@ -120,7 +120,7 @@ def scratch_database(keep: bool, prefix: str = "bench_scale") -> Iterator[str]:
 # --- building a project ---------------------------------------------------------------------------------
 
 
-def build_project(n_patches: int, n_slides: int, tag: str) -> Any:
+def build_project(n_patches: int, n_slides: int, tag: str, vote_share: float = VOTE_SHARE) -> Any:
     """A project of ``n_patches`` patches over ``n_slides`` slides, queued, 1% voted on by the crowd."""
     from django.contrib.auth import get_user_model
     from django.db import connection, transaction
@@ -178,14 +178,14 @@ def build_project(n_patches: int, n_slides: int, tag: str) -> Any:
                 """,
                 {"p": project.pk, "k": VOTES_PER_PATCH},
             )
-            # 1% of the patches: three students' votes each, mostly agreeing; their tasks are done.
+            # 1% of the patches (--vote-share): three students' votes each, mostly agreeing; their tasks are done.
             cursor.execute(
                 """
                 CREATE TEMP TABLE voted ON COMMIT DROP AS
                 SELECT id AS patch_id, (id %% 3) AS truth FROM annotations_patch
                 WHERE project_id = %(p)s AND (abs(hashint8(id)) %% 100000) < %(share)s * 100000
                 """,
-                {"p": project.pk, "share": VOTE_SHARE},
+                {"p": project.pk, "share": vote_share},
             )
             cursor.execute(
                 """
@@ -463,9 +463,13 @@ def round_under_load(
     seed_embeddings(project)
     # The consensus rows cast_vote would have kept for the votes the SQL build inserted, so the round's
     # snapshot finds a project as a live one would be (and creates none of them itself).
-    started = time.perf_counter()
-    consensus.recompute_project_consensus(project)
-    print(f"consensus of the built votes in {time.perf_counter() - started:.1f} s", flush=True)
+    started, rss = time.perf_counter(), peak_rss_mb()
+    rows = consensus.recompute_project_consensus(project)
+    print(
+        f"consensus of the built votes in {time.perf_counter() - started:.1f} s: {rows:,} patches; "
+        f"peak RSS {rss:,.0f} MB before, {peak_rss_mb():,.0f} MB after",
+        flush=True,
+    )
     crowd: Annotators | AnnotatorProcesses = (
         AnnotatorProcesses(project, annotators, processes, pace)
         if processes > 0 and annotators > 0
@@ -645,6 +649,12 @@ def main() -> int:
     )
     parser.add_argument("--profile", default="", help="cProfile the round into this file (and print its top)")
     parser.add_argument("--pairs", type=int, default=300)
+    parser.add_argument(
+        "--vote-share",
+        type=float,
+        default=VOTE_SHARE,
+        help="share of the patches with three crowd votes each (0.9 of 1.1M patches: about 3M votes)",
+    )
     parser.add_argument("--no-round", action="store_true")
     parser.add_argument(
         "--no-routing", action="store_true", help="skip the certification refresh and routing-by-value timings"
@@ -686,7 +696,7 @@ def run(args: argparse.Namespace) -> int:
         figures: dict[int, dict[str, Any]] = {}
         largest = None
         for size in sizes:
-            project = build_project(size, min(args.slides, max(1, size // 1000)), f"p{size}")
+            project = build_project(size, min(args.slides, max(1, size // 1000)), f"p{size}", args.vote_share)
             print(f"-- {size:,} patches")
             figures[size] = queue_figures(project, args.pairs, plan=size == args.patches)
             largest = project
