@@ -361,7 +361,7 @@ class AnnotationTask(models.Model):
             ),
             models.Index(fields=["lease_owner", "state"]),
             # The admins' task list filtered to the expert or gold tasks, newest first: a few among a million
-            # crowd tasks, which the primary key's walk would pass over one by one. Crowd tasks never enter it,
+            # crowd tasks, which the filter otherwise finds by scanning them all. Crowd tasks never enter it,
             # and leasing or voting changes none of its columns.
             models.Index(
                 fields=["project", "-id"],

@@ -1,5 +1,5 @@
-# The index is built CONCURRENTLY: at a million tasks the build reads the table for about a second, and a
-# plain CREATE INDEX would hold leasing and voting for that long.
+# The index is built CONCURRENTLY: the build reads the whole table (0.2 s at a million tasks on 2 idle cores),
+# and a plain CREATE INDEX would hold leasing and voting while it does.
 
 import django.db.models
 from django.contrib.postgres.operations import AddIndexConcurrently
