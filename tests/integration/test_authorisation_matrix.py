@@ -14,6 +14,7 @@ import pytest
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import override_settings
 from rest_framework.test import APIClient
 
 from annotations.models import Patch, Role
@@ -146,10 +147,17 @@ def test_every_endpoint_answers_every_role_as_the_matrix_says() -> None:
     assert not wrong, "\n".join(wrong)
 
 
+# The in-process channel layer: this test is about who the handshake admits, and each asyncio.run below is a
+# new event loop. With the Redis layer, a consumer's receive loop (a BZPOPMIN every 5 s) once outlived its
+# loop's shutdown and held the run until CI's limit (2026-12-03: seen twice, the traceback in the closing note).
+# Events over the real Redis layer are proven by test_rounds.py (a real worker's round) and the browser tests.
+@override_settings(CHANNEL_LAYERS={"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}})
 @pytest.mark.django_db(transaction=True)
 def test_websocket_refuses_anonymous_and_outsiders_and_admits_members() -> None:
+    from channels.layers import InMemoryChannelLayer, get_channel_layer
     from django.contrib.auth.models import AnonymousUser
 
+    assert isinstance(get_channel_layer(), InMemoryChannelLayer)
     project = ProjectFactory()
     crowd = member(project, Role.CROWD)
     outsider = member(ProjectFactory(), Role.ADMIN)
