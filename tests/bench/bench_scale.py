@@ -121,7 +121,8 @@ def scratch_database(keep: bool, prefix: str = "bench_scale") -> Iterator[str]:
 
 
 def build_project(n_patches: int, n_slides: int, tag: str, vote_share: float = VOTE_SHARE) -> Any:
-    """A project of ``n_patches`` patches over ``n_slides`` slides, queued, 1% voted on by the crowd."""
+    """A project of ``n_patches`` patches over ``n_slides`` slides, queued, ``vote_share`` of them (1% unless
+    given) voted on by three students each."""
     from django.contrib.auth import get_user_model
     from django.db import connection, transaction
 
@@ -178,7 +179,7 @@ def build_project(n_patches: int, n_slides: int, tag: str, vote_share: float = V
                 """,
                 {"p": project.pk, "k": VOTES_PER_PATCH},
             )
-            # 1% of the patches (--vote-share): three students' votes each, mostly agreeing; their tasks are done.
+            # vote_share of the patches: three students' votes each, mostly agreeing; their tasks are done.
             cursor.execute(
                 """
                 CREATE TEMP TABLE voted ON COMMIT DROP AS
