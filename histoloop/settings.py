@@ -305,6 +305,7 @@ LEARNER = {
     "PRETRAINED_DIR": os.environ.get("LEARNER_PRETRAINED_DIR", str(BASE_DIR / "var" / "pretrained")),
     "MULTISCALE": env_bool("LEARNER_MULTISCALE", True),
     "SELF_TRAINING": env_bool("LEARNER_SELF_TRAINING", True),
+    "HEAD_MAX_LABELS": int(os.environ.get("LEARNER_HEAD_MAX_LABELS", "50000")),
     "CPU_BACKEND": os.environ.get("LEARNER_CPU_BACKEND", "auto"),
     "EMBED_READER": os.environ.get("LEARNER_EMBED_READER", "threads"),
     "EMBED_READERS": int(os.environ.get("LEARNER_EMBED_READERS", "2")),

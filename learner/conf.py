@@ -34,6 +34,9 @@ class LearnerSettings:
     # Self-training pseudo-labels at most this many confident pool patches (a seeded sample of them):
     # more adds little to a linear head and its fit time grows with every row.
     MAX_PSEUDO_LABELS: int = 20_000
+    # A head fits on at most this many labels (a seeded sample drawn class by class beyond it): its float64
+    # design matrix is 8 bytes a value, 0.76 GB at 1,904 features, with the pseudo-labels beside it.
+    HEAD_MAX_LABELS: int = 50_000
     # The CPU embedding pass's inference backend (learner.core.runtime): "auto" (the fastest installed
     # runtime whose embeddings equal torch's within EMBED_ATOL; ONNX Runtime), "torch", "onnxruntime" or
     # "openvino". A GPU and fine-tune training always use torch. bench_embed.py measures them.

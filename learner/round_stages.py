@@ -33,7 +33,7 @@ from learner.core.embedding_store import Rows
 from learner.core.errors import ProgressFn, StopFn, check_stop, report
 from learner.core.evaluation import evaluate
 from learner.core.strategies import cold_start, select_batch
-from learner.core.training import finetune, self_train_head, train_head
+from learner.core.training import class_sample, finetune, self_train_head, train_head
 
 from .conf import LearnerSettings
 from .embedding import PIXEL_CHUNK, image_size, load_patches, patch_images
@@ -431,11 +431,23 @@ def pseudo_label_candidates(pool: Pool, setup: RoundSetup) -> np.ndarray:
     return np.sort(np.random.default_rng([setup.config.seed, limit]).choice(pool.unlabelled, limit, replace=False))
 
 
+def head_labels(pool: Pool, idx: np.ndarray, setup: RoundSetup) -> np.ndarray:
+    """The labelled patches ``idx`` a head fits on: all of them up to LEARNER HEAD_MAX_LABELS, else a seeded
+    sample of that many drawn class by class (learner.core.training.class_sample), so the fit's memory and
+    time stay bounded however many patches are labelled."""
+    limit = setup.settings.HEAD_MAX_LABELS
+    if len(idx) <= limit:
+        return idx
+    balanced = setup.config.balance != "none"
+    return idx[class_sample(pool.y[idx], limit, balanced=balanced, seed=setup.config.seed)]
+
+
 def _fit_head(
     pool: Pool, emb: Rows, idx: np.ndarray, backbone: Backbone, setup: RoundSetup, *, progress: bool
 ) -> Classifier:
+    idx = head_labels(pool, idx, setup)
     return platform_head(
-        emb.take(idx), pool.y[idx], emb.subset(pseudo_label_candidates(pool, setup)), setup.class_names, backbone,
+        emb.subset(idx), pool.y[idx], emb.subset(pseudo_label_candidates(pool, setup)), setup.class_names, backbone,
         setup.config, setup.settings, posterior=label_posteriors(pool, idx, setup),
         progress=setup.progress if progress else None, should_stop=setup.should_stop,
     )  # fmt: skip
@@ -513,19 +525,19 @@ def arm_metrics(pool: Pool, emb: Rows, split: LabelSplit, backbone: Backbone, se
     n = min(len(random_idx), len(strategy_idx))
     if n < 4 or len(val) == 0:
         return {}
+    n = min(n, setup.settings.HEAD_MAX_LABELS)  # as many labels as a head fits on at most, for both arms
     rng = np.random.default_rng(setup.config.seed)
     strategy_idx = rng.choice(strategy_idx, size=n, replace=False)
     random_idx = rng.choice(random_idx, size=n, replace=False)
     out: dict[str, Any] = {}
-    val_emb = emb.take(val)
     for arm, idx in (("strategy", strategy_idx), ("random", random_idx)):
         if len(np.unique(y[idx])) < 2:
             continue
         clf = train_head(
-            emb.take(idx), y[idx], setup.class_names, backbone, setup.config,
+            emb.subset(idx), y[idx], setup.class_names, backbone, setup.config,
             posterior=label_posteriors(pool, idx, setup),
         )  # fmt: skip
-        m = evaluate(y[val], clf.predict_proba(val_emb), setup.class_names)
+        m = evaluate(y[val], predict(clf, pool, emb, val, setup), setup.class_names)
         out[arm] = {
             "n_labels": int(n),
             "accuracy": m["accuracy"],
@@ -543,6 +555,8 @@ def evaluate_model(
     metrics: dict[str, Any] = {
         "n_labels": len(pool.labelled),
         "n_train": len(split.train),
+        # the labels the model was fitted on: n_train, or a sample of LEARNER HEAD_MAX_LABELS of them
+        "n_fit": len(head_labels(pool, split.train, setup)) if setup.train_mode == "head" else len(split.train),
         "n_val": len(split.val),
         "split": split.unit,
         "train_mode": setup.train_mode,

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from learner.core.backbone import Backbone, create_model
@@ -82,11 +81,51 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return w
 
 
+def class_sample(y: np.ndarray, limit: int, *, balanced: bool, seed: int) -> np.ndarray:
+    """Positions of ``limit`` of the labels ``y`` (all of them when there are no more), drawn class by class
+    with a seeded generator and returned sorted. ``balanced`` (a fit that weighs classes equally): every
+    class keeps all its labels up to one quota, the largest that fills ``limit``, so a rare class loses
+    none; otherwise each class keeps its share of ``y``, so the fit sees the same class mix."""
+    y = np.asarray(y)
+    if len(y) <= limit:
+        return np.arange(len(y), dtype=np.int64)
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    keep = _quotas(counts, limit) if balanced else _shares(counts, limit)
+    rng = np.random.default_rng([seed, limit])
+    picks = [rng.choice(np.flatnonzero(inverse == c), int(keep[c]), replace=False) for c in range(len(classes))]
+    return np.sort(np.concatenate(picks)).astype(np.int64)
+
+
+def _quotas(counts: np.ndarray, limit: int) -> np.ndarray:
+    """Per class min(count, q), q the largest quota whose total is at most ``limit``, and the labels left
+    over one each to the classes still above it, in class order: ``limit`` in all."""
+    q = 0
+    for c in np.sort(counts):  # raise the quota to each class's count while the total still fits
+        if np.minimum(counts, c).sum() > limit:
+            break
+        q = int(c)
+    rest = len(counts) - int((counts <= q).sum())  # the classes above the quota share what is left evenly
+    q += (limit - int(np.minimum(counts, q).sum())) // max(rest, 1)
+    keep = np.minimum(counts, q)
+    keep[np.flatnonzero(counts > keep)[: limit - int(keep.sum())]] += 1
+    return keep
+
+
+def _shares(counts: np.ndarray, limit: int) -> np.ndarray:
+    """Per class its share of ``limit`` by count (largest remainders rounded up), and at least one label, so
+    that no class drops out of the fit: ``limit`` in all (the largest class gives up what the floor took)."""
+    exact = counts * limit / counts.sum()
+    keep = np.maximum(np.floor(exact).astype(np.int64), 1)
+    keep[np.argsort(-(exact - keep), kind="stable")[: max(limit - int(keep.sum()), 0)]] += 1
+    keep[np.argmax(counts)] -= int(keep.sum()) - limit
+    return keep
+
+
 # --- head mode -----------------------------------------------------------------------------------------------------
 
 
 def train_head(
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | Rows,
     labels: Sequence[int] | np.ndarray,
     class_names: Sequence[str],
     backbone: Backbone,
@@ -97,6 +136,7 @@ def train_head(
     tta: bool = False,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    extra_rows: np.ndarray | None = None,
 ) -> Classifier:
     """Multinomial logistic regression on standardised embeddings, returned as a torch LinearHead.
 
@@ -105,30 +145,34 @@ def train_head(
     the embeddings were made, so that images given later to predict_proba are embedded the same way.
     With `config.labels` "soft" or "weighted", `posterior` (items, classes) is each label's consensus
     posterior: the fit is the cross-entropy against it, or the labels' log-loss weighted by it.
+    `embeddings` may be an array or `Rows` (read chunk by chunk); `extra_rows`, when given, are more rows
+    after them (self-training's pseudo-labelled ones), `labels` covering both.
     """
     config = config or TrainConfig()
     k = len(class_names)
-    x = np.asarray(embeddings, dtype=np.float32)
-    y = _check_labels(labels, len(x), k)
+    parts = [as_rows(embeddings)] + ([as_rows(extra_rows)] if extra_rows is not None else [])
+    y = _check_labels(labels, sum(len(part) for part in parts), k)
     p = check_posterior(posterior, len(y), k) if config.labels != "hard" else None
     check_stop(should_stop, "train")
     report(progress, "train", 0.0)
-    scaler = StandardScaler().fit(x)
-    clf = _fit_logistic(scaler.transform(x), y, p, config, k)
+    z, mean, scale = standardised(parts)
+    clf = _fit_logistic(z, y, p, config, k)
+    del z
     check_stop(should_stop, "train")
 
     coef, intercept = clf.coef_, clf.intercept_
     if coef.shape[0] == 1:  # binary: sigmoid(z) == softmax([-z/2, z/2])
         coef = np.vstack([-coef / 2, coef / 2])
         intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-    weight = np.zeros((k, x.shape[1]), dtype=np.float32)
+    dim = parts[0].dim
+    weight = np.zeros((k, dim), dtype=np.float32)
     bias = np.full(k, -30.0, dtype=np.float32)  # unseen classes: exp(-30) ~ 1e-13
     for row, cls in enumerate(clf.classes_):
         weight[cls], bias[cls] = coef[row], intercept[row]
-    head = LinearHead(x.shape[1], k)
+    head = LinearHead(dim, k)
     with torch.no_grad():
-        head.mean.copy_(torch.from_numpy(scaler.mean_.astype(np.float32)))
-        head.scale.copy_(torch.from_numpy(scaler.scale_.astype(np.float32)))
+        head.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+        head.scale.copy_(torch.from_numpy(scale.astype(np.float32)))
         head.linear.weight.copy_(torch.from_numpy(weight))
         head.linear.bias.copy_(torch.from_numpy(bias))
     head.eval()
@@ -145,6 +189,28 @@ def train_head(
         _backbone=backbone,
         extra={"n_train": len(y), "labels": config.labels},
     )
+
+
+def standardised(parts: Sequence[Rows]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The head's design matrix: the rows of ``parts``, in order, standardised (zero mean, unit variance per
+    feature, as StandardScaler does), with the mean and scale. lbfgs fits in float64, so the matrix is
+    built as one float64 array, filled chunk by chunk and standardised in place: the only copy of the rows
+    the fit holds (8 bytes a value, where StandardScaler's float32 copy and LogisticRegression's float64
+    one of it held 12 beside the caller's float32 rows). The statistics are computed from the filled array,
+    so they are the same whether the rows come from memory or from slide files."""
+    n, dim = sum(len(part) for part in parts), parts[0].dim
+    z = np.empty((n, dim), dtype=np.float64)
+    offset = 0
+    for part in parts:
+        for positions, rows in part.chunks():
+            z[offset + positions] = rows
+        offset += len(part)
+    mean = z.mean(axis=0)
+    z -= mean
+    scale = np.sqrt(np.einsum("ij,ij->j", z, z) / max(n, 1))  # the variance with no (n, dim) temporary
+    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0  # a constant feature is left as it is, as sklearn does
+    z /= scale
+    return z, mean, scale
 
 
 def _fit_logistic(
@@ -181,7 +247,7 @@ def _fit_logistic(
 
 
 def self_train_head(
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | Rows,
     labels: Sequence[int] | np.ndarray,
     unlabelled: np.ndarray | Rows,
     class_names: Sequence[str],
@@ -227,7 +293,6 @@ def self_train_head(
     if max_pseudo_labels is not None and len(sure_idx) > max_pseudo_labels:
         keep = np.sort(np.random.default_rng(config.seed).choice(len(sure_idx), max_pseudo_labels, replace=False))
         sure_idx, pseudo = sure_idx[keep], pseudo[keep]
-    x = np.concatenate([np.asarray(embeddings, dtype=np.float32), pool.take(sure_idx)])
     y = np.concatenate([np.asarray(labels, dtype=np.int64), pseudo.astype(np.int64)])
     p = None
     if config.labels != "hard":
@@ -235,10 +300,10 @@ def self_train_head(
             [check_posterior(posterior, len(y) - len(pseudo), len(class_names)), _one_hot(pseudo, len(class_names))]
         )
     final = train_head(
-        x, y, class_names, backbone, config, posterior=p, image_size=image_size, tta=tta, progress=progress,
-        should_stop=should_stop,
+        embeddings, y, class_names, backbone, config, posterior=p, image_size=image_size, tta=tta,
+        progress=progress, should_stop=should_stop, extra_rows=pool.take(sure_idx),
     )  # fmt: skip
-    final.extra.update(n_train=len(x) - len(sure_idx), pseudo_labels=len(sure_idx))
+    final.extra.update(n_train=len(y) - len(sure_idx), pseudo_labels=len(sure_idx))
     return final
 
 

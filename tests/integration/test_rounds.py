@@ -6,6 +6,7 @@ import asyncio
 import shutil
 from typing import Any
 
+import numpy as np
 import pytest
 from asgiref.sync import sync_to_async
 from channels.routing import URLRouter
@@ -274,3 +275,28 @@ def test_after_a_round_the_heatmap_prediction_and_grad_cam_describe_the_latest_m
     assert bad.status_code == 400
     crowd = api_client(member(project, Role.CROWD))
     assert crowd.get(f"/api/v1/projects/{project.pk}/patches/{patch.pk}/gradcam.png").status_code == 403
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_round_past_the_head_label_cap_fits_every_head_on_a_class_sample(settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    settings.LEARNER = {**settings.LEARNER, "HEAD_MAX_LABELS": 9}
+    project = lung_project(per_class=10, labelled_per_class=8)  # 24 labels, 8 of each class
+    fitted: list[tuple[int, list[int]]] = []
+
+    def recorded(fit):  # type: ignore[no-untyped-def]
+        def fit_and_record(x, labels, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+            fitted.append((len(x), sorted(np.bincount(np.asarray(labels), minlength=3).tolist())))
+            return fit(x, labels, *args, **kwargs)
+
+        return fit_and_record
+
+    monkeypatch.setattr(round_stages, "train_head", recorded(round_stages.train_head))
+    monkeypatch.setattr(round_stages, "self_train_head", recorded(round_stages.self_train_head))
+    result = pipeline.run_round(TrainingRound.objects.create(project=project, number=1).pk)
+    assert result.state == "succeeded", result.error
+    assert result.metrics["n_labels"] == 24 and result.metrics["n_fit"] == 9 < result.metrics["n_train"]
+    # The trained head, its deployment refit on all 24 labels, and the arms' heads: 9 labels at most each,
+    # three of every class (the classes weigh the same, so each keeps an equal quota).
+    assert len(fitted) >= 2 and all(n <= 9 for n, _ in fitted), fitted
+    assert [n for n, _ in fitted[:2]] == [9, 9] and fitted[1][1] == [3, 3, 3], fitted
+    assert ModelVersion.objects.filter(round=result).exists()

@@ -10,8 +10,8 @@ from torch import nn
 
 from learner.core.backbone import Backbone, Normalisation
 from learner.core.config import BackboneSpec, TrainConfig
-from learner.core.embedding_store import ArrayRows, EmbeddingStore, SlideRows
-from learner.core.training import self_train_head
+from learner.core.embedding_store import CHUNK_ROWS, ArrayRows, EmbeddingStore, SlideRows
+from learner.core.training import self_train_head, train_head
 
 DIM = 4
 
@@ -229,6 +229,21 @@ def test_self_training_caps_its_pseudo_labels_and_reads_a_slide_pool_like_an_arr
     assert capped.extra["pseudo_labels"] == 50 and capped.extra["n_train"] == 20
     again = self_train_head(x, labels, on_disk, names, toy_backbone(), config, **kwargs)  # type: ignore[arg-type]
     np.testing.assert_array_equal(again.predict_proba(x), capped.predict_proba(x))  # the sample is seeded
+
+
+def test_a_head_fitted_on_slide_rows_is_the_one_fitted_on_the_same_array(tmp_path: Path) -> None:
+    n = CHUNK_ROWS + 3000  # two chunks
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, n)
+    x = (rng.normal(0, 1, (n, DIM)) + y[:, None]).astype(np.float32)
+    s = store(tmp_path)
+    s.put_slide("a", np.stack([np.arange(n), np.zeros(n, dtype=np.int64)], axis=1), x)
+    order = np.arange(n)[::-1].copy()  # pool index i is file row n-1-i: read by file order, out of pool order
+    rows = SlideRows([s.vectors_path("a")], np.zeros(n, dtype=np.int32), order, DIM)
+    config = TrainConfig(seed=1)
+    in_memory = train_head(x[order], y[order], ["a", "b"], toy_backbone(), config)
+    from_disk = train_head(rows, y[order], ["a", "b"], toy_backbone(), config)
+    np.testing.assert_array_equal(from_disk.predict_proba(x[:500]), in_memory.predict_proba(x[:500]))
 
 
 def test_a_slide_asked_for_in_its_file_order_or_another_finds_the_same_rows(tmp_path: Path) -> None:

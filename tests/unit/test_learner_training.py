@@ -20,7 +20,15 @@ from learner.core.embeddings import embed
 from learner.core.errors import Cancelled, LearnerError
 from learner.core.evaluation import evaluate
 from learner.core.gradcam import grad_cam
-from learner.core.training import EarlyStopping, class_weights, finetune, lr_factor, self_train_head, train_head
+from learner.core.training import (
+    EarlyStopping,
+    class_sample,
+    class_weights,
+    finetune,
+    lr_factor,
+    self_train_head,
+    train_head,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "lc25000_lung"
@@ -158,6 +166,41 @@ def test_head_gives_unlabelled_classes_no_probability(backbone: Backbone) -> Non
     proba = clf.predict_proba(x)
     assert proba[:, 1].max() < 1e-6
     assert (proba.argmax(1) == y).mean() > 0.9
+
+
+def test_the_head_fits_the_model_scikit_learn_fits_on_standardised_rows(backbone: Backbone) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 300)
+    x = (rng.normal(0, 1, (300, 16)) + y[:, None] * 0.4).astype(np.float32)
+    x[:, 3] = 2.0  # a constant feature: left unscaled, as StandardScaler leaves it
+    config = TrainConfig()
+    scaler = StandardScaler().fit(x)
+    reference = LogisticRegression(C=config.head_c, max_iter=config.head_max_iter, class_weight="balanced")
+    reference.fit(scaler.transform(x), y)
+    head = train_head(x, y, ["a", "b", "c"], backbone, config)
+    np.testing.assert_allclose(head.predict_proba(x), reference.predict_proba(scaler.transform(x)), atol=1e-5)
+    assert head.network.scale[3].item() == 1.0  # type: ignore[index, union-attr]
+
+
+def test_a_class_sample_keeps_rare_classes_whole_when_classes_weigh_the_same() -> None:
+    y = np.repeat([0, 1, 2], [7, 400, 2000])
+    picks = class_sample(y, 300, balanced=True, seed=4)
+    assert len(picks) == 300 and len(np.unique(picks)) == 300 and np.all(np.diff(picks) > 0)
+    counts = np.bincount(y[picks])
+    assert counts[0] == 7 and abs(int(counts[1]) - int(counts[2])) <= 1  # the rest split evenly
+    np.testing.assert_array_equal(class_sample(y, 300, balanced=True, seed=4), picks)  # seeded
+    assert not np.array_equal(class_sample(y, 300, balanced=True, seed=5), picks)
+    np.testing.assert_array_equal(class_sample(y, 5000, balanced=True, seed=4), np.arange(len(y)))  # under the cap
+
+
+def test_an_unweighted_class_sample_keeps_the_class_mix_and_every_class() -> None:
+    y = np.repeat([0, 1, 2], [3, 3000, 6997])
+    counts = np.bincount(y[class_sample(y, 1000, balanced=False, seed=0)])
+    assert counts.sum() == 1000 and counts[0] >= 1  # 0.3 by share: one, so the class stays in the fit
+    assert abs(int(counts[1]) - 300) <= 1 and abs(int(counts[2]) - 700) <= 1
 
 
 @needs_data
