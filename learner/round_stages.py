@@ -556,7 +556,7 @@ def evaluate_model(
         "n_labels": len(pool.labelled),
         "n_train": len(split.train),
         # the labels the model was fitted on: n_train, or a sample of LEARNER HEAD_MAX_LABELS of them
-        "n_fit": len(head_labels(pool, split.train, setup)) if setup.train_mode == "head" else len(split.train),
+        "n_fit": int(clf.extra.get("n_train", len(split.train))),
         "n_val": len(split.val),
         "split": split.unit,
         "train_mode": setup.train_mode,
