@@ -18,7 +18,15 @@ from torch import nn
 from learner.core.backbone import Backbone, create_model
 from learner.core.classifier import Classifier, LinearHead
 from learner.core.config import BackboneSpec, TrainConfig
-from learner.core.data import ImageSource, StainNormaliser, as_source, augment, load_batch, normalise
+from learner.core.data import (
+    ImageSource,
+    Reader,
+    StainNormaliser,
+    as_source,
+    augment,
+    normalise,
+    read_batches,
+)
 from learner.core.embedding_store import Rows, as_rows
 from learner.core.embeddings import forward_batches, prepare_model, resolve_device, to_device
 from learner.core.errors import LearnerError, ProgressFn, StopFn, check_stop, report
@@ -415,6 +423,7 @@ def finetune(
     stain: StainNormaliser | None = None,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    reader: Reader | None = None,
 ) -> FinetuneResult:
     """Fine-tune `spec` on labelled images: `frozen_epochs` training only the new classifier, then the whole
     network (backbone lr scaled by `backbone_lr_scale`), AdamW + warm-up/cosine schedule, H&E augmentation,
@@ -461,6 +470,7 @@ def finetune(
     total_steps = steps_per_epoch * config.epochs
     warmup = int(config.warmup_fraction * total_steps)
     stopper = EarlyStopping(config.patience)
+    reader = reader or Reader()
     history: list[dict[str, Any]] = []
     step = 0
     for epoch in range(config.epochs):
@@ -469,26 +479,30 @@ def finetune(
         _train_mode(model, frozen)
         order = _epoch_order(y, k, config.balance, gen)
         running, seen = 0.0, 0
-        for start in range(0, len(order), config.batch_size):
-            check_stop(should_stop, "train")
-            idx = order[start : start + config.batch_size]
-            x = load_batch(train_src, idx.tolist(), config.image_size, stain)
-            x = augment(x, config.augment, aug_gen) if config.augment else x
-            x = to_device(normalise(x, built.normalisation), device, config.channels_last)
-            target = torch.as_tensor(y[idx], device=device)
-            factor = lr_factor(step, total_steps, warmup, config.min_lr_ratio)
-            for group, base in zip(optimiser.param_groups, base_lrs, strict=True):
-                group["lr"] = base * factor
-            with _autocast(device, config.amp):
-                logits = model(x).float()
-            loss = _loss(loss_fn, logits, target, idx, p if config.labels == "soft" else None, sample_w, weight)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            running += float(loss.detach()) * len(idx)
-            seen += len(idx)
-            step += 1
-            report(progress, "train", step / max(1, total_steps))
+        chunks = [order[start : start + config.batch_size] for start in range(0, len(order), config.batch_size)]
+        batches = read_batches(train_src, [c.tolist() for c in chunks], config.image_size, stain, reader)
+        try:
+            for idx in chunks:
+                check_stop(should_stop, "train")
+                x = next(batches)
+                x = augment(x, config.augment, aug_gen) if config.augment else x
+                x = to_device(normalise(x, built.normalisation), device, config.channels_last)
+                target = torch.as_tensor(y[idx], device=device)
+                factor = lr_factor(step, total_steps, warmup, config.min_lr_ratio)
+                for group, base in zip(optimiser.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * factor
+                with _autocast(device, config.amp):
+                    logits = model(x).float()
+                loss = _loss(loss_fn, logits, target, idx, p if config.labels == "soft" else None, sample_w, weight)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                running += float(loss.detach()) * len(idx)
+                seen += len(idx)
+                step += 1
+                report(progress, "train", step / max(1, total_steps))
+        finally:
+            batches.close()  # type: ignore[attr-defined]  # a stopped pass stops its readers
         record: dict[str, Any] = {"epoch": epoch, "frozen": frozen, "train_loss": running / max(1, seen)}
         if val_src is not None and y_val is not None:
             model.eval()
@@ -502,6 +516,7 @@ def finetune(
                 device=device,
                 stain=stain,
                 stage="validate",
+                reader=reader,
                 progress=progress,
                 should_stop=should_stop,
             )

@@ -15,7 +15,7 @@ from torch import nn
 from learner.core.backbone import Backbone, create_backbone
 from learner.core.classifier import Classifier, load_model, save_model
 from learner.core.config import AugmentConfig, BackboneSpec, TrainConfig
-from learner.core.data import image_files
+from learner.core.data import Reader, image_files
 from learner.core.embeddings import embed
 from learner.core.errors import Cancelled, LearnerError
 from learner.core.evaluation import evaluate
@@ -261,6 +261,52 @@ def test_finetune_is_cancelled_between_batches() -> None:
             should_stop=should_stop,
         )
     assert calls["n"] == 2  # stopped at the second batch, not at the end of training
+
+
+@needs_data
+def test_a_finetune_read_by_threads_trains_the_same_model_as_one_read_serially() -> None:
+    """The reader only decides who decodes: batches, their order and every weight come out the same."""
+    train, test, classes = grouped_split(4, 2, seed=2)
+    config = TrainConfig(mode="finetune", image_size=32, batch_size=4, epochs=2, frozen_epochs=1, seed=0)
+
+    def run(reader: Reader) -> np.ndarray:
+        result = finetune(
+            BackboneSpec(weights="none"),
+            image_files([p for p, _ in train]),
+            [y for _, y in train],
+            classes,
+            config,
+            val_images=image_files([p for p, _ in test]),
+            val_labels=[y for _, y in test],
+            reader=reader,
+        )
+        return result.classifier.predict_proba(image_files([p for p, _ in test]))
+
+    serial = run(Reader())
+    threads = run(Reader(kind="threads", workers=2, prefetch=1))
+    np.testing.assert_array_equal(threads, serial)
+
+
+@needs_data
+def test_a_finetune_read_by_threads_is_cancelled_between_batches() -> None:
+    train, _, classes = grouped_split(4, 0)
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    with pytest.raises(Cancelled):
+        finetune(
+            BackboneSpec(weights="none"),
+            image_files([p for p, _ in train]),
+            [y for _, y in train],
+            classes,
+            TrainConfig(mode="finetune", image_size=32, batch_size=4, epochs=3),
+            should_stop=should_stop,
+            reader=Reader(kind="threads", workers=2),
+        )
+    assert calls["n"] == 3
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
