@@ -27,19 +27,27 @@ contested patches: they were routed when they became so, and a round writes only
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 from psycopg.types.json import Jsonb
 
-from . import prepared, queue
+from . import consensus_batch, prepared, queue
 from .domain.agreement import expert_labels
 from .domain.consensus import ConsensusResult, VoteRecord, batch_consensus, consensus_for_item
+from .domain.consensus_arrays import (
+    ARRAY_METHODS,
+    VoteArrays,
+    batch_consensus_arrays,
+    expert_decisions,
+    from_results,
+    plan_changes,
+)
 from .models import AnnotationTask, Consensus, LabelClass, Patch, Project, Role, Vote
 from .students import certification_params, counts_sql, refresh_students, uncounted_students
 
@@ -47,7 +55,10 @@ from .students import certification_params, counts_sql, refresh_students, uncoun
 EXPERT_REVIEW_PRIORITY = 1e6
 CONSENSUS_UPDATE_FIELDS = ["label", "confidence", "posterior", "method", "vote_count", "agreement", "status"]
 # A bulk recompute leaves a row alone when its probabilities moved by less than this and nothing else
-# changed (label, status, method and vote count are compared exactly, so no decision is left stale).
+# changed (label, status, method and vote count are compared exactly, so no decision is left stale:
+# domain.consensus_arrays.plan_changes). An iterative method re-estimates every annotator from every vote, so
+# one new vote moves every patch's posterior in the last decimals; rewriting every voted patch's row for that
+# made each round's snapshot write O(voted patches) rows.
 PROBABILITY_TOLERANCE = 1e-3
 
 
@@ -383,110 +394,52 @@ def schedule_project_recompute(project: Project) -> None:
 
 
 def _recompute_project(project: Project) -> int:
+    """The batch recompute on arrays (annotations.consensus_batch, annotations.domain.consensus_arrays): the
+    votes read once, gold from the same arrays, the stored rows compared as arrays, rows built only for what
+    is new or changed. GLAD and MACE compute on records (crowd-kit's own models) and are compared the same way."""
     refresh_students(project, recompute=False)  # who counts now: this recompute covers every patch
-    records = vote_records(project, weighted=True)
-    results = (
-        batch_consensus(
-            records,
-            label_names(project),
-            **consensus_options(project),
-            gold=gold_labels(project, records),
-            seed=project.seed,
+    labels = list(LabelClass.objects.filter(project=project).order_by("order").values_list("pk", "name"))
+    label_ids, names = [pk for pk, _ in labels], [name for _, name in labels]
+    method = project.consensus_method
+    if method in ARRAY_METHODS:
+        votes = consensus_batch.counted_vote_arrays(project, label_ids)
+        results = (
+            batch_consensus_arrays(
+                votes, len(names), **consensus_options(project), **_gold_arrays(project, votes, names)
+            )
+            if len(votes)
+            else from_results({}, names, method)
         )
-        if records
-        else {}
-    )
-    by_name = {lc.name: lc for lc in LabelClass.objects.filter(project=project)}
-    existing = {
-        c.patch_id: c
-        for c in Consensus.objects.filter(project=project)
-        .only("id", "patch_id", *CONSENSUS_UPDATE_FIELDS)
-        .iterator(chunk_size=10_000)
-    }
-    create, update, contested, settled, unsettled = [], [], [], [], []
-    pending = _pending_fields(project)
-    for pid, row in existing.items():
-        if pid not in results and _changed(row, pending):
-            if row.status != Consensus.Status.PENDING:
-                unsettled.append(pid)  # its votes no longer count (a suggestion weight of 0): ask again
-            for field, value in pending.items():
-                setattr(row, field, value)
-            update.append(row)
-    for item, result in results.items():
-        row = existing.get(int(item))
-        fields = consensus_fields(result, by_name.get(result.label or ""))
-        if result.status != Consensus.Status.PENDING and (row is None or row.status == Consensus.Status.PENDING):
-            settled.append(int(item))
-        elif result.status == Consensus.Status.PENDING and row is not None and row.status != result.status:
-            unsettled.append(int(item))
-        becomes_contested = result.status == Consensus.Status.CONTESTED and (
-            row is None or row.status != Consensus.Status.CONTESTED
+    else:
+        records = vote_records(project, weighted=True)
+        found = (
+            batch_consensus(
+                records, names, **consensus_options(project), gold=gold_labels(project, records), seed=project.seed
+            )
+            if records
+            else {}
         )
-        if becomes_contested:
-            contested.append(int(item))
-        if row is None:
-            create.append(Consensus(patch_id=int(item), project=project, **fields))
-        elif _changed(row, fields):
-            for field, value in fields.items():
-                setattr(row, field, value)
-            update.append(row)
+        results = from_results(found, names, method)
+    stored = consensus_batch.stored_rows(project, label_ids, names)
+    changes = plan_changes(stored, results, PROBABILITY_TOLERANCE)
     # Only what changed is written: at a million patches most consensus rows are the same as before.
     with transaction.atomic():
-        Consensus.objects.bulk_create(create, batch_size=1000)
-        _rewrite(update)
-        if contested:
-            send_contested_to_experts(project, contested)
-        close_settled_crowd_tasks(project, settled)
-        reopen_unsettled_crowd_tasks(project, unsettled)
+        consensus_batch.insert_rows(project, results, changes.create, label_ids, names)
+        consensus_batch.rewrite_rows(
+            changes.update_ids.tolist(), results, changes.update, label_ids, names, changes.to_pending.tolist(), method
+        )
+        if len(changes.contested):
+            send_contested_to_experts(project, changes.contested.tolist())
+        close_settled_crowd_tasks(project, changes.settled.tolist())
+        reopen_unsettled_crowd_tasks(project, changes.unsettled.tolist())
     return len(results)
 
 
-def _rewrite(rows: list[Consensus]) -> None:
-    """Write these rows' consensus fields (and ``updated_at``) with one COPY into a temporary table and one
-    ``UPDATE ... FROM`` it. Django's ``bulk_update`` builds a CASE per field per row: at a million patches
-    its 12,000-row rewrite took most of a round's snapshot. Call inside a transaction."""
-    if not rows:
-        return
-    columns = ("label_id", "confidence", "posterior", "method", "vote_count", "agreement", "status")
-    with connection.cursor() as cursor:
-        cursor.execute("DROP TABLE IF EXISTS consensus_rewrite")  # an earlier call in the same transaction
-        cursor.execute(
-            "CREATE TEMPORARY TABLE consensus_rewrite (id bigint PRIMARY KEY, label_id bigint, "
-            "confidence double precision, posterior jsonb, method text, vote_count integer, "
-            "agreement double precision, status text) ON COMMIT DROP"
-        )
-        with cursor.cursor.copy(f"COPY consensus_rewrite (id, {', '.join(columns)}) FROM STDIN") as copy:
-            for row in rows:
-                values = [row.label_id, row.confidence, json.dumps(row.posterior), row.method]
-                copy.write_row([row.pk, *values, row.vote_count, row.agreement, row.status])
-        assignments = ", ".join(f"{c} = n.{c}" for c in columns)
-        cursor.execute(
-            f"UPDATE {Consensus._meta.db_table} AS c SET {assignments}, updated_at = now() "
-            "FROM consensus_rewrite AS n WHERE c.id = n.id"
-        )
-        cursor.execute("DROP TABLE consensus_rewrite")
-
-
-def _changed(row: Consensus, fields: dict[str, Any]) -> bool:
-    """Whether a recomputed row differs from the stored one by more than PROBABILITY_TOLERANCE.
-
-    The label, status, method and vote count must match exactly. The probabilities may drift by less:
-    an iterative method re-estimates every annotator from every vote, so one new vote moves every
-    patch's posterior in the last decimals, and rewriting every voted patch's row for that made each
-    round's snapshot write O(voted patches) rows."""
-    for field, value in fields.items():
-        if field == "label":
-            if row.label_id != (value.pk if value is not None else None):
-                return True
-        elif field in ("confidence", "agreement"):
-            if abs(getattr(row, field) - value) > PROBABILITY_TOLERANCE:
-                return True
-        elif field == "posterior":
-            stored = row.posterior or {}
-            if stored.keys() != value.keys() or any(
-                abs(stored[k] - v) > PROBABILITY_TOLERANCE for k, v in value.items()
-            ):
-                return True
-        elif getattr(row, field) != value:
-            return True
-    return False
+def _gold_arrays(project: Project, votes: VoteArrays, names: list[str]) -> dict[str, np.ndarray]:
+    """``gold_labels`` from the vote arrays: the experts' untied decision on each gold patch."""
+    items, decided = expert_decisions(votes, len(names))
+    gold_ids = np.fromiter(
+        Patch.objects.filter(project=project, is_gold=True).values_list("pk", flat=True).iterator(), dtype=np.int64
+    )
+    on_gold = np.isin(items, gold_ids)
+    return {"gold_item": items[on_gold], "gold_label": decided[on_gold]}

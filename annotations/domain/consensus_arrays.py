@@ -15,7 +15,9 @@ rounding (Dawid-Skene's EM to about 1e-15). GLAD and MACE are not here: the call
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +29,7 @@ from .consensus import (
     EARLY_MIN_CROWD_VOTES,
     EXPERT_STATUS,
     PENDING,
+    ConsensusResult,
     _validate_options,
 )
 from .dawid_skene_crowdkit import fit_crowdkit
@@ -289,3 +292,122 @@ def _dawid_skene(
     posterior[known] = 0.0
     posterior[known, truth[known]] = 1.0
     return posterior
+
+
+def expert_decisions(votes: VoteArrays, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """``agreement.expert_labels`` on arrays: the items the experts settled (the weighted majority of their votes,
+    not tied) ascending, and the label index they gave."""
+    validate_arrays(votes, n_labels)
+    expert = votes.expert
+    items, index = np.unique(votes.item[expert], return_inverse=True)
+    if not len(items):
+        return items, np.zeros(0, dtype=np.int64)
+    label, tied = _leading(_sums(index, votes.label[expert], votes.weight[expert], len(items), n_labels))
+    return items[~tied], label[~tied].astype(np.int64)
+
+
+def from_results(results: Mapping[Any, ConsensusResult], labels: Sequence[str], method: str) -> ArrayResults:
+    """``batch_consensus``'s results (the methods without an array path: GLAD, MACE) as ArrayResults."""
+    if not results:
+        return _empty(len(labels), method)
+    index = {label: j for j, label in enumerate(labels)}
+    items = sorted(results, key=int)
+    ordered = [results[item] for item in items]
+    return ArrayResults(
+        item=np.array([int(item) for item in items], dtype=np.int64),
+        label=np.array([index[r.label] if r.label is not None else -1 for r in ordered], dtype=np.int64),
+        confidence=np.array([r.confidence for r in ordered], dtype=np.float64),
+        posterior=np.array([[r.posterior[label] for label in labels] for r in ordered], dtype=np.float64),
+        vote_count=np.array([r.vote_count for r in ordered], dtype=np.int64),
+        agreement=np.array([r.agreement for r in ordered], dtype=np.float64),
+        status=np.array([STATUSES.index(r.status) for r in ordered], dtype=np.int8),
+        method=method,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a recompute writes
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """A project's stored consensus rows, patches ascending (annotations.consensus_batch.stored_rows): ``label``
+    an index (-1 none, -2 a label not the project's), ``status`` an index into STATUSES (-1 another), ``method``
+    whether it is the method being computed, ``keys`` 0 when the posterior names exactly the project's labels,
+    1 when it is empty, 2 otherwise, ``posterior`` (rows, K) the stored probabilities."""
+
+    item: np.ndarray
+    id: np.ndarray
+    label: np.ndarray
+    confidence: np.ndarray
+    agreement: np.ndarray
+    vote_count: np.ndarray
+    status: np.ndarray
+    method: np.ndarray
+    keys: np.ndarray
+    posterior: np.ndarray
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a recompute writes (annotations.consensus._recompute_project): ``create`` and ``update`` are result
+    rows (``update_ids`` the stored rows they rewrite), ``to_pending`` stored row ids whose votes no longer count;
+    ``settled``, ``unsettled`` and ``contested`` patch ids (tasks to close, tasks to reopen, reviews to queue)."""
+
+    create: np.ndarray
+    update: np.ndarray
+    update_ids: np.ndarray
+    to_pending: np.ndarray
+    settled: np.ndarray
+    unsettled: np.ndarray
+    contested: np.ndarray
+
+
+def plan_changes(stored: StoredRows, results: ArrayResults, tolerance: float) -> Changes:
+    """The record path's comparison (``_changed``): label, status, method and vote count exactly, the
+    probabilities within ``tolerance``) and its settled / unsettled / newly contested rules, on arrays."""
+    n = len(results)
+    at = np.searchsorted(stored.item, results.item)
+    safe = np.minimum(at, max(len(stored.item) - 1, 0))
+    exists = (at < len(stored.item)) & (stored.item[safe] == results.item) if len(stored.item) else np.zeros(n, bool)
+    s = safe[exists]
+    r = np.flatnonzero(exists)
+    changed = (
+        (results.label[r] != stored.label[s])
+        | (results.status[r] != stored.status[s])
+        | ~stored.method[s]
+        | (results.vote_count[r] != stored.vote_count[s])
+        | (np.abs(results.confidence[r] - stored.confidence[s]) > tolerance)
+        | (np.abs(results.agreement[r] - stored.agreement[s]) > tolerance)
+        | (stored.keys[s] != 0)
+        | (np.abs(results.posterior[r] - stored.posterior[s]) > tolerance).any(axis=1)
+    )
+    # Stored rows without a result (their votes no longer count) go back to pending, when not already so.
+    gone = np.ones(len(stored.item), dtype=bool)
+    gone[s] = False
+    g = np.flatnonzero(gone)
+    to_pending = g[
+        (stored.label[g] != -1)
+        | (stored.status[g] != PENDING_CODE)
+        | ~stored.method[g]
+        | (stored.vote_count[g] != 0)
+        | (np.abs(stored.confidence[g]) > tolerance)
+        | (np.abs(stored.agreement[g]) > tolerance)
+        | (stored.keys[g] != 1)
+    ]
+    before = np.full(n, -2, dtype=np.int64)  # -2: no stored row
+    before[r] = stored.status[s]
+    status = results.status
+    settled = (status != PENDING_CODE) & ((before == -2) | (before == PENDING_CODE))
+    unsettled = (status == PENDING_CODE) & (before != -2) & (before != status)
+    contested = (status == CONTESTED_CODE) & (before != CONTESTED_CODE)
+    left = to_pending[stored.status[to_pending] != PENDING_CODE]  # they were settled: ask the crowd again
+    return Changes(
+        create=np.flatnonzero(~exists),
+        update=r[changed],
+        update_ids=stored.id[s[changed]],
+        to_pending=stored.id[to_pending],
+        settled=results.item[settled],
+        unsettled=np.concatenate([stored.item[left], results.item[unsettled]]),
+        contested=results.item[contested],
+    )
