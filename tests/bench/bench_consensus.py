@@ -15,6 +15,13 @@ it on average, so it shows how much room there is above majority vote at this no
     .venv/bin/python tests/bench/bench_consensus.py [--seeds 5] [--subset 1500] [--json results.json]
 
 Takes about 3-5 minutes on 2 cores (GLAD and MACE dominate; they run on a random subset of images).
+
+``--recompute`` measures something else: a project's bulk recompute (``recompute_project_consensus``, what a
+round's snapshot runs) at scale, on the platform's tables (tests/bench/bench_consensus_recompute.py, where the
+options are described):
+
+    .venv/bin/python tests/bench/bench_consensus.py --recompute [--votes 3000000] [--repeats 5] [--old-repeats 1]
+        [--method dawid_skene] [--database NAME] [--keep]
 """
 
 from __future__ import annotations
@@ -187,6 +194,11 @@ def experiment(
 
 
 def main() -> None:
+    if "--recompute" in sys.argv:
+        from tests.bench.bench_consensus_recompute import main as recompute_main
+
+        sys.argv.remove("--recompute")
+        sys.exit(recompute_main())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
     parser.add_argument("--seeds", type=int, default=5)
