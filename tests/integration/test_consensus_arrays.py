@@ -210,3 +210,29 @@ def test_the_rows_written_are_the_record_paths(method: str) -> None:
         assert should_change
         assert_rows_are(project, want, kept=set(want) - should_change)
     assert Consensus.objects.filter(project=project, status="pending", vote_count=0).exists()
+
+
+def test_the_posterior_is_written_as_json_dumps_writes_it() -> None:
+    """The rows are COPY text built without json.dumps: label names that need escaping (quotes, a backslash, a
+    tab, which the validators refuse but a database may hold, non-ASCII) read back as json.dumps of the floats."""
+    import json
+
+    from django.db import connection
+
+    project = ProjectFactory(votes_required=1, consensus_method="majority")
+    project.label_classes.all().delete()
+    names = ['say "no"', "back\\slash", "tab\there", "épithélium"]
+    labels = [project.label_classes.create(name=n, hotkey=str(i + 1), order=i) for i, n in enumerate(names)]
+    patch = PatchFactory(slide=SlideFactory(project=project))
+    for label in (labels[0], labels[1], labels[1]):
+        Vote.objects.create(project=project, patch=patch, annotator=member(project), label=label, role=Role.CROWD)
+    consensus.recompute_project_consensus(project)
+    want = {names[0]: 1 / 3, names[1]: 2 / 3, names[2]: 0.0, names[3]: 0.0}
+    row = Consensus.objects.get(patch=patch)
+    assert row.posterior == want and row.label == labels[1]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT posterior::text = %s::jsonb::text FROM annotations_consensus WHERE id = %s",
+            [json.dumps(want), row.pk],
+        )
+        assert cursor.fetchone() == (True,)
