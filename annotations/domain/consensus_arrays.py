@@ -32,7 +32,7 @@ from .consensus import (
     ConsensusResult,
     _validate_options,
 )
-from .dawid_skene_crowdkit import fit_crowdkit
+from .dawid_skene_crowdkit import fit_crowdkit, unique_inverse
 
 ARRAY_METHODS = (*CHEAP_METHODS, "dawid_skene")
 # Status codes of ArrayResults.status, an index into this tuple.
@@ -159,7 +159,7 @@ def batch_consensus_arrays(
     gold_label = np.zeros(0, dtype=np.int64) if gold_label is None else np.asarray(gold_label, dtype=np.int64)
     if len(gold_label) and (gold_label.min() < 0 or gold_label.max() >= k):
         raise ValueError("A gold label is not among the project's labels; fix the gold set.")
-    items, index = np.unique(votes.item, return_inverse=True)
+    items, index = unique_inverse(votes.item)
     n = len(items)
     if not n:
         return _empty(k, method)
@@ -260,7 +260,7 @@ def _dawid_skene(
         crowd = np.flatnonzero(used & ~votes.expert)
         if not len(crowd):
             return np.zeros(0, dtype=np.int64), np.zeros((0, k)), None
-        tasks, task = np.unique(index[crowd], return_inverse=True)
+        tasks, task = unique_inverse(index[crowd])
         known = truth[tasks]
         order = np.flatnonzero(known >= 0)
         order = order[np.argsort(rank[tasks[order]], kind="stable")]
@@ -296,10 +296,10 @@ def _dawid_skene(
 
 def expert_decisions(votes: VoteArrays, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
     """``agreement.expert_labels`` on arrays: the items the experts settled (the weighted majority of their votes,
-    not tied) ascending, and the label index they gave."""
-    validate_arrays(votes, n_labels)
+    not tied) ascending, and the label index they gave. The votes are not validated here: the recompute passes
+    the same arrays to ``batch_consensus_arrays``, which does (``validate_arrays``)."""
     expert = votes.expert
-    items, index = np.unique(votes.item[expert], return_inverse=True)
+    items, index = unique_inverse(votes.item[expert])
     if not len(items):
         return items, np.zeros(0, dtype=np.int64)
     label, tied = _leading(_sums(index, votes.label[expert], votes.weight[expert], len(items), n_labels))

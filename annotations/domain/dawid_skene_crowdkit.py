@@ -66,10 +66,11 @@ def fit_crowdkit(
     new column's start leaves NaN, nothing else).
     """
     task, label = np.asarray(task, dtype=np.int64), np.asarray(label, dtype=np.int64)
-    _, worker = np.unique(np.asarray(worker, dtype=np.int64), return_inverse=True)
-    n_workers = int(worker.max()) + 1 if len(worker) else 0
+    workers, worker = unique_inverse(np.asarray(worker, dtype=np.int64))
+    n_workers = len(workers)
     truth = np.asarray(truth, dtype=np.int64)
     known = truth >= 0
+    known_tasks = np.flatnonzero(known)
     # The columns: labels the crowd used, and known labels (of these tasks) no crowd vote used.
     crowd_used = np.bincount(label, minlength=n_classes) > 0
     columns = np.flatnonzero(crowd_used | (np.bincount(truth[known], minlength=n_classes) > 0))
@@ -78,17 +79,19 @@ def fit_crowdkit(
     col[columns] = np.arange(kc)
     lab = col[label]
     tru = np.where(known, col[np.maximum(truth, 0)], -1)
-    one_hot = np.zeros((int(known.sum()), kc))
-    one_hot[np.arange(len(one_hot)), tru[known]] = 1.0
+    # Posteriors are kept class-major, (classes, tasks): each class's column is contiguous for the gathers and
+    # bincounts over the votes, and a task's max and sum over classes are elementwise over a few rows.
+    one_hot = np.zeros((kc, len(known_tasks)))
+    one_hot[tru[known_tasks], np.arange(len(known_tasks))] = 1.0
 
     def correct(post: np.ndarray) -> np.ndarray:
-        post[known] = one_hot
+        post[:, known_tasks] = one_hot
         return post
 
     # Start: majority vote shares, corrected; the priors with pandas' NaN rows of new columns skipped.
-    counts = np.bincount(task * kc + lab, minlength=n_tasks * kc).reshape(n_tasks, kc).astype(np.float64)
-    post = correct(counts / counts.sum(axis=1, keepdims=True))
-    priors = post.mean(axis=0) if n_tasks else np.zeros(kc)
+    counts = np.bincount(lab * n_tasks + task, minlength=kc * n_tasks).reshape(kc, n_tasks).astype(np.float64)
+    post = correct(counts / counts.sum(axis=0))
+    priors = post.mean(axis=1) if n_tasks else np.zeros(kc)
     new_columns = np.flatnonzero(~crowd_used[columns])
     if len(new_columns):
         ordered = np.asarray(truth_order, dtype=np.int64)
@@ -99,7 +102,7 @@ def fit_crowdkit(
         row_rank = rank[tru[ordered]]
         for c in new_columns:
             defined = row_rank >= rank[c]  # rows corrected at or after the column was created
-            priors[c] = post[ordered[defined], c].mean()
+            priors[c] = post[c, ordered[defined]].mean()
 
     cell = worker * kc + lab
     n_cells = n_workers * kc
@@ -109,19 +112,20 @@ def fit_crowdkit(
     def m_step(post: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sums = np.empty((n_workers, kc, kc))  # worker, observed label, true label
         for c in range(kc):
-            sums[:, :, c] = np.bincount(cell, weights=post[task, c], minlength=n_cells).reshape(n_workers, kc)
+            sums[:, :, c] = np.bincount(cell, weights=post[c][task], minlength=n_cells).reshape(n_workers, kc)
         floored = np.where(present[:, :, None], np.maximum(sums, EPS), 0.0)
         errors = floored / floored.sum(axis=1, keepdims=True)
         return sums, errors
 
     def e_step(priors: np.ndarray, errors: np.ndarray) -> np.ndarray:
-        log_errors = np.log2(np.where(present[:, :, None], errors, 1.0)).reshape(n_cells, kc)
-        log_lik = np.empty((n_tasks, kc))
+        # (true class, cell): each class's log2 errors contiguous for the gather over the votes
+        log_errors = np.log2(np.where(present[:, :, None], errors, 1.0)).reshape(n_cells, kc).T.copy()
+        log_lik = np.empty((kc, n_tasks))
         log_priors = np.log2(np.maximum(priors, EPS))
         for c in range(kc):
-            log_lik[:, c] = log_priors[c] + np.bincount(task, weights=log_errors[cell, c], minlength=n_tasks)
-        scaled = np.exp2(log_lik - log_lik.max(axis=1, keepdims=True))
-        return scaled / scaled.sum(axis=1, keepdims=True)
+            log_lik[c] = log_priors[c] + np.bincount(task, weights=log_errors[c][cell], minlength=n_tasks)
+        scaled = np.exp2(log_lik - log_lik.max(axis=0))
+        return scaled / scaled.sum(axis=0)
 
     def lower_bound(post: np.ndarray, priors: np.ndarray, sums: np.ndarray, errors: np.ndarray) -> float:
         log_errors = np.log(np.where(present[:, :, None], errors, 1.0))
@@ -130,13 +134,12 @@ def fit_crowdkit(
         entropy = -float((np.log(floored) * floored).sum())
         return (joint + entropy) / n_votes
 
-    post = np.nan_to_num(post)  # only the start's priors see the NaN rows
     _, errors = m_step(post)
     loss, iterations = -np.inf, 0
     for _ in range(n_iter):
         iterations += 1
         post = correct(e_step(priors, errors))
-        priors = post.mean(axis=0)
+        priors = post.mean(axis=1)
         sums, errors = m_step(post)
         new_loss = lower_bound(post, priors, sums, errors)
         if new_loss - loss < tol:
@@ -146,7 +149,17 @@ def fit_crowdkit(
     # The output as fit_dawid_skene leaves it: floored, renormalised, over the project's labels.
     floored = np.maximum(post, EPS)
     posteriors = np.zeros((n_tasks, n_classes))
-    posteriors[:, columns] = floored / floored.sum(axis=1, keepdims=True)
+    posteriors[:, columns] = (floored / floored.sum(axis=0)).T
     full_priors = np.zeros(n_classes)
     full_priors[columns] = priors
     return CrowdkitFit(posteriors=posteriors, priors=full_priors, iterations=iterations)
+
+
+def unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(ids, return_inverse=True)``, by a bincount when the ids are small non-negative integers (patch
+    and annotator ids: no sort of millions of votes)."""
+    if len(ids) and ids.min() >= 0 and ids.max() < 4 * len(ids) + 1024:
+        seen = np.bincount(ids) > 0
+        return np.flatnonzero(seen), (np.cumsum(seen) - 1)[ids]
+    values, inverse = np.unique(ids, return_inverse=True)
+    return values, inverse.reshape(-1)
