@@ -7,7 +7,8 @@ Two ways to compute it, one mapping to rows:
   project whose crowd fit is kept current, annotations.reliability, which uses that fit's confusions);
   :func:`recompute_consensus_many` the same for a bulk action's patches, in one query and one upsert.
 - :func:`recompute_project_consensus` in bulk (a round's snapshot, the admin's "recompute"): every
-  voted patch with the project's method, Dawid-Skene and GLAD included, seeded with the gold labels.
+  voted patch with the project's method, Dawid-Skene and GLAD included, seeded with the gold labels; on
+  numpy arrays read with one COPY (annotations.consensus_batch), the same results as ``batch_consensus``.
 
 Suggestion-made votes (:data:`SUGGESTION_PROVENANCES`) count with the project's ``suggestion_weight`` in
 all three, and not at all when it is 0 (:func:`vote_weight`); changing the setting recomputes the project
