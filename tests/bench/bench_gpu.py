@@ -42,8 +42,8 @@ from learner.core.config import BackboneSpec, TrainConfig  # noqa: E402
 from learner.core.data import Reader, image_files  # noqa: E402
 from learner.core.embeddings import PassTimings, embed  # noqa: E402
 from learner.core.evaluation import evaluate  # noqa: E402
-from learner.core.training import finetune, train_head  # noqa: E402
-from tests.bench.bench_learner import _embed_rate, _train_rate  # noqa: E402
+from learner.core.training import FinetuneResult, finetune, train_head  # noqa: E402
+from tests.bench.bench_learner import throughput  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "lc25000_lung"
 
@@ -71,39 +71,39 @@ def grouped_split(groups: np.ndarray, labels: np.ndarray, fraction: float = 0.2,
     return np.array([g in test_groups for g in groups])
 
 
-def throughput(device: str, batch: int, steps: int) -> list[dict[str, Any]]:
-    from learner.core.backbone import create_model
-
-    dev = torch.device(device)
-    out = []
-    for name, fast in [("fp32", False)] + ([("bf16+channels_last", True)] if dev.type == "cuda" else []):
-        model = create_model(num_classes=3).model.to(dev)
-        x = torch.randn(batch, 3, 224, 224, device=dev)
-        if fast:
-            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            x = x.contiguous(memory_format=torch.channels_last)
-        row = {
-            "device": device,
-            "variant": name,
-            "batch": batch,
-            "embed_img_s": _embed_rate(model, x, fast, steps),
-            "train_img_s": _train_rate(model, x, fast, steps),
-        }
-        print(
-            f"throughput {device:4s} {name:18s} batch {batch:3d}: forward {row['embed_img_s']:8.1f} img/s, "
-            f"train step {row['train_img_s']:7.1f} img/s",
-            flush=True,
-        )
-        out.append(row)
-    return out
-
-
 def embed_pass(paths: list[str], device: str, batch: int, reader: Reader) -> tuple[np.ndarray, float, PassTimings]:
     backbone = create_backbone()
     timings = PassTimings()
     t0 = time.perf_counter()
     emb = embed(backbone, image_files(paths), batch_size=batch, device=device, reader=reader, timings=timings)
     return emb, time.perf_counter() - t0, timings
+
+
+def timed_finetune(
+    paths: list[str],
+    labels: np.ndarray,
+    classes: list[str],
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    epochs: int,
+    batch: int,
+    device: str,
+    reader: Reader | None = None,
+) -> tuple[FinetuneResult, float]:
+    """``finetune`` on the training rows, validated on the held-out ones (one frozen epoch first), and its seconds."""
+    config = TrainConfig(mode="finetune", epochs=epochs, frozen_epochs=1, batch_size=batch, device=device)
+    t0 = time.perf_counter()
+    result = finetune(
+        BackboneSpec(),
+        image_files([paths[i] for i in train_idx]),
+        labels[train_idx],
+        classes,
+        config,
+        val_images=image_files([paths[i] for i in val_idx]),
+        val_labels=labels[val_idx],
+        reader=reader,
+    )
+    return result, time.perf_counter() - t0
 
 
 def readers(device: str) -> dict[str, Reader]:
@@ -210,40 +210,16 @@ def main() -> int:
     if args.reader_epochs:
         f_readers = {}
         for name, r in readers(gpu).items():
-            cfg = TrainConfig(
-                mode="finetune", epochs=args.reader_epochs, frozen_epochs=1, batch_size=args.batch, device=gpu
+            res, sec = timed_finetune(
+                paths, labels, classes, train_idx, val_idx, args.reader_epochs, args.batch, gpu, r
             )
-            t1 = time.perf_counter()
-            res = finetune(
-                BackboneSpec(),
-                image_files([paths[i] for i in train_idx]),
-                labels[train_idx],
-                classes,
-                cfg,
-                val_images=image_files([paths[i] for i in val_idx]),
-                val_labels=labels[val_idx],
-                reader=r,
-            )
-            sec = time.perf_counter() - t1
             f_readers[name] = {"seconds": sec, "img_s": len(train_idx) * len(res.history) / sec}
             print(
                 f"  finetune {len(res.history)} epochs, reader {name:12s}: {sec:.1f}s "
                 f"({f_readers[name]['img_s']:.1f} img/s incl. validation)",
                 flush=True,
             )
-    config = TrainConfig(mode="finetune", epochs=args.epochs, frozen_epochs=1, batch_size=args.batch, device=gpu)
-    t0 = time.perf_counter()
-    result = finetune(
-        BackboneSpec(),
-        image_files([paths[i] for i in train_idx]),
-        labels[train_idx],
-        classes,
-        config,
-        val_images=image_files([paths[i] for i in val_idx]),
-        val_labels=labels[val_idx],
-        progress=None,
-    )
-    seconds = time.perf_counter() - t0
+    result, seconds = timed_finetune(paths, labels, classes, train_idx, val_idx, args.epochs, args.batch, gpu)
     epochs = len(result.history)
     f: dict[str, Any] = {
         "train_images": len(train_idx),

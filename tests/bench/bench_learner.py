@@ -8,6 +8,7 @@ import csv
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,10 +111,12 @@ def _train_rate(model: torch.nn.Module, x: torch.Tensor, amp: bool, steps: int) 
     return steps * len(x) / (time.perf_counter() - t0)
 
 
-def throughput(device: str, batch: int, steps: int) -> None:
-    """Images/s for embedding and fine-tune training at 224 px: fp32; on CUDA also bf16 AMP + channels_last."""
+def throughput(device: str, batch: int, steps: int) -> list[dict[str, Any]]:
+    """Images/s for embedding and fine-tune training at 224 px: fp32; on CUDA also bf16 AMP + channels_last.
+    Printed, and returned as one row per variant."""
     dev = torch.device(device)
     variants = [("fp32", False)] + ([("amp-bf16+channels_last", True)] if dev.type == "cuda" else [])
+    rows: list[dict[str, Any]] = []
     for name, fast in variants:
         model = create_model(num_classes=3).model.to(dev)
         x = torch.randn(batch, 3, 224, 224, device=dev)
@@ -123,6 +126,8 @@ def throughput(device: str, batch: int, steps: int) -> None:
         infer = _embed_rate(model, x, fast, steps)
         train = _train_rate(model, x, fast, steps)
         print(f"throughput {device} {name} (224 px, batch {batch}): embed {infer:.1f} img/s, train {train:.1f} img/s")
+        rows.append({"device": device, "variant": name, "batch": batch, "embed_img_s": infer, "train_img_s": train})
+    return rows
 
 
 def cached_mask(paths: list[str], tta: bool = False) -> np.ndarray:
