@@ -69,24 +69,7 @@ def record_path_recompute(project: Any) -> int:
     from annotations import consensus as c
     from annotations.domain.consensus import batch_consensus
     from annotations.models import Consensus, LabelClass
-
-    def changed(row: Any, fields: dict[str, Any]) -> bool:
-        for field, value in fields.items():
-            if field == "label":
-                if row.label_id != (value.pk if value is not None else None):
-                    return True
-            elif field in ("confidence", "agreement"):
-                if abs(getattr(row, field) - value) > c.PROBABILITY_TOLERANCE:
-                    return True
-            elif field == "posterior":
-                stored = row.posterior or {}
-                if stored.keys() != value.keys() or any(
-                    abs(stored[k] - v) > c.PROBABILITY_TOLERANCE for k, v in value.items()
-                ):
-                    return True
-            elif getattr(row, field) != value:
-                return True
-        return False
+    from tests.consensus_reference import record_path_changed as changed
 
     def rewrite(rows: list[Any]) -> None:
         if not rows:

@@ -23,6 +23,7 @@ import pytest
 from annotations import consensus, consensus_batch
 from annotations.domain.consensus import batch_consensus
 from annotations.models import AnnotationTask, Consensus, Role, Vote
+from tests.consensus_reference import record_path_changed
 from tests.factories import PatchFactory, ProjectFactory, SlideFactory, member
 
 pytestmark = pytest.mark.django_db
@@ -138,25 +139,6 @@ def assert_rows_are(project: Any, expected: dict[int, dict[str, Any]], kept: set
         assert abs(row.agreement - want["agreement"]) <= tol, context
         assert row.posterior.keys() == want["posterior"].keys(), context
         assert all(abs(row.posterior[k] - v) <= tol for k, v in want["posterior"].items()), context
-
-
-def record_path_changed(row: Consensus, fields: dict[str, Any]) -> bool:
-    """The record path's rule for rewriting a row (consensus._changed before the array path), as the reference."""
-    tol = consensus.PROBABILITY_TOLERANCE
-    for field, value in fields.items():
-        if field == "label":
-            if row.label_id != (value.pk if value is not None else None):
-                return True
-        elif field in ("confidence", "agreement"):
-            if abs(getattr(row, field) - value) > tol:
-                return True
-        elif field == "posterior":
-            stored = row.posterior or {}
-            if stored.keys() != value.keys() or any(abs(stored[k] - v) > tol for k, v in value.items()):
-                return True
-        elif getattr(row, field) != value:
-            return True
-    return False
 
 
 @pytest.mark.parametrize("weight", [1.0, 0.5, 0.0])
