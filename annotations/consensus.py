@@ -28,6 +28,7 @@ contested patches: they were routed when they became so, and a round writes only
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -100,6 +101,44 @@ def consensus_options(project: Project) -> dict[str, Any]:
         # Adaptive redundancy: votes_required is then a cap, and a confident patch is settled before it.
         "early_confidence": project.redundancy_confidence if project.adaptive_redundancy else None,
     }
+
+
+def uses_model_prior(project: Project) -> bool:
+    """Whether adaptive redundancy weighs the project's votes by the model's posterior per patch
+    (``Project.redundancy_model_prior``; only a Dawid-Skene project with adaptive redundancy)."""
+    on = project.adaptive_redundancy and project.redundancy_model_prior
+    return bool(on and project.consensus_method == "dawid_skene")
+
+
+# The model's posterior for a patch: its latest crowd task's that carries one (annotations.queue.publish_round).
+_MODEL_PRIOR_SQL = """
+SELECT model_posterior FROM annotations_annotationtask
+WHERE patch_id = %(patch)s AND kind = 'crowd' AND model_posterior IS NOT NULL ORDER BY id DESC LIMIT 1
+"""
+
+
+def _model_prior(project: Project, patch_id: int) -> dict[str, float] | None:
+    if not uses_model_prior(project):
+        return None
+    found = prepared.rows(_MODEL_PRIOR_SQL, {"patch": patch_id})
+    if not found:
+        return None
+    value = found[0][0]
+    return json.loads(value) if isinstance(value, str) else value  # Django loads jsonb as text
+
+
+def _model_priors(project: Project, patch_ids: list[int]) -> dict[int, dict[str, float]]:
+    if not uses_model_prior(project):
+        return {}
+    latest = (
+        AnnotationTask.objects.filter(
+            project=project, kind=AnnotationTask.Kind.CROWD, patch_id__in=patch_ids, model_posterior__isnull=False
+        )
+        .order_by("patch_id", "-id")
+        .distinct("patch_id")
+        .values_list("patch_id", "model_posterior")
+    )
+    return dict(latest.iterator(chunk_size=10_000))
 
 
 def consensus_fields(result: ConsensusResult, label: LabelClass | None) -> dict[str, Any]:
@@ -251,7 +290,11 @@ def recompute_consensus(project: Project, patch: Patch | int, labels: list[Label
     records = [record for record in weighed if record is not None]
     if records:
         result = consensus_for_item(
-            records, [lc.name for lc in labels], **consensus_options(project), reliabilities=_reliabilities(project)
+            records,
+            [lc.name for lc in labels],
+            **consensus_options(project),
+            reliabilities=_reliabilities(project),
+            prior=_model_prior(project, patch_id),
         )
         label = next((lc for lc in labels if lc.name == result.label), None) if result.label else None
         fields = consensus_fields(result, label)
@@ -331,10 +374,11 @@ def recompute_consensus_many(
             by_patch[pid].append(record)
     options = consensus_options(project)
     fit = _reliabilities(project)
+    priors = _model_priors(project, ids)
     rows: dict[int, Consensus] = {}
     for pid, records in by_patch.items():
         if records:
-            result = consensus_for_item(records, names, **options, reliabilities=fit)
+            result = consensus_for_item(records, names, **options, reliabilities=fit, prior=priors.get(pid))
             label = next((lc for lc in labels if lc.name == result.label), None) if result.label else None
             fields = consensus_fields(result, label)
         else:
@@ -404,9 +448,15 @@ def _recompute_project(project: Project) -> int:
     method = project.consensus_method
     if method in ARRAY_METHODS:
         votes = consensus_batch.counted_vote_arrays(project, label_ids)
+        prior_item, prior = consensus_batch.model_priors(project, names) if uses_model_prior(project) else (None, None)
         results = (
             batch_consensus_arrays(
-                votes, len(names), **consensus_options(project), **_gold_arrays(project, votes, names)
+                votes,
+                len(names),
+                **consensus_options(project),
+                **_gold_arrays(project, votes, names),
+                prior_item=prior_item,
+                prior=prior,
             )
             if len(votes)
             else from_results({}, names, method)

@@ -26,7 +26,7 @@ from django.db import connection
 from psycopg import sql
 
 from .domain.consensus_arrays import STATUSES, ArrayResults, StoredRows, VoteArrays
-from .models import Consensus, Project, Role, Vote
+from .models import AnnotationTask, Consensus, Project, Role, Vote
 from .students import uncounted_students
 
 # COPY's binary format: an 11-byte signature, a 4-byte flags word and a 4-byte header extension length; each
@@ -56,6 +56,25 @@ def _copy_arrays(query: sql.Composable, columns: Sequence[tuple[str, str]]) -> n
     ):
         raise ValueError("Unexpected COPY row layout (a NULL where none was expected).")
     return rows
+
+
+def model_priors(project: Project, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The model's posterior per patch that has one, from each patch's latest crowd task that carries one
+    (``AnnotationTask.model_posterior``, label name -> probability; a label it does not name is 0): ascending
+    patch ids and a (patches, labels) float64 array in ``names`` order, read with one binary COPY."""
+    columns = sql.SQL(", ").join(
+        sql.SQL("COALESCE((t.model_posterior ->> {})::float8, 0)").format(sql.Literal(name)) for name in names
+    )
+    query = sql.SQL(
+        "SELECT DISTINCT ON (t.patch_id) t.patch_id::int8, {columns} FROM {task} t "
+        "WHERE t.project_id = {project} AND t.kind = 'crowd' AND t.model_posterior IS NOT NULL "
+        "ORDER BY t.patch_id, t.id DESC"
+    ).format(columns=columns, task=sql.Identifier(AnnotationTask._meta.db_table), project=sql.Literal(int(project.pk)))
+    rows = _copy_arrays(query, [("patch", ">i8"), *((f"p{j}", ">f8") for j in range(len(names)))])
+    proba = np.empty((len(rows), len(names)))
+    for j in range(len(names)):
+        proba[:, j] = rows[f"p{j}"]
+    return rows["patch"].astype(np.int64), proba
 
 
 def counted_vote_arrays(project: Project, label_ids: Sequence[int]) -> VoteArrays:

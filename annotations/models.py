@@ -166,6 +166,12 @@ class Project(models.Model):
         validators=[MinValueValidator(0.5), MaxValueValidator(1.0)],
         help_text="Consensus confidence at which adaptive redundancy stops asking the crowd.",
     )
+    redundancy_model_prior = models.BooleanField(
+        default=False,
+        help_text="Adaptive redundancy with Dawid-Skene: also weigh a patch's votes by the model's posterior for it "
+        "(from the round that queued it), so one crowd vote settles it when the two together give the vote's label "
+        "redundancy_confidence or more. Only whether to stop asking changes: the label stays the votes' own.",
+    )
     # Students who improve (annotations.students): more gold checks while a student is unknown or weak, fewer
     # once proven; a student below the certification threshold is recorded but not counted in consensus.
     adaptive_gold = models.BooleanField(
@@ -343,6 +349,12 @@ class AnnotationTask(models.Model):
         default="",
         db_default="",
         help_text="Why the task went to the crowd or the experts (shown to admins).",
+    )
+    model_posterior = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="The model's posterior for the patch when a round queued it (label name -> probability); "
+        "null for a patch queued before any model.",
     )
     lease_owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, related_name="leases", on_delete=models.SET_NULL

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 from django.db import IntegrityError, transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
@@ -254,17 +255,20 @@ def enqueue_patches(
     round_id: int | None = None,
     arms: dict[int, str] | None = None,
     reasons: Mapping[int, str] | None = None,
+    posteriors: Mapping[int, dict[str, float]] | None = None,
 ) -> int:
     """Create tasks for patches that have no live task of this kind; update priorities of live ones.
 
     Returns the number of tasks created. Patches that already reached consensus from enough
     votes are not queued again for the crowd. ``reasons`` (patch id -> why it was routed this way) is
-    each task's ``route_reason``; a live task given one takes it.
+    each task's ``route_reason``; a live task given one takes it. ``posteriors`` (patch id -> the model's
+    posterior for it, label name -> probability) is each task's ``model_posterior``, likewise.
     """
     if not priorities:
         return 0
     arms = arms or {}
     reasons = reasons or {}
+    posteriors = posteriors or {}
     votes_needed = project.votes_required if kind == Kind.CROWD else 1
     live = {
         t.patch_id: t
@@ -289,11 +293,14 @@ def enqueue_patches(
             round_id or task.round_id,
             arms.get(patch_id, task.arm),
             reasons.get(patch_id, task.route_reason),
+            posteriors.get(patch_id, task.model_posterior),
         )
-        if wanted != (task.priority, task.round_id, task.arm, task.route_reason):
-            task.priority, task.round_id, task.arm, task.route_reason = wanted
+        if wanted != (task.priority, task.round_id, task.arm, task.route_reason, task.model_posterior):
+            task.priority, task.round_id, task.arm, task.route_reason, task.model_posterior = wanted
             to_update.append(task)
-    AnnotationTask.objects.bulk_update(to_update, ["priority", "round", "arm", "route_reason"], batch_size=1000)
+    AnnotationTask.objects.bulk_update(
+        to_update, ["priority", "round", "arm", "route_reason", "model_posterior"], batch_size=1000
+    )
     new = [
         AnnotationTask(
             project=project,
@@ -304,6 +311,7 @@ def enqueue_patches(
             arm=arms.get(pid, ""),
             votes_needed=votes_needed,
             route_reason=reasons.get(pid, ""),
+            model_posterior=posteriors.get(pid),
         )
         for pid, prio in priorities.items()
         if pid not in live and pid not in settled
@@ -341,8 +349,9 @@ def publish_round(
     With the project's ``expert_routing`` "value", the chosen patches the crowd would be a waste on go to
     the experts' queue instead, at the same priorities (annotations.expert_routing); ``proba`` (the model's
     posterior per chosen patch, rows in ``chosen`` order and columns in ``class_names`` order, None on a cold
-    start) is what that weighs. Every task gets its ``route_reason``. A patch sent to the experts leaves the
-    crowd queue in the same transaction (:func:`retire_crowd_tasks`).
+    start) is what that weighs, and each crowd task keeps its row as ``model_posterior`` (what adaptive
+    redundancy with ``redundancy_model_prior`` weighs the votes against). Every task gets its ``route_reason``.
+    A patch sent to the experts leaves the crowd queue in the same transaction (:func:`retire_crowd_tasks`).
 
     ``chosen`` is (patch id, arm) in the strategy's order, best first: its patches rank above every
     earlier round's. With ``rest_priority`` (the new model's uncertainty per patch), the ``tail``
@@ -376,7 +385,25 @@ def publish_round(
         )
         retire_crowd_tasks(project, list(split.expert))
     crowd = {pid: priorities[pid] for pid in split.crowd}
-    return created + enqueue_patches(project, crowd, round_id=round_id, arms=arms, reasons=split.crowd)
+    posteriors = _posteriors(chosen, proba, class_names, crowd)
+    return created + enqueue_patches(
+        project, crowd, round_id=round_id, arms=arms, reasons=split.crowd, posteriors=posteriors
+    )
+
+
+def _posteriors(
+    chosen: list[tuple[int, str]], proba: Any, class_names: list[str] | None, wanted: Mapping[int, float]
+) -> dict[int, dict[str, float]]:
+    """The model's posterior per patch of ``wanted`` (label name -> probability, rounded to 6 decimals), from
+    ``proba``'s rows in ``chosen`` order; none on a cold start."""
+    if proba is None or not class_names:
+        return {}
+    rows = np.asarray(proba, dtype=np.float64)
+    return {
+        pid: {name: round(float(p), 6) for name, p in zip(class_names, rows[i], strict=True)}
+        for i, (pid, _) in enumerate(chosen)
+        if pid in wanted
+    }
 
 
 def retire_crowd_tasks(project: Project, patch_ids: list[int]) -> int:

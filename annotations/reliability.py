@@ -30,7 +30,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from psycopg import sql
 
-from .consensus import SUGGESTION_PROVENANCES
+from .consensus import SUGGESTION_PROVENANCES, uses_model_prior
 from .domain.consensus import Reliabilities
 from .domain.dawid_skene import ArrayFit, confusion_from_counts, fit_arrays
 from .models import ExpertRouting, LabelClass, Project, ReliabilityFit, Role, Vote
@@ -51,12 +51,18 @@ CURRENT_TTL_S = 5.0  # how long a process reuses the fit it read before reading 
 _current: dict[int, tuple[float, Reliabilities | None]] = {}
 
 
+def kept_current(project: Project) -> bool:
+    """Whether the project reads its crowd's reliabilities online: it routes by value, or its adaptive
+    redundancy weighs the votes by the model's prior (which needs a Dawid-Skene posterior on every vote)."""
+    return project.expert_routing == ExpertRouting.VALUE or uses_model_prior(project)
+
+
 def current(project: Project) -> Reliabilities | None:
     """The project's stored crowd fit as the per-vote consensus takes it, or None (no fit, or the project does
-    not route by value, the only projects whose fit is kept current). Read at most once per CURRENT_TTL_S per
-    process: on a busy project the vote path mostly finds it in memory, and it is at most that much older than
-    the stored one (itself at most REFRESH_DELAY_S plus a fit behind the votes)."""
-    if project.expert_routing != ExpertRouting.VALUE or project.consensus_method != "dawid_skene":
+    not read it online, :func:`kept_current`: the only projects whose fit is kept current). Read at most once per
+    CURRENT_TTL_S per process: on a busy project the vote path mostly finds it in memory, and it is at most that
+    much older than the stored one (itself at most REFRESH_DELAY_S plus a fit behind the votes)."""
+    if not kept_current(project) or project.consensus_method != "dawid_skene":
         return None
     now = time.monotonic()
     cached = _current.get(project.pk)
@@ -84,8 +90,8 @@ def forget_current(project_id: int) -> None:
 
 def note_votes(project: Project) -> None:
     """A vote of ``project`` changed: schedule a refresh of its reliabilities once the transaction commits,
-    unless one is scheduled already. Only projects that read the reliabilities online (value routing)."""
-    if project.expert_routing != ExpertRouting.VALUE:
+    unless one is scheduled already. Only projects that read the reliabilities online (:func:`kept_current`)."""
+    if not kept_current(project):
         return
     project_id = project.pk
     transaction.on_commit(lambda: _schedule(project_id))

@@ -57,6 +57,7 @@ class ProjectSerializer(serializers.ModelSerializer):
             "crowd_cost",
             "adaptive_redundancy",
             "redundancy_confidence",
+            "redundancy_model_prior",
             "adaptive_gold",
             "certification_threshold",
             "expert_routing",
@@ -77,7 +78,28 @@ class ProjectSerializer(serializers.ModelSerializer):
         weights = attrs.get("backbone_weights", current.backbone_weights if current else "")
         if current is None or (name, weights) != (current.backbone, current.backbone_weights):
             check_project_backbone(name, weights)
+        check_model_prior(attrs, current)
         return attrs
+
+
+def check_model_prior(attrs: dict[str, Any], current: Project | None) -> None:
+    """``redundancy_model_prior`` weighs a Dawid-Skene posterior (a likelihood of the votes) by the model's: with
+    a vote-share method, or without adaptive redundancy, it would do nothing, so it is refused with the reason."""
+
+    def value(field: str) -> Any:
+        return attrs.get(field, getattr(current, field) if current else Project._meta.get_field(field).default)
+
+    if not value("redundancy_model_prior"):
+        return
+    if value("consensus_method") != "dawid_skene":
+        raise serializers.ValidationError(
+            {"redundancy_model_prior": "needs consensus_method dawid_skene (the other methods' posteriors are vote "
+             "shares, which a model prior cannot weigh); turn it off first to change the method."}
+        )  # fmt: skip
+    if not value("adaptive_redundancy"):
+        raise serializers.ValidationError(
+            {"redundancy_model_prior": "needs adaptive_redundancy on: it only decides when to stop asking the crowd."}
+        )
 
 
 def check_project_backbone(name: str, weights: str) -> None:

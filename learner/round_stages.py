@@ -24,7 +24,7 @@ from django.db import connection
 from psycopg import sql
 
 from annotations import consensus, reliability
-from annotations.models import AnnotationTask, Consensus, ExpertRouting, LabelClass, Patch, Project, Slide
+from annotations.models import AnnotationTask, Consensus, LabelClass, Patch, Project, Slide
 from learner.core.backbone import Backbone
 from learner.core.classifier import Classifier
 from learner.core.config import TrainConfig
@@ -278,7 +278,7 @@ def snapshot(project: Project, class_names: list[str]) -> Pool:
     when no worker has run the votes' own refresh (the worker's is debounced; this one is warm-started).
     """
     consensus.recompute_project_consensus(project)
-    if project.expert_routing == ExpertRouting.VALUE:
+    if reliability.kept_current(project):
         reliability.refresh(project)
     rows = _pool_rows(project)
     label_ids, label_index, label_posterior = _final_labels(project, class_names)

@@ -27,7 +27,14 @@ Rules shared by every method (documented here because the statuses feed the queu
   3. "pending": no expert vote and fewer crowd votes than `votes_required`. The label is None so that
      nobody trains on it; the posterior still shows the interim leaning. With adaptive redundancy
      (`early_confidence` set) `votes_required` is a cap: a patch with at least EARLY_MIN_CROWD_VOTES crowd
-     votes whose posterior gives the (untied) leading label `early_confidence` or more is not pending.
+     votes whose posterior gives the (untied) leading label `early_confidence` or more is not pending,
+     unless its crowd votes are split beyond `contested_threshold`: a split asks for more votes, up to the cap
+     (Dawid-Skene can be sure of one of two disagreeing students; settling then would send the patch to an
+     expert as contested where one more crowd vote may do).
+     With a model prior for the item (`priors`, the model's posterior for it when a round chose it), a
+     Dawid-Skene posterior is also weighed against that prior: one crowd vote is then enough when the
+     posterior times the prior, renormalised, gives the same untied leading label `early_confidence` or
+     more (the prior decides only whether to stop asking; the label and its confidence stay the votes').
   4. "agreed": otherwise.
 - `agreement` is the share of all the item's votes (crowd and expert) equal to the label; 0.0 when the
   label is None. `confidence` is the posterior probability of the label; 0.0 when the label is None.
@@ -78,8 +85,10 @@ CHEAP_METHODS = ("majority", "weighted", "expert_override")
 ITERATIVE_METHODS = ("dawid_skene", "glad", "mace")
 METHODS = CHEAP_METHODS + ITERATIVE_METHODS
 
-# Adaptive redundancy never settles a patch on one crowd vote, however sure its posterior.
+# Adaptive redundancy never settles a patch on one crowd vote, however sure its posterior, unless the model's
+# prior for the patch agrees with it (see "pending" in the module docstring).
 EARLY_MIN_CROWD_VOTES = 2
+EARLY_MIN_CROWD_VOTES_WITH_PRIOR = 1
 
 # Relative tolerance for calling two scores a tie: weighted sums of floats such as 3.0 + 1.0 must
 # compare equal to 4.0 however they were added up.
@@ -282,10 +291,12 @@ def _result(
     contested_threshold: float,
     forced_label: str | None = None,
     early_confidence: float | None = None,
+    prior: Mapping[str, float] | None = None,
 ) -> ConsensusResult:
     """Turn a posterior into a ConsensusResult, applying the status rules in the module docstring.
 
     `forced_label` is a label fixed from outside the posterior (a gold label); it counts as an expert decision.
+    `prior` (the model's posterior for the item, or None) is only passed with a Dawid-Skene posterior.
     """
     leading, tied = _argmax_in_label_order(posterior, labels)
     crowd = [v for v in votes if not v.is_expert]
@@ -294,17 +305,24 @@ def _result(
         leading, tied, experts_label, experts_tied = forced_label, False, forced_label, False
 
     label: str | None = leading
+    disagreeing = _weighted_share(crowd, lambda v: v.label != leading)
     if experts_label is not None:
         status = EXPERT_STATUS if (not experts_tied and leading == experts_label) else CONTESTED
     elif len(crowd) < votes_required and not (
         early_confidence is not None
-        and len(crowd) >= EARLY_MIN_CROWD_VOTES
         and not tied
-        and posterior[leading] >= early_confidence - _TIE_RTOL
+        and not disagreeing > contested_threshold
+        and (
+            (len(crowd) >= EARLY_MIN_CROWD_VOTES and posterior[leading] >= early_confidence - _TIE_RTOL)
+            or (
+                prior is not None
+                and len(crowd) >= EARLY_MIN_CROWD_VOTES_WITH_PRIOR
+                and _settled_by_prior(posterior, prior, labels, leading, early_confidence)
+            )
+        )
     ):
         status, label = PENDING, None
     else:
-        disagreeing = _weighted_share(crowd, lambda v: v.label != leading)
         status = CONTESTED if (tied or disagreeing > contested_threshold) else AGREED
 
     agreement = _weighted_share(votes, lambda v: v.label == label) if (label is not None and votes) else 0.0
@@ -318,6 +336,20 @@ def _result(
         agreement=agreement,
         status=status,
     )
+
+
+def with_prior(posterior: Mapping[str, float], prior: Mapping[str, float], labels: Sequence[str]) -> dict[str, float]:
+    """The votes' posterior weighed by the model's prior for the item, renormalised (uniform if they exclude
+    each other); a label the prior does not name counts as 0."""
+    return _normalise({label: posterior[label] * max(float(prior.get(label, 0.0)), 0.0) for label in labels}, labels)
+
+
+def _settled_by_prior(
+    posterior: Mapping[str, float], prior: Mapping[str, float], labels: Sequence[str], leading: str, confidence: float
+) -> bool:
+    combined = with_prior(posterior, prior, labels)
+    best, tied = _argmax_in_label_order(combined, labels)
+    return best == leading and not tied and combined[leading] >= confidence - _TIE_RTOL
 
 
 def _weighted_share(votes: Sequence[VoteRecord], condition: Callable[[VoteRecord], bool]) -> float:
@@ -347,6 +379,7 @@ def consensus_for_item(
     contested_threshold: float = 0.34,
     early_confidence: float | None = None,
     reliabilities: Reliabilities | None = None,
+    prior: Mapping[str, float] | None = None,
 ) -> ConsensusResult:
     """Consensus for one item from its active votes; cheap enough to run on every vote.
 
@@ -354,7 +387,8 @@ def consensus_for_item(
     estimates need the whole project and are refreshed by `batch_consensus`. The exception is
     "dawid_skene" given a current fit of the crowd (``reliabilities``, the online consensus): the item's
     posterior is then Dawid-Skene's with those confusion matrices held fixed (:func:`reliability_posterior`),
-    so each student counts by their reliability on every vote, and adaptive redundancy settles on it.
+    so each student counts by their reliability on every vote, and adaptive redundancy settles on it; only
+    then does ``prior`` (the model's posterior for the item) count, as the module docstring says.
     """
     _validate_options(method, votes_required, expert_weight, contested_threshold, early_confidence)
     if not votes:
@@ -378,6 +412,7 @@ def consensus_for_item(
         votes_required=votes_required,
         contested_threshold=contested_threshold,
         early_confidence=early_confidence,
+        prior=prior if used == "dawid_skene" else None,
     )
 
 
@@ -396,6 +431,7 @@ def batch_consensus(
     gold: KnownLabels | None = None,
     seed: int = 0,
     early_confidence: float | None = None,
+    priors: Mapping[Item, Mapping[str, float]] | None = None,
 ) -> dict[Item, ConsensusResult]:
     """Consensus for every item that has votes.
 
@@ -403,6 +439,7 @@ def batch_consensus(
     iterative methods and, for "dawid_skene", seed the EM so that each crowd annotator's per-class
     reliability is learned against them. For the cheap methods `gold` is ignored: they must give the same
     answer as `consensus_for_item`. `seed` feeds MACE's random restarts; the other methods are deterministic.
+    ``priors`` (item -> the model's posterior for it) count for "dawid_skene" only (the module docstring).
     """
     _validate_options(method, votes_required, expert_weight, contested_threshold, early_confidence)
     validate_votes(votes, labels)
@@ -421,6 +458,7 @@ def batch_consensus(
             contested_threshold=contested_threshold,
             forced_label=gold_labels.get(item) if method in ITERATIVE_METHODS else None,
             early_confidence=early_confidence,
+            prior=(priors or {}).get(item) if method == "dawid_skene" else None,
         )
 
     if method in CHEAP_METHODS:

@@ -27,6 +27,7 @@ from .consensus import (
     CHEAP_METHODS,
     CONTESTED,
     EARLY_MIN_CROWD_VOTES,
+    EARLY_MIN_CROWD_VOTES_WITH_PRIOR,
     EXPERT_STATUS,
     PENDING,
     ConsensusResult,
@@ -144,11 +145,15 @@ def batch_consensus_arrays(
     gold_item: np.ndarray | None = None,
     gold_label: np.ndarray | None = None,
     early_confidence: float | None = None,
+    prior_item: np.ndarray | None = None,
+    prior: np.ndarray | None = None,
 ) -> ArrayResults:
     """``batch_consensus`` for the cheap methods and Dawid-Skene (see the module docstring).
 
     ``gold_item``/``gold_label`` are the gold labels (item ids and label indices, in the order of the mapping
-    ``batch_consensus`` would be given). The votes' order is the records' order.
+    ``batch_consensus`` would be given). The votes' order is the records' order. ``prior_item``/``prior``
+    (item ids, and a (len, n_labels) array of the model's posterior for each) are ``batch_consensus``'s
+    ``priors``; items without votes are ignored.
     """
     _validate_options(method, votes_required, expert_weight, contested_threshold, early_confidence)
     if method not in ARRAY_METHODS:
@@ -200,10 +205,13 @@ def batch_consensus_arrays(
 
     rows = np.arange(n)
     early = np.zeros(n, dtype=bool)
+    disagreeing = _share(index[crowd], w[crowd], votes.label[crowd] != leading[index[crowd]], n)
     if early_confidence is not None:
         early = (n_crowd >= EARLY_MIN_CROWD_VOTES) & ~tied & (posterior[rows, leading] >= early_confidence - _TIE_RTOL)
+        if method == "dawid_skene" and prior_item is not None and prior is not None and len(prior_item):
+            early |= _settled_by_prior(items, posterior, leading, tied, n_crowd, prior_item, prior, early_confidence)
+        early &= ~(disagreeing > contested_threshold)  # a split asks for more votes (domain.consensus)
     pending = ~decided & (n_crowd < votes_required) & ~early
-    disagreeing = _share(index[crowd], w[crowd], votes.label[crowd] != leading[index[crowd]], n)
     status = np.where(
         decided,
         np.where(~experts_tied & (leading == experts_label), EXPERT_CODE, CONTESTED_CODE),
@@ -223,6 +231,39 @@ def batch_consensus_arrays(
         agreement=agreement,
         status=status,
         method=method,
+    )
+
+
+def _settled_by_prior(
+    items: np.ndarray,
+    posterior: np.ndarray,
+    leading: np.ndarray,
+    tied: np.ndarray,
+    n_crowd: np.ndarray,
+    prior_item: np.ndarray,
+    prior: np.ndarray,
+    confidence: float,
+) -> np.ndarray:
+    """``consensus._settled_by_prior`` per item (False where the item has no prior)."""
+    n, k = posterior.shape
+    prior_item = np.asarray(prior_item, dtype=np.int64)
+    prior = np.asarray(prior, dtype=np.float64).reshape(len(prior_item), k)
+    at = np.searchsorted(items, prior_item)
+    inside = (at < n) & (items[np.minimum(at, n - 1)] == prior_item)
+    has = np.zeros(n, dtype=bool)
+    has[at[inside]] = True
+    weights = np.ones((n, k))
+    weights[at[inside]] = np.maximum(prior[inside], 0.0)
+    combined = _normalise(posterior * weights)
+    best, best_tied = _leading(combined)
+    rows = np.arange(n)
+    return (
+        has
+        & (n_crowd >= EARLY_MIN_CROWD_VOTES_WITH_PRIOR)
+        & ~tied
+        & ~best_tied
+        & (best == leading)
+        & (combined[rows, leading] >= confidence - _TIE_RTOL)
     )
 
 

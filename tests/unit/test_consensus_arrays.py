@@ -94,18 +94,29 @@ OPTIONS = st.fixed_dictionaries(
 )
 
 
-def run_both(votes: list[VoteRecord], labels: list[str], gold: dict[int, str], method: str, options: dict) -> None:
-    expected = batch_consensus(votes, labels, method=method, gold=gold, **options) if votes else {}
+def run_both(
+    votes: list[VoteRecord],
+    labels: list[str],
+    gold: dict[int, str],
+    method: str,
+    options: dict,
+    priors: dict[int, dict[str, float]] | None = None,
+) -> dict:
+    expected = batch_consensus(votes, labels, method=method, gold=gold, priors=priors, **options) if votes else {}
     index = {label: j for j, label in enumerate(labels)}
+    priors = priors or {}
     found = batch_consensus_arrays(
         as_arrays(votes, labels),
         len(labels),
         method=method,
         gold_item=np.array(list(gold), dtype=np.int64),
         gold_label=np.array([index[v] for v in gold.values()], dtype=np.int64),
+        prior_item=np.array(list(priors), dtype=np.int64),
+        prior=np.array([[p.get(label, 0.0) for label in labels] for p in priors.values()]).reshape(-1, len(labels)),
         **options,
     )
     assert_same(found, expected, labels, method)
+    return expected
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -131,6 +142,32 @@ def test_dawid_skene_with_platform_gold_gives_batch_consensus_results(case, opti
     votes, labels, gold = case
     decided = expert_labels(votes, labels)
     run_both(votes, labels, {item: decided[item] for item in gold if item in decided}, "dawid_skene", options)
+
+
+@st.composite
+def model_priors(draw: st.DrawFn, labels: list[str], n_items: int) -> dict[int, dict[str, float]]:
+    """The model's posterior on some items (and on an item without votes), sometimes sure, sometimes tied or zero."""
+    chosen = draw(st.lists(st.integers(0, n_items + 1), unique=True, max_size=n_items + 2))
+    weights = st.sampled_from([0.0, 0.05, 0.3, 0.5, 0.9, 1.0])
+    return {item: {label: draw(weights) for label in labels} for item in chosen}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(vote_sets(), OPTIONS, st.data())
+def test_dawid_skene_with_model_priors_gives_batch_consensus_results(case, options, data) -> None:
+    """The model prior's early stop (adaptive redundancy weighing the votes by the model's posterior) is the
+    same on arrays as on records, and it only ever settles items, never unsettles one."""
+    votes, labels, gold = case
+    n_items = max((v.item for v in votes), default=0) + 1
+    priors = data.draw(model_priors(labels, n_items))
+    with_priors = run_both(votes, labels, gold, "dawid_skene", options, priors)
+    without = batch_consensus(votes, labels, method="dawid_skene", gold=gold, **options) if votes else {}
+    for item, result in with_priors.items():
+        before = without[item]
+        assert result.posterior == before.posterior  # the prior never moves the votes' own posterior
+        if result.status != before.status:
+            assert before.status == "pending" and options["early_confidence"] is not None and item in priors
+            assert result.label == max(labels, key=lambda label: before.posterior[label])
 
 
 def test_an_empty_vote_set_has_no_rows() -> None:
