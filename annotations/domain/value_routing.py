@@ -7,13 +7,14 @@ project's costs ``c_e`` (an expert vote) and ``c_c`` (a crowd vote):
 1. **What the crowd would produce.** For each true class i, :func:`crowd_outcome` simulates the crowd's
    path through the platform's own rules with a fixed-seed Monte Carlo (``SAMPLES`` vote sequences per class,
    answers drawn from ``C[i]``): votes are collected up to ``votes_required`` (with adaptive redundancy,
-   stopped once at least two votes give the leading label a share of ``redundancy_confidence`` or more), the
-   crowd is *contested* when the share disagreeing with the leading label is above ``contested_threshold``
-   or the lead is tied, and otherwise the label is the Dawid-Skene decision (class priors times the
-   likelihood of the votes under ``C``). This gives, per true class, ``q[i]`` = P(final label right),
-   ``n[i]`` = expected crowd votes, ``r[i]`` = P(contested). A contested patch goes to an expert, whose label
-   counts as right (consensus clamps Dawid-Skene to expert decisions, so the platform treats it as the
-   truth), at one expert vote more.
+   stopped once at least two votes give the leading label a share of ``redundancy_confidence`` or more; a
+   project's ``redundancy_model_prior``, which may stop at one vote, is not played, so there the crowd's
+   expected cost is an upper bound), the crowd is *contested* when the share disagreeing with the leading
+   label is above ``contested_threshold`` or the lead is tied, and otherwise the label is the Dawid-Skene
+   decision (class priors times the likelihood of the votes under ``C``). This gives, per true class,
+   ``q[i]`` = P(final label right), ``n[i]`` = expected crowd votes, ``r[i]`` = P(contested). A contested
+   patch goes to an expert, whose label counts as right (consensus clamps Dawid-Skene to expert decisions,
+   so the platform treats it as the truth), at one expert vote more.
 2. **Both options, for this patch.** Crowd: accuracy ``A_c = p·q``, cost ``K_c = c_c·(p·n) + c_e·(p·r)``.
    Expert: accuracy ``A_e = 1``, cost ``K_e = c_e``.
 3. **Gain per cost.** A label is worth what it adds to what the model already knows: the model's own

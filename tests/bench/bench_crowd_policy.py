@@ -5,10 +5,10 @@
 
 The crowd is learner.simulation's ``improving`` setting: 5 students whose per-class accuracy rises from
 U(0.5, 0.7) at their first vote to U(0.8, 0.9) over their first 300 votes, and an expert right 95% of the
-time; an expert vote costs 10 crowd votes. Each policy (``learner.simulation.policies``: today = fixed
-votes, contested patches to the expert, hard labels; new = adaptive redundancy, posterior-weighted labels,
-plus whatever the lead adds there once the routing and students branches are merged) is a set of project
-fields on the run projects; every decision is then the platform's own (lease_next_task, cast_vote, the
+time; an expert vote costs 10 crowd votes. Each policy (``learner.simulation.policies``: today = 3 votes
+per patch, contested patches to the expert, hard labels; new = adaptive redundancy weighed by the model's
+posterior, up to 5 votes, experts only for a patch still split at the cap, posterior-weighted labels) is a
+set of project fields on the run projects; every decision is then the platform's own (lease_next_task, cast_vote, the
 consensus, the rounds), only the people are simulated. Same seeds and splits as ``manage.py simulate``
 (grouped test and gold sets, ``split_rows``), the same annotators and images for both policies of a seed.
 

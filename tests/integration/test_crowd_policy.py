@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 
-from annotations.models import Consensus, Patch, Project, Slide, Vote
+from annotations.models import AnnotationTask, Consensus, Patch, Project, Slide, Vote
 from learner import simulation as sim
 from learner.management.commands.simulate import Command
 from learner.models import TrainingRound
@@ -72,8 +72,12 @@ def test_both_policies_run_end_to_end_and_the_figures_are_computed_on_the_runs_o
         project = Project.objects.get(pk=run["project"])
         new = run["policy"] == "new"
         # The policy reached the project, and its rounds trained the way it says.
-        assert project.adaptive_redundancy is new
+        assert project.adaptive_redundancy is project.redundancy_model_prior is new
         assert project.training_labels == ("weighted" if new else "hard")
+        # The rounds left the model's posterior on the crowd tasks they queued (what the new policy weighs).
+        assert AnnotationTask.objects.filter(
+            project=project, round__isnull=False, model_posterior__isnull=False
+        ).exists()
         last = TrainingRound.objects.filter(project=project).order_by("-number").first()
         assert last is not None and last.metrics["training_labels"] == project.training_labels
         # Costs are the votes the loop asked for, priced at 10 : 1 (the up-front gold set not counted).
@@ -149,7 +153,7 @@ def test_the_command_builds_the_improving_crowd_under_each_policy_and_refuses_un
     opts = vars(
         parser.parse_args(
             ["x.csv", "--labelling=improving", "--policy=today,new", "--learning-votes=50", "--expert-accuracy=0.9",
-             "--project-setting", "votes_required=4", "--student-start", "0.55", "0.6"]
+             "--project-setting", "gold_rate=0.2", "--student-start", "0.55", "0.6"]
         )
     )  # fmt: skip
     cfg = command.config(opts)
@@ -157,7 +161,7 @@ def test_the_command_builds_the_improving_crowd_under_each_policy_and_refuses_un
     for setting in cfg.settings:
         assert setting.improving and setting.students == 5 and setting.learning_votes == 50
         assert setting.student_start == (0.55, 0.6) and setting.expert_accuracy == 0.9
-        assert dict(setting.project)["votes_required"] == 4
+        assert dict(setting.project)["gold_rate"] == 0.2
     assert dict(cfg.settings[1].project)["adaptive_redundancy"] is True
     manifest = tmp_path / "none.csv"
     for bad, message in [

@@ -68,9 +68,9 @@ def test_policies_set_project_fields_by_name_and_new_turns_on_adaptive_redundanc
     for found in (today, new):
         for name, value in found.fields:
             Project._meta.get_field(name).clean(value, None)
-    setting = sim.with_policy(sim.IMPROVING, new, [("votes_required", 5)])
+    setting = sim.with_policy(sim.IMPROVING, new, [("gold_rate", 0.2)])
     assert setting.name == "improving-new" and setting.policy == "new"
-    assert dict(setting.project) == {**dict(new.fields), "votes_required": 5}
+    assert dict(setting.project) == {**dict(new.fields), "gold_rate": 0.2}
 
 
 def test_an_unknown_field_is_refused_with_the_fields_a_project_has() -> None:
@@ -111,11 +111,13 @@ def test_command_line_settings_parse_json_values_and_refuse_a_missing_value() ->
         sim.parse_setting("adaptive_redundancy")
 
 
-def test_the_new_policy_routes_by_value_and_adapts_gold_and_today_does_neither() -> None:
+def test_the_new_policy_weighs_votes_by_the_model_and_asks_more_before_an_expert_and_today_does_neither() -> None:
     today, new = dict(sim.policy("today").fields), dict(sim.policy("new").fields)
-    keys = ("expert_routing", "adaptive_gold", "adaptive_redundancy")
-    assert tuple(today[k] for k in keys) == ("contested", False, False)
-    assert tuple(new[k] for k in keys) == ("value", True, True)
+    keys = ("adaptive_redundancy", "redundancy_model_prior", "votes_required", "contested_threshold")
+    assert tuple(today[k] for k in keys) == (False, False, 3, 0.34)
+    assert tuple(new[k] for k in keys) == (True, True, 5, 0.45)
+    # Routing by value and the adaptive gold rate measured costlier: both policies leave them off, and say so.
+    assert (today["expert_routing"], today["adaptive_gold"]) == (new["expert_routing"], new["adaptive_gold"])
     # Each policy says every field it compares (neither inherits a default), but the confidence matters only
     # when redundancy is adaptive.
     assert set(new) - set(today) == {"redundancy_confidence"} and set(today) <= set(new)
