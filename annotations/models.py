@@ -380,6 +380,14 @@ class AnnotationTask(models.Model):
                 condition=Q(kind__in=["expert", "gold"]),
                 name="task_review_newest",
             ),
+            # The model's posterior per patch for a batch consensus (annotations.consensus_batch.model_priors):
+            # each patch's latest crowd task that carries one, in patch order, without reading the crowd tasks
+            # queued before any model or sorting them.
+            models.Index(
+                fields=["project", "patch", "-id"],
+                condition=Q(kind="crowd", model_posterior__isnull=False),
+                name="task_model_prior",
+            ),
         ]
         constraints = [
             models.UniqueConstraint(
