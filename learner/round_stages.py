@@ -273,9 +273,10 @@ def _aligned(patch_ids: np.ndarray, ids: np.ndarray, values: np.ndarray) -> np.n
 def snapshot(project: Project, class_names: list[str]) -> Pool:
     """Recompute consensus (iterative methods run here) and take the labels as they are now.
 
-    Votes cast after this point are used by the next round. A project routing by value also refits its
-    crowd's reliabilities here (annotations.reliability), so the batch is routed with every vote counted even
-    when no worker has run the votes' own refresh (the worker's is debounced; this one is warm-started).
+    Votes cast after this point are used by the next round. A project that reads its crowd's reliabilities
+    online (routing by value, or adaptive redundancy with the model prior: annotations.reliability.kept_current)
+    also refits them here, so the batch is routed, and the next votes weighed, with every vote counted even when
+    no worker has run the votes' own refresh (the worker's is debounced; this one is warm-started).
     """
     consensus.recompute_project_consensus(project)
     if reliability.kept_current(project):
