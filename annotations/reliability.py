@@ -32,6 +32,7 @@ from psycopg import sql
 
 from .consensus import SUGGESTION_PROVENANCES, uses_model_prior
 from .domain.consensus import Reliabilities
+from .domain.consensus_arrays import find_sorted
 from .domain.dawid_skene import ArrayFit, confusion_from_counts, fit_arrays
 from .models import ExpertRouting, LabelClass, Project, ReliabilityFit, Role, Vote
 
@@ -215,9 +216,7 @@ def _expert_truth(expert_votes: np.ndarray, items: np.ndarray, k: int) -> np.nda
     truth = np.full(len(items), -1, dtype=np.int64)
     if not len(expert_votes) or not len(items):
         return truth
-    at = np.searchsorted(items, expert_votes[:, 0].astype(np.int64))
-    at = np.minimum(at, len(items) - 1)
-    inside = items[at] == expert_votes[:, 0].astype(np.int64)
+    at, inside = find_sorted(items, expert_votes[:, 0].astype(np.int64))
     scores = np.zeros((len(items), k))
     np.add.at(scores, (at[inside], expert_votes[inside, 2].astype(np.int64)), expert_votes[inside, 4])
     best = scores.max(axis=1)

@@ -100,6 +100,13 @@ def validate_arrays(votes: VoteArrays, n_labels: int) -> None:
             )
 
 
+def find_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``ids`` sits in the ascending ``sorted_ids`` (clipped into range) and whether it is there."""
+    at = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
+    found = sorted_ids[at] == ids if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
+    return at, found
+
+
 def _sums(index: np.ndarray, label: np.ndarray, weight: np.ndarray, n: int, k: int) -> np.ndarray:
     """(n, k) per-item sums of ``weight`` by label, each cell added in the votes' order."""
     return np.bincount(index * k + label, weights=weight, minlength=n * k).reshape(n, k)
@@ -188,8 +195,7 @@ def batch_consensus_arrays(
     if method == "dawid_skene":
         if len(np.unique(gold_item)) != len(gold_item):
             raise ValueError("An item is listed twice in the gold labels.")
-        gold_at = np.searchsorted(items, gold_item)
-        inside = (gold_at < n) & (items[np.minimum(gold_at, max(n - 1, 0))] == gold_item) if n else gold_at < 0
+        gold_at, inside = find_sorted(items, gold_item)
         forced[gold_at[inside]] = gold_label[inside]
         posterior = _dawid_skene(
             votes, index, n, k, has_expert, experts_label, experts_tied,
@@ -248,8 +254,7 @@ def _settled_by_prior(
     n, k = posterior.shape
     prior_item = np.asarray(prior_item, dtype=np.int64)
     prior = np.asarray(prior, dtype=np.float64).reshape(len(prior_item), k)
-    at = np.searchsorted(items, prior_item)
-    inside = (at < n) & (items[np.minimum(at, n - 1)] == prior_item)
+    at, inside = find_sorted(items, prior_item)
     has = np.zeros(n, dtype=bool)
     has[at[inside]] = True
     weights = np.ones((n, k))
@@ -408,9 +413,7 @@ def plan_changes(stored: StoredRows, results: ArrayResults, tolerance: float) ->
     """The record path's comparison (``_changed``): label, status, method and vote count exactly, the
     probabilities within ``tolerance``) and its settled / unsettled / newly contested rules, on arrays."""
     n = len(results)
-    at = np.searchsorted(stored.item, results.item)
-    safe = np.minimum(at, max(len(stored.item) - 1, 0))
-    exists = (at < len(stored.item)) & (stored.item[safe] == results.item) if len(stored.item) else np.zeros(n, bool)
+    safe, exists = find_sorted(stored.item, results.item)
     s = safe[exists]
     r = np.flatnonzero(exists)
     changed = (
