@@ -6,6 +6,7 @@ refused, with the reason, where it would do nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -34,6 +35,16 @@ def prior_project(**fields: Any) -> Project:
     return ProjectFactory(**{"votes_required": 3, "gold_rate": 0.0, **settings, **fields})
 
 
+def patch_after_history(project: Project, answer: Callable[[str, int], str]) -> tuple[list[Any], int]:
+    """Three students with a voting history answered as ``answer`` says, their crowd fit refreshed, and a patch a
+    round queued with a model sure it is benign: (the students, the patch id)."""
+    students = [member(project, Role.CROWD) for _ in range(3)]
+    history(project, students, answer)
+    assert reliability.refresh(project) is not None  # the online fit the per-vote posterior uses
+    (pid,) = publish(project, [LIKELY_BENIGN])
+    return students, pid
+
+
 def one_vote(project: Project, student: Any, pid: int, label: str) -> None:
     task = queue.lease_next_task(project, student, Role.CROWD)
     assert task is not None and task.patch_id == pid
@@ -58,10 +69,7 @@ def test_a_round_keeps_the_models_posterior_on_each_crowd_task() -> None:
 @pytest.mark.parametrize("with_prior", [True, False])
 def test_one_vote_a_sure_model_agrees_with_settles_the_patch(with_prior: bool) -> None:
     project = prior_project(redundancy_model_prior=with_prior)
-    students = [member(project, Role.CROWD) for _ in range(3)]
-    history(project, students, reliable)
-    assert reliability.refresh(project) is not None  # the online fit the per-vote posterior uses
-    (pid,) = publish(project, [LIKELY_BENIGN])
+    students, pid = patch_after_history(project, reliable)
     assert the_task(pid).model_posterior == {"adenocarcinoma": 0.05, "benign": 0.9, "squamous": 0.05}
     one_vote(project, students[0], pid, BENIGN)
     row = Consensus.objects.get(patch_id=pid)
@@ -80,10 +88,7 @@ def test_a_vote_the_model_doubts_asks_for_more() -> None:
     """Students known to guess between the carcinomas say squamous on a patch the model thinks benign: neither
     the vote nor the model is sure, and the crowd is asked again."""
     project = prior_project()
-    students = [member(project, Role.CROWD) for _ in range(3)]
-    history(project, students, confused)
-    reliability.refresh(project)
-    (pid,) = publish(project, [LIKELY_BENIGN])
+    students, pid = patch_after_history(project, confused)
     one_vote(project, students[0], pid, SQUAMOUS)
     row = Consensus.objects.get(patch_id=pid)
     assert (row.status, the_task(pid).state) == ("pending", "open")
@@ -92,10 +97,7 @@ def test_a_vote_the_model_doubts_asks_for_more() -> None:
 
 def test_the_batch_recompute_reads_the_priors_and_keeps_what_they_settled() -> None:
     project = prior_project()
-    students = [member(project, Role.CROWD) for _ in range(3)]
-    history(project, students, reliable)
-    reliability.refresh(project)
-    (pid,) = publish(project, [LIKELY_BENIGN])
+    students, pid = patch_after_history(project, reliable)
     one_vote(project, students[0], pid, BENIGN)
     assert the_task(pid).state == "done"
     consensus.recompute_project_consensus(project)  # a round's snapshot
